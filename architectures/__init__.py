@@ -1,0 +1,1 @@
+"""hpctrain's reference architectures, one package each (see the architecture API)."""

@@ -1,0 +1,182 @@
+"""A message-passing transformer on neighbour lists.
+
+Each layer lets every atom attend to its neighbours within ``cutoff``: queries come
+from the centre, keys and values from the neighbour's state and a radial basis of
+their distance. A sink term and a cosine cutoff make the attention weights vanish
+smoothly as a neighbour leaves the cutoff, so energies and forces are continuous.
+Besides the scalar message, each layer sums the values along the unit vector
+(l = 1) and its traceless square (l = 2); their squared norms are rotation
+invariant and carry angular (three-body) information. Forces and stress come from
+autograd, in training and in the exported model alike.
+"""
+
+
+import dataclasses
+import math
+from typing import List
+
+import torch
+from metatomic.torch import NeighborListOptions, System
+
+from hpctrain.config import option
+from hpctrain.model import ReferenceModel
+
+
+@dataclasses.dataclass
+class ModelHypers:
+    """Model hypers of ``mp_transformer``."""
+
+    cutoff: float = option(5.0, doc="Radius of the neighbourhood, in angstrom.")
+    d_model: int = option(64, doc="Width of the atom states.")
+    num_heads: int = option(4, doc="Attention heads; must divide ``d_model``.")
+    num_layers: int = option(2, doc="Message-passing layers.")
+    num_radial: int = option(8, doc="Radial (Bessel) basis functions.")
+    angular_channels: int = option(
+        16, doc="Channels of the l=1 and l=2 angular messages per layer."
+    )
+
+    def validate(self, path: str, source: str) -> None:
+        from hpctrain.errors import OptionsError
+
+        if self.d_model % self.num_heads:
+            raise OptionsError(
+                f"'{path}.num_heads' ({self.num_heads}) must divide "
+                f"'{path}.d_model' ({self.d_model}) in {source}"
+            )
+        if self.cutoff <= 0 or self.num_layers < 1:
+            raise OptionsError(f"'{path}': cutoff must be positive and num_layers >= 1")
+
+
+class AttentionLayer(torch.nn.Module):
+    def __init__(self, d_model: int, num_heads: int, num_radial: int, angular: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = d_model // num_heads
+        self.angular = angular
+        self.norm = torch.nn.LayerNorm(d_model)
+        self.query = torch.nn.Linear(d_model, d_model)
+        self.key = torch.nn.Linear(d_model, d_model)
+        self.value = torch.nn.Linear(d_model, d_model + 2 * angular)
+        self.radial_key = torch.nn.Linear(num_radial, d_model)
+        self.radial_value = torch.nn.Linear(num_radial, d_model + 2 * angular)
+        self.out = torch.nn.Linear(d_model + 2 * angular, d_model)
+        self.feed_forward = torch.nn.Sequential(
+            torch.nn.LayerNorm(d_model),
+            torch.nn.Linear(d_model, 2 * d_model),
+            torch.nn.SiLU(),
+            torch.nn.Linear(2 * d_model, d_model),
+        )
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        centers: torch.Tensor,
+        neighbors: torch.Tensor,
+        radial: torch.Tensor,
+        smooth: torch.Tensor,
+        unit: torch.Tensor,
+    ) -> torch.Tensor:
+        n_atoms, n_edges = h.shape[0], centers.shape[0]
+        heads, dim = self.num_heads, self.head_dim
+        x = self.norm(h)
+        q = self.query(x)[centers].view(n_edges, heads, dim)
+        k = (self.key(x)[neighbors] + self.radial_key(radial)).view(n_edges, heads, dim)
+        v = self.value(x)[neighbors] * self.radial_value(radial)
+        scores = (q * k).sum(-1) / math.sqrt(dim)  # [edges, heads]
+        # attention with a sink of score 0: weights -> 0 smoothly as smooth -> 0
+        shift = torch.zeros(n_atoms, heads, dtype=h.dtype, device=h.device)
+        shift = shift.scatter_reduce(
+            0, centers.unsqueeze(1).expand(n_edges, heads), scores.detach(), "amax", include_self=True
+        )
+        weights = smooth.unsqueeze(1) * torch.exp(scores - shift[centers])
+        total = torch.exp(-shift).index_add(0, centers, weights)
+        alpha = weights / total[centers]  # [edges, heads]
+
+        d_model = heads * dim
+        scalar = (alpha.unsqueeze(2) * v[:, :d_model].view(n_edges, heads, dim)).reshape(
+            n_edges, d_model
+        )
+        a = self.angular
+        mean_alpha = alpha.mean(1, keepdim=True)
+        v1 = (mean_alpha * v[:, d_model : d_model + a]).unsqueeze(2) * unit.unsqueeze(1)
+        outer = unit.unsqueeze(2) * unit.unsqueeze(1)
+        eye = torch.eye(3, dtype=h.dtype, device=h.device)
+        v2 = (mean_alpha * v[:, d_model + a :]).unsqueeze(2) * (outer - eye / 3).reshape(n_edges, 1, 9)
+        message = torch.zeros(n_atoms, d_model, dtype=h.dtype, device=h.device).index_add(
+            0, centers, scalar
+        )
+        l1 = torch.zeros(n_atoms, a, 3, dtype=h.dtype, device=h.device).index_add(0, centers, v1)
+        l2 = torch.zeros(n_atoms, a, 9, dtype=h.dtype, device=h.device).index_add(0, centers, v2)
+        features = torch.cat([message, (l1 * l1).sum(-1), (l2 * l2).sum(-1)], dim=1)
+        h = h + self.out(features)
+        return h + self.feed_forward(h)
+
+
+class MessagePassingTransformer(ReferenceModel):
+    """See the module doc. Hypers: :class:`ModelHypers`."""
+
+    __hypers__ = ModelHypers
+    __supported_devices__ = ["cuda", "cpu"]
+    __supported_dtypes__ = [torch.float32, torch.float64]
+
+    def __init__(self, hypers, dataset_info):
+        super().__init__(hypers, dataset_info)
+        c = self.config
+        self.cutoff = float(c.cutoff)
+        self.num_layers = int(c.num_layers)
+        self.neighbor_options = NeighborListOptions(cutoff=self.cutoff, full_list=True, strict=True)
+        self.embedding = torch.nn.Embedding(len(self.atomic_types), c.d_model)
+        self.register_buffer(
+            "frequencies", math.pi / self.cutoff * torch.arange(1, c.num_radial + 1, dtype=torch.float32)
+        )
+        self.layers = torch.nn.ModuleList(
+            [
+                AttentionLayer(c.d_model, c.num_heads, c.num_radial, c.angular_channels)
+                for _ in range(c.num_layers)
+            ]
+        )
+        self.readout = torch.nn.Sequential(
+            torch.nn.LayerNorm(c.d_model),
+            torch.nn.Linear(c.d_model, c.d_model),
+            torch.nn.SiLU(),
+            torch.nn.Linear(c.d_model, len(self.target_names)),
+        )
+
+    @property
+    @torch.jit.unused
+    def interaction_range(self) -> float:
+        return self.cutoff * self.num_layers
+
+    def requested_neighbor_lists(self) -> List[NeighborListOptions]:
+        return [self.neighbor_options]
+
+    def atomic_outputs(self, systems: List[System]) -> torch.Tensor:
+        types, centers, neighbors, vectors = [], [], [], []
+        offset = 0
+        for system in systems:
+            pairs = system.get_neighbor_list(self.neighbor_options)
+            samples = pairs.samples.values
+            types.append(system.types)
+            centers.append(samples[:, 0].long() + offset)
+            neighbors.append(samples[:, 1].long() + offset)
+            vectors.append(pairs.values.reshape(-1, 3))
+            offset += len(system)
+        type_index = self.type_map[torch.cat(types).long()]
+        centers_ = torch.cat(centers)
+        neighbors_ = torch.cat(neighbors)
+        vectors_ = torch.cat(vectors)
+
+        distances = torch.linalg.vector_norm(vectors_, dim=1)
+        inside = distances < self.cutoff
+        smooth = torch.where(
+            inside, 0.5 * (torch.cos(math.pi * distances / self.cutoff) + 1.0), torch.zeros_like(distances)
+        )
+        safe = torch.where(distances > 1e-6, distances, torch.ones_like(distances))
+        radial = torch.sin(self.frequencies * safe.unsqueeze(1)) / safe.unsqueeze(1)
+        radial = radial * smooth.unsqueeze(1)
+        unit = vectors_ / safe.unsqueeze(1)
+
+        h = self.embedding(type_index)
+        for layer in self.layers:
+            h = layer(h, centers_, neighbors_, radial, smooth, unit)
+        return self.readout(h)

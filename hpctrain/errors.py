@@ -1,0 +1,25 @@
+"""Errors meant for people: each names the file, key or structure at fault."""
+
+
+class HpctrainError(Exception):
+    """Base class of every error that the command line reports without a traceback."""
+
+
+class OptionsError(HpctrainError):
+    """An options file (or a hypers section) is malformed."""
+
+
+class ArchitectureError(HpctrainError):
+    """An architecture cannot be found, or does not follow the architecture API."""
+
+
+class DataError(HpctrainError):
+    """A dataset cannot be read, or its content does not match the options."""
+
+
+class LaunchError(HpctrainError):
+    """The launch environment (SLURM, torchrun, MPI) is inconsistent."""
+
+
+class CheckpointError(HpctrainError):
+    """A checkpoint cannot be read or does not fit the run."""

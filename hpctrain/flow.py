@@ -1,0 +1,240 @@
+"""The train flow: options -> launch -> data -> architecture -> train -> export.
+
+One pass, top to bottom, as the architecture API sketches it. Every rank runs it;
+rank 0 alone writes files and exports.
+"""
+
+from __future__ import annotations
+
+import datetime
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from . import __version__, launch, run
+from .architecture import Architecture, DatasetInfo, choose_device_type, choose_dtype, resolve
+from .data import StructureDataset, read_dataset, split_indices
+from .errors import DataError, OptionsError
+from .options import Options, load_options, write_resolved
+from .report import get_logger, setup_logging
+
+
+def new_run_dir(root: Path = Path("outputs")) -> Path:
+    """``outputs/YYYY-MM-DD/HH-MM-SS`` (with a suffix if taken), created."""
+    now = datetime.datetime.now()
+    base = root / now.strftime("%Y-%m-%d") / now.strftime("%H-%M-%S")
+    path, n = base, 1
+    while True:
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_datasets(
+    options: Options, dtype: torch.dtype, source: str
+) -> tuple[list[StructureDataset], list[StructureDataset], list[StructureDataset]]:
+    """Training, validation and test datasets; fractions split from the training set."""
+    train = [
+        read_dataset(d, f"training_set[{i}]" if len(options.training_set) > 1 else "training_set", source, dtype)
+        for i, d in enumerate(options.training_set)
+    ]
+    sets: dict[str, list[StructureDataset]] = {}
+    fractions = []
+    for key in ("validation_set", "test_set"):
+        value = getattr(options, key)
+        if isinstance(value, float):
+            fractions.append((key, value))
+        else:
+            sets[key] = [
+                read_dataset(d, f"{key}[{i}]" if len(value) > 1 else key, source, dtype)
+                for i, d in enumerate(value)
+            ]
+    if fractions:
+        split_train = []
+        for key, _ in fractions:
+            sets[key] = []
+        for dataset in train:
+            *parts, rest = split_indices(len(dataset), [f for _, f in fractions], run.current().seed)
+            for (key, _), indices in zip(fractions, parts):
+                if len(indices):
+                    sets[key].append(dataset.subset(indices, f"{dataset.name} ({key})"))
+            split_train.append(dataset.subset(rest))
+        train = split_train
+    if not sets["validation_set"]:
+        raise OptionsError(
+            f"the validation set is empty; give 'validation_set' a dataset or a fraction "
+            f"large enough to hold at least one structure (in {source})"
+        )
+    for dataset in train:
+        if len(dataset) == 0:
+            raise DataError(f"no training structures are left in {dataset.name} after splitting")
+    return train, sets["validation_set"], sets.get("test_set", [])
+
+
+def dataset_info_of(datasets: list[StructureDataset]) -> DatasetInfo:
+    info = datasets[0].info
+    for dataset in datasets[1:]:
+        info = info.union(dataset.info)
+    return info
+
+
+def _check_supported(architecture: Architecture, info: DatasetInfo) -> None:
+    """An architecture may declare ``supports(dataset_info)`` raising on what it cannot
+    learn; hpctrain asks before any training."""
+    check = getattr(architecture.model_class, "supports", None)
+    if check is not None:
+        check(info)
+
+
+def train(
+    options_path: str | Path,
+    output_dir: Optional[str | Path] = None,
+    continue_from: Optional[str] = None,
+) -> Path:
+    """Run the whole flow; returns the run directory (on every rank)."""
+    started = time.perf_counter()
+    source = str(options_path)
+    options = load_options(options_path)
+    if continue_from is not None:
+        options.continue_from = continue_from
+    if options.continue_from == "auto":
+        raise OptionsError(
+            "'continue_from: auto' is not available yet; give the path of a checkpoint"
+        )
+    architecture = resolve(
+        options.architecture.name, options.architecture.model, options.architecture.training, source
+    )
+    options.architecture.model = architecture.model_hypers
+    options.architecture.training = architecture.training_hypers
+    dtype = choose_dtype(architecture.model_class, options.base_precision)
+    device_type = choose_device_type(
+        architecture.model_class, options.device, torch.cuda.is_available()
+    )
+    env = launch.detect()
+    device = launch.device_for(env, device_type)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.set_num_threads(launch.threads_per_rank(env, options.distributed.threads_per_rank))
+    backend = launch.backend_for(device_type, options.distributed.backend)
+
+    with launch.ProcessGroup(env, backend, options.distributed.timeout_s):
+        seed = options.seed
+        if seed is None:
+            seed = launch.broadcast_object(random.SystemRandom().randrange(2**31))
+        options.seed = seed
+        run_dir = None
+        if env.is_main:
+            run_dir = Path(output_dir) if output_dir else new_run_dir()
+            run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir = Path(launch.broadcast_object(str(run_dir) if run_dir else None)).resolve()
+        log = setup_logging(env.rank, run_dir / "train.log" if env.is_main else None)
+        run.set_current(
+            run.RunContext(
+                rank=env.rank,
+                world_size=env.world_size,
+                seed=seed,
+                run_dir=run_dir,
+                checkpoint=options.checkpoint,
+                logging=options.logging,
+            )
+        )
+        seed_everything(seed)
+        resolved = run_dir / "options.resolved.yaml"
+        if env.is_main:
+            write_resolved(options, resolved)
+        log.info(
+            f"hpctrain {__version__}: architecture {architecture.name}, {env.world_size} "
+            f"rank(s) via {env.launcher}, device {device_type} ({backend if env.distributed else 'no process group'}), "
+            f"{str(dtype).replace('torch.', '')}, {torch.get_num_threads()} thread(s) per rank"
+        )
+        log.info(f"run directory: {run_dir}")
+        log.info(f"resolved options: {resolved}")
+
+        train_sets, val_sets, test_sets = load_datasets(options, dtype, source)
+        info = dataset_info_of(train_sets)
+        _check_supported(architecture, info)
+        log.info(
+            f"data: {sum(map(len, train_sets))} training, {sum(map(len, val_sets))} validation, "
+            f"{sum(map(len, test_sets))} test structures; elements {info.atomic_types}; targets "
+            + ", ".join(f"{k} ({'+'.join(['energy', *v.gradients])})" for k, v in info.targets.items())
+        )
+
+        model, trainer = build(architecture, info, options.continue_from)
+        trainer.train(
+            model=model,
+            devices=[device],
+            train_datasets=train_sets,
+            val_datasets=val_sets,
+            checkpoint_dir=str(run_dir),
+        )
+        if env.is_main:
+            save_final_checkpoint(trainer, model, run_dir / "model.ckpt")
+            export_model(model, run_dir)
+            log.info(f"wrote {run_dir / 'model.ckpt'} and {run_dir / 'model.pt'}")
+        launch.barrier()
+        log.info(f"done in {time.perf_counter() - started:.1f} s")
+    return run_dir
+
+
+def build(architecture: Architecture, info: DatasetInfo, continue_from: Optional[str]) -> tuple[Any, Any]:
+    """A new model and trainer, or both loaded from a checkpoint and restarted."""
+    Model, Trainer = architecture.model_class, architecture.trainer_class
+    if continue_from is not None:
+        get_logger().info(f"continuing from {continue_from}")
+        trainer = Trainer.load_checkpoint(continue_from, architecture.training_hypers)
+        model = Model.load_checkpoint(continue_from)
+        model = model.restart(info)
+    else:
+        model = Model(architecture.model_hypers, info)
+        trainer = Trainer(architecture.training_hypers)
+    return model, trainer
+
+
+def save_final_checkpoint(trainer: Any, model: Any, path: Path) -> None:
+    """The trainer's checkpoint when it writes one, else the model's (both API forms)."""
+    if callable(getattr(trainer, "save_checkpoint", None)):
+        trainer.save_checkpoint(path)
+    else:
+        model.save_checkpoint(path)
+
+
+def export_model(model: Any, run_dir: Path) -> Path:
+    """``model.pt`` and the TorchScript extensions it needs, in ``run_dir``."""
+    path = run_dir / "model.pt"
+    atomistic = model.export()
+    atomistic.save(str(path), collect_extensions=str(run_dir / "extensions"))
+    return path
+
+
+def main_guard(function, *args: Any, **kwargs: Any) -> int:
+    """Run ``function``; report hpctrain errors without a traceback, on rank 0 only."""
+    from .errors import HpctrainError
+
+    try:
+        function(*args, **kwargs)
+        return 0
+    except HpctrainError as error:
+        if launch.rank_hint() == 0:
+            print(f"hpctrain: error: {error}", file=sys.stderr)
+        else:
+            print(f"[rank {launch.rank_hint()}] hpctrain: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hpctrain: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        sys.stdout.flush()

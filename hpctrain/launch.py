@@ -1,0 +1,365 @@
+"""The one place that reads the launcher's environment, and owns the process group.
+
+Detects, in this order: torchrun (``TORCHELASTIC_RUN_ID`` or ``RANK``/``WORLD_SIZE``),
+an MPI launcher (``PMI_RANK``, ``OMPI_COMM_WORLD_RANK``, ``PMIX_RANK``; mpi4py
+then gives local rank and the rendezvous address), a SLURM job step started by
+``srun`` (``SLURM_STEP_ID``; the batch shell of ``sbatch`` has ``SLURM_PROCID`` but
+no step and is *not* a task), else a single process. Nothing else in hpctrain reads
+these variables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import re
+import socket
+import subprocess
+import warnings
+from collections.abc import Mapping
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from .errors import LaunchError
+
+# SLURM step ids of the batch shell and the extern step, which are not tasks
+_NON_TASK_STEPS = {"batch", "extern", "interactive", "4294967294", "4294967292", "4294967291"}
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchEnv:
+    """Where this process stands among the ranks of a run."""
+
+    launcher: str  # "single", "torchrun", "mpi", "slurm"
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    cpus_per_task: Optional[int] = None
+    job_id: Optional[str] = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def expand_hostlist(hostlist: str) -> list[str]:
+    """SLURM's compressed host list, e.g. ``gpu[01-03,7],login1`` -> hosts, in order."""
+    hosts = []
+    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", hostlist):
+        match = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", part)
+        if not match:
+            hosts.append(part)
+            continue
+        prefix, ranges, suffix = match.groups()
+        for item in ranges.split(","):
+            if "-" in item:
+                start, end = item.split("-")
+                width = len(start)
+                hosts.extend(
+                    f"{prefix}{i:0{width}d}{suffix}" for i in range(int(start), int(end) + 1)
+                )
+            else:
+                hosts.append(f"{prefix}{item}{suffix}")
+    return hosts
+
+
+def expand_tasks_per_node(value: str) -> list[int]:
+    """SLURM's ``2(x3),1`` -> ``[2, 2, 2, 1]``."""
+    counts = []
+    for item in value.split(","):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", item.strip())
+        if not match:
+            raise LaunchError(f"cannot read SLURM tasks per node {value!r}")
+        counts.extend([int(match.group(1))] * int(match.group(2) or 1))
+    return counts
+
+
+def slurm_port(job_id: str, step_id: str) -> int:
+    """A rendezvous port derived from the job and step, below the ephemeral range,
+    so that concurrent jobs (and steps of one job) on a node do not collide."""
+    digits = int(re.sub(r"\D", "", job_id) or 0)
+    step = int(step_id) if step_id.isdigit() else 0
+    return 15000 + (digits * 31 + step) % 10000
+
+
+def _resolve_host(host: str) -> str:
+    """An address for ``host``; SLURM's NodeAddr when the name does not resolve."""
+    try:
+        socket.getaddrinfo(host, None)
+        return host
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "node", host], capture_output=True, text=True, timeout=30
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    match = re.search(r"NodeAddr=(\S+)", out)
+    if match:
+        return match.group(1)
+    raise LaunchError(
+        f"the first node of the job, {host!r}, does not resolve and SLURM gives no "
+        "address for it; set MASTER_ADDR in the job script"
+    )
+
+
+def _int(environ: Mapping[str, str], key: str) -> int:
+    try:
+        return int(environ[key])
+    except (KeyError, ValueError):
+        raise LaunchError(f"environment variable {key} is missing or not an integer") from None
+
+
+def _torchrun(environ: Mapping[str, str]) -> LaunchEnv:
+    return LaunchEnv(
+        launcher="torchrun",
+        rank=_int(environ, "RANK"),
+        world_size=_int(environ, "WORLD_SIZE"),
+        local_rank=_int(environ, "LOCAL_RANK"),
+        local_world_size=int(environ.get("LOCAL_WORLD_SIZE", environ["WORLD_SIZE"])),
+        master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
+        master_port=int(environ.get("MASTER_PORT", 29500)),
+        job_id=environ.get("TORCHELASTIC_RUN_ID"),
+    )
+
+
+def _slurm(environ: Mapping[str, str]) -> LaunchEnv:
+    rank = _int(environ, "SLURM_PROCID")
+    world_size = _int(environ, "SLURM_NTASKS") if "SLURM_NTASKS" in environ else _int(
+        environ, "SLURM_NPROCS"
+    )
+    node = int(environ.get("SLURM_NODEID", 0))
+    per_node = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE")
+    local_world_size = expand_tasks_per_node(per_node)[node] if per_node else 1
+    nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST", "")
+    job_id = environ.get("SLURM_JOB_ID", "0")
+    if "MASTER_ADDR" in environ:
+        master_addr = environ["MASTER_ADDR"]
+    elif world_size == 1:
+        master_addr = "127.0.0.1"
+    else:
+        hosts = expand_hostlist(nodelist) if nodelist else []
+        if not hosts:
+            raise LaunchError("SLURM_STEP_NODELIST and SLURM_JOB_NODELIST are both empty")
+        master_addr = _resolve_host(hosts[0])
+    cpus = environ.get("SLURM_CPUS_PER_TASK")
+    return LaunchEnv(
+        launcher="slurm",
+        rank=rank,
+        world_size=world_size,
+        local_rank=_int(environ, "SLURM_LOCALID"),
+        local_world_size=local_world_size,
+        master_addr=master_addr,
+        master_port=int(
+            environ.get("MASTER_PORT") or slurm_port(job_id, environ.get("SLURM_STEP_ID", "0"))
+        ),
+        cpus_per_task=int(cpus) if cpus and cpus.isdigit() else None,
+        job_id=job_id,
+    )
+
+
+def _mpi(environ: Mapping[str, str]) -> LaunchEnv:
+    try:
+        from mpi4py import MPI
+    except ImportError as error:
+        raise LaunchError(
+            f"started by an MPI launcher but mpi4py cannot be imported ({error}); "
+            "install hpctrain with its dependencies (pip install mpi4py mpich)"
+        ) from None
+    comm = MPI.COMM_WORLD
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    address = port = None
+    if comm.rank == 0:
+        address = environ.get("MASTER_ADDR") or _own_address()
+        port = int(environ.get("MASTER_PORT") or _free_port())
+    address, port = comm.bcast((address, port), root=0)
+    env = LaunchEnv(
+        launcher="mpi",
+        rank=comm.rank,
+        world_size=comm.size,
+        local_rank=local.rank,
+        local_world_size=local.size,
+        master_addr=address,
+        master_port=port,
+        cpus_per_task=int(environ["SLURM_CPUS_PER_TASK"])
+        if environ.get("SLURM_CPUS_PER_TASK", "").isdigit()
+        else None,
+        job_id=environ.get("SLURM_JOB_ID"),
+    )
+    local.Free()
+    return env
+
+
+def _own_address() -> str:
+    hostname = socket.gethostname()
+    try:
+        return socket.gethostbyname(hostname)
+    except OSError:
+        return "127.0.0.1"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+MPI_RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
+
+
+def launcher_of(environ: Mapping[str, str]) -> str:
+    """Which launcher started this process: 'torchrun', 'mpi', 'slurm' or 'single'."""
+    if "TORCHELASTIC_RUN_ID" in environ or ("RANK" in environ and "WORLD_SIZE" in environ):
+        return "torchrun"
+    if any(v in environ for v in MPI_RANK_VARIABLES):
+        return "mpi"
+    step = environ.get("SLURM_STEP_ID")
+    if step is not None and step not in _NON_TASK_STEPS and "SLURM_PROCID" in environ:
+        return "slurm"
+    return "single"
+
+
+def rank_hint(environ: Optional[Mapping[str, str]] = None) -> int:
+    """This process's rank as the launcher's variables tell it, without starting MPI
+    (for messages printed before the process group exists)."""
+    environ = os.environ if environ is None else environ
+    for key in ("RANK", *MPI_RANK_VARIABLES, "SLURM_PROCID"):
+        if environ.get(key, "").isdigit():
+            if key == "SLURM_PROCID" and launcher_of(environ) != "slurm":
+                continue
+            return int(environ[key])
+    return 0
+
+
+def detect(environ: Optional[Mapping[str, str]] = None) -> LaunchEnv:
+    """The launch environment of this process."""
+    environ = os.environ if environ is None else environ
+    launcher = launcher_of(environ)
+    if launcher == "torchrun":
+        env = _torchrun(environ)
+    elif launcher == "mpi":
+        env = _mpi(environ)
+    elif launcher == "slurm":
+        env = _slurm(environ)
+    else:
+        env = LaunchEnv(launcher="single", cpus_per_task=None)
+    if not 0 <= env.rank < env.world_size:
+        raise LaunchError(f"rank {env.rank} is outside a world of {env.world_size} ranks")
+    return env
+
+
+def threads_per_rank(env: LaunchEnv, requested: Optional[int] = None) -> int:
+    """CPU threads for this rank, so that ranks on a node do not oversubscribe it."""
+    if requested:
+        return requested
+    if env.cpus_per_task:
+        return env.cpus_per_task
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // max(1, env.local_world_size))
+
+
+def device_for(env: LaunchEnv, device_type: str) -> torch.device:
+    """This rank's device: ``cuda:{local_rank % visible GPUs}`` on CUDA.
+
+    With one GPU bound per task (``--gpus-per-task``), each rank sees only its own
+    GPU as ``cuda:0``.
+    """
+    if device_type == "cpu":
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise LaunchError(f"rank {env.rank}: CUDA was chosen but no GPU is visible")
+    if count < env.local_world_size and count > 1:
+        warnings.warn(
+            f"{env.local_world_size} ranks share {count} GPUs on this node", stacklevel=2
+        )
+    return torch.device("cuda", env.local_rank % count)
+
+
+class ProcessGroup:
+    """The torch.distributed process group of a run: created once, destroyed once.
+
+    A single process runs without one; the collective helpers below then do nothing.
+    """
+
+    def __init__(self, env: LaunchEnv, backend: str, timeout_s: float):
+        self.env = env
+        self.backend = backend
+        self._owned = False
+        if env.distributed and not dist.is_initialized():
+            dist.init_process_group(
+                backend=backend,
+                init_method=f"tcp://{env.master_addr}:{env.master_port}",
+                rank=env.rank,
+                world_size=env.world_size,
+                timeout=datetime.timedelta(seconds=timeout_s),
+            )
+            self._owned = True
+
+    def close(self) -> None:
+        if self._owned and dist.is_initialized():
+            dist.destroy_process_group()
+        self._owned = False
+
+    def __enter__(self) -> "ProcessGroup":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` of rank ``src`` on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place (CPU tensors work with NCCL too)."""
+    if is_distributed():
+        if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+            on_gpu = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+            tensor.copy_(on_gpu)
+        else:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def backend_for(device_type: str, requested: str = "auto") -> str:
+    if requested != "auto":
+        if requested == "nccl" and device_type != "cuda":
+            raise LaunchError("'distributed.backend: nccl' needs CUDA devices; use gloo")
+        return requested
+    return "nccl" if device_type == "cuda" else "gloo"

@@ -1,0 +1,183 @@
+"""What the reference models share: energy heads with a composition baseline,
+metatomic outputs, checkpoints, restart and export.
+
+A subclass declares ``__hypers__`` (a dataclass of its model hypers),
+``interaction_range`` and ``atomic_outputs``, which maps systems to one raw
+per-atom value per target. Everything else lives here, once.
+"""
+
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+from metatensor.torch import Labels, TensorBlock, TensorMap
+from metatomic.torch import AtomisticModel, ModelMetadata, ModelOutput, System
+
+from . import checkpoint
+from .architecture import DatasetInfo, ModelInterface
+from .config import parse
+from .errors import CheckpointError
+
+
+def architecture_of(cls: type) -> str:
+    """The architecture module (``architectures.<name>``) that defines ``cls``."""
+    return cls.__module__.rsplit(".", 1)[0]
+
+
+class ReferenceModel(torch.nn.Module, ModelInterface):
+    """Base of hpctrain's reference models; see the module doc."""
+
+    __hypers__: Any = None
+    __checkpoint_version__ = 1
+    __supported_devices__ = ["cuda", "cpu"]
+    __supported_dtypes__ = [torch.float32, torch.float64]
+
+    def __init__(self, hypers: Dict[str, Any], dataset_info: DatasetInfo):
+        super().__init__()
+        self.hypers = dict(hypers)
+        self.config = parse(self.__hypers__, hypers, "architecture.model")
+        self.dataset_info = dataset_info
+        self.atomic_types: List[int] = list(dataset_info.atomic_types)
+        self.target_names: List[str] = list(dataset_info.targets)
+        n_types, n_targets = len(self.atomic_types), len(self.target_names)
+        type_map = torch.full((max(self.atomic_types) + 1,), -1, dtype=torch.long)
+        type_map[torch.tensor(self.atomic_types)] = torch.arange(n_types)
+        self.register_buffer("type_map", type_map)
+        self.register_buffer("composition", torch.zeros(n_targets, n_types))
+        self.register_buffer("scale", torch.ones(n_targets))
+
+    # -- to be provided by subclasses -------------------------------------------------
+
+    @property
+    def interaction_range(self) -> float:
+        raise NotImplementedError
+
+    def atomic_outputs(self, systems: List[System]) -> torch.Tensor:
+        """``[n_atoms of all systems, n_targets]`` raw per-atom outputs."""
+        raise NotImplementedError
+
+    # -- shared -----------------------------------------------------------------------
+
+    @torch.jit.unused
+    def set_baseline(self, target: str, weights: torch.Tensor, scale: float) -> None:
+        """Per-element energies of ``target`` and the scale of the network's output."""
+        i = self.target_names.index(target)
+        self.composition[i] = weights.to(self.composition)
+        self.scale[i] = scale
+
+    def forward(
+        self,
+        systems: List[System],
+        outputs: Dict[str, ModelOutput],
+        selected_atoms: Optional[Labels] = None,
+    ) -> Dict[str, TensorMap]:
+        raw = self.atomic_outputs(systems)
+        device = raw.device
+        system_index = torch.cat(
+            [torch.full((len(s),), i, dtype=torch.long, device=device) for i, s in enumerate(systems)]
+        )
+        atom_index = torch.cat([torch.arange(len(s), device=device) for s in systems])
+        type_index = self.type_map[torch.cat([s.types for s in systems]).long()]
+        keep = torch.ones(len(atom_index), dtype=torch.bool, device=device)
+        if selected_atoms is not None:
+            wanted = selected_atoms.values.to(device)
+            stride = int(atom_index.max().item()) + 1 if len(atom_index) > 0 else 1
+            keep = torch.isin(system_index * stride + atom_index, wanted[:, 0] * stride + wanted[:, 1])
+        results: Dict[str, TensorMap] = {}
+        for i, name in enumerate(self.target_names):
+            if name not in outputs:
+                continue
+            energy = raw[:, i] * self.scale[i] + self.composition[i][type_index]
+            if outputs[name].per_atom:
+                values = energy[keep].unsqueeze(1)
+                samples = Labels(
+                    ["system", "atom"],
+                    torch.stack([system_index[keep], atom_index[keep]], dim=1).to(torch.int32),
+                )
+            else:
+                values = torch.zeros(len(systems), 1, dtype=energy.dtype, device=device)
+                values = values.index_add(0, system_index[keep], energy[keep].unsqueeze(1))
+                samples = Labels(
+                    ["system"], torch.arange(len(systems), device=device, dtype=torch.int32).unsqueeze(1)
+                )
+            block = TensorBlock(
+                values=values,
+                samples=samples,
+                components=[],
+                properties=Labels(["energy"], torch.zeros(1, 1, dtype=torch.int32, device=device)),
+            )
+            keys = Labels(["_"], torch.zeros(1, 1, dtype=torch.int32, device=device))
+            results[name] = TensorMap(keys, [block])
+        return results
+
+    @torch.jit.unused
+    def checkpoint_payload(self) -> Dict[str, Any]:
+        return {
+            "architecture": architecture_of(type(self)),
+            "model_version": self.__checkpoint_version__,
+            "model_hypers": self.hypers,
+            "dataset_info": self.dataset_info.to_dict(),
+            "model_state": {k: v.cpu() for k, v in self.state_dict().items()},
+        }
+
+    @torch.jit.unused
+    def save_checkpoint(self, path: Union[str, Path]) -> None:
+        """A checkpoint holding the model alone (enough to export or fine-tune)."""
+        checkpoint.save(self.checkpoint_payload(), path)
+
+    @classmethod
+    @torch.jit.unused
+    def load_checkpoint(cls, path: Union[str, Path]) -> "ReferenceModel":
+        data = checkpoint.load(path, architecture_of(cls))
+        if data["model_version"] > cls.__checkpoint_version__:
+            raise CheckpointError(
+                f"{path} holds a {cls.__name__} of version {data['model_version']}, newer "
+                f"than this hpctrain's {cls.__checkpoint_version__}; upgrade hpctrain"
+            )
+        model = cls(data["model_hypers"], DatasetInfo.from_dict(data["dataset_info"]))
+        model.load_state_dict(data["model_state"])
+        return model.to(data["model_state"]["composition"].dtype)
+
+    @torch.jit.unused
+    def restart(self, dataset_info: DatasetInfo) -> "ReferenceModel":
+        """Fine-tuning: the same targets and elements, on new data."""
+        new_types = set(dataset_info.atomic_types) - set(self.atomic_types)
+        new_targets = set(dataset_info.targets) - set(self.target_names)
+        if new_types or new_targets:
+            raise CheckpointError(
+                "the checkpoint's model cannot be restarted on this data: "
+                + (f"elements {sorted(new_types)} are new; " if new_types else "")
+                + (f"targets {sorted(new_targets)} are new; " if new_targets else "")
+                + "train a new model instead"
+            )
+        for name, target in dataset_info.targets.items():
+            mine = self.dataset_info.targets[name]
+            if (target.quantity, target.unit, target.per_atom) != (mine.quantity, mine.unit, mine.per_atom):
+                raise CheckpointError(
+                    f"target '{name}' differs from the checkpoint's ({mine} vs {target})"
+                )
+        self.dataset_info = dataclasses.replace(
+            self.dataset_info,
+            targets={
+                name: dataclasses.replace(
+                    t,
+                    gradients=sorted(set(t.gradients) | set(dataset_info.targets.get(name, t).gradients)),
+                )
+                for name, t in self.dataset_info.targets.items()
+            },
+        )
+        return self
+
+    @torch.jit.unused
+    def export(self, metadata: Optional[ModelMetadata] = None) -> AtomisticModel:
+        from .export import export
+
+        return export(
+            self,
+            self.dataset_info,
+            self.interaction_range,
+            list(self.__supported_devices__),
+            metadata,
+        )

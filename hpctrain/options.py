@@ -1,0 +1,321 @@
+"""The options file: typed sections, defaults, validation, resolution.
+
+The format is metatrain's (``seed``, ``base_precision``, ``device``,
+``architecture: {name, model, training}``, ``training_set`` / ``validation_set`` /
+``test_set``) plus hpctrain's own sections ``distributed``, ``checkpoint``,
+``logging`` and ``slurm``.  Every field is declared once, with its default and doc;
+``docs/options.rst`` is generated from these declarations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from .config import option, parse, suggest, to_dict
+from .errors import OptionsError
+
+
+@dataclasses.dataclass
+class GradientOptions:
+    """Where a gradient target (forces, stress, virial) is read from."""
+
+    key: str = option(doc="Name of the array (forces) or info entry (stress, virial).")
+
+
+@dataclasses.dataclass
+class TargetOptions:
+    """One target to learn, e.g. ``energy``."""
+
+    quantity: Literal["energy"] = option(
+        "energy", doc="Physical quantity of the target. Only 'energy' is supported."
+    )
+    key: Optional[str] = option(
+        None, doc="Key of the target in the data files; defaults to the target's name."
+    )
+    unit: str = option("eV", doc="Unit of the target in the data files.")
+    per_atom: bool = option(False, doc="Whether the target is given per atom.")
+    forces: Union[bool, str, GradientOptions] = option(
+        True,
+        doc="Learn forces (the negative position gradient of the energy). "
+        "``true`` reads the per-atom array ``forces``; a string names another key; "
+        "``false`` learns energies only.",
+    )
+    stress: Union[bool, str, GradientOptions] = option(
+        False,
+        doc="Learn the stress (ASE sign convention, energy/length^3), read from the "
+        "info entry ``stress`` (or the key given). Periodic structures only.",
+    )
+    virial: Union[bool, str, GradientOptions] = option(
+        False,
+        doc="Learn the virial (energy), read from the info entry ``virial`` (or the "
+        "key given). Mutually exclusive with ``stress``.",
+    )
+
+    def validate(self, path: str, source: str) -> None:
+        if self.stress and self.virial:
+            raise OptionsError(
+                f"'{path}' in {source} sets both 'stress' and 'virial'; "
+                "a dataset provides one of them, keep only that one"
+            )
+
+    def gradient_key(self, gradient: str) -> Optional[str]:
+        """The data key of ``gradient`` ('forces', 'stress', 'virial'), or None."""
+        value = getattr(self, gradient)
+        if value is False:
+            return None
+        if value is True:
+            return gradient
+        if isinstance(value, str):
+            return value
+        return value.key
+
+
+@dataclasses.dataclass
+class SystemsOptions:
+    """Where the structures of a dataset come from."""
+
+    read_from: str = option(
+        doc="Path of the structures: any file ASE reads (extxyz, ...). Relative paths "
+        "are taken from the directory of the options file."
+    )
+    reader: Optional[str] = option(
+        None, doc="ASE format name, when it cannot be guessed from the file name."
+    )
+    length_unit: str = option("angstrom", doc="Unit of positions and cells in the file.")
+
+
+@dataclasses.dataclass
+class DatasetOptions:
+    """One dataset: its structures and the targets to read from them.
+
+    A plain string is shorthand for ``{systems: {read_from: <string>}}``.
+    """
+
+    systems: SystemsOptions = option(doc="Structures (a path string is accepted).")
+    targets: dict[str, TargetOptions] = option(
+        factory=lambda: {"energy": TargetOptions()},
+        doc="Targets by name. Default: ``energy`` with forces.",
+    )
+
+
+@dataclasses.dataclass
+class ArchitectureOptions:
+    """The model family to train and its hypers."""
+
+    name: str = option(
+        doc="Architecture: a folder of ``architectures/`` (e.g. ``mp_transformer``) "
+        "or any importable module path of a third-party architecture."
+    )
+    model: dict[str, Any] = option(
+        factory=dict, doc="Model hypers; the architecture's defaults fill the rest."
+    )
+    training: dict[str, Any] = option(
+        factory=dict, doc="Training hypers; the architecture's defaults fill the rest."
+    )
+
+
+@dataclasses.dataclass
+class DistributedOptions:
+    """How ranks talk to each other. Rank, world size and devices come from the
+    launcher (srun, mpiexec, torchrun), never from this file."""
+
+    backend: Literal["auto", "nccl", "gloo"] = option(
+        "auto", doc="torch.distributed backend; ``auto`` is nccl on CUDA, gloo on CPU."
+    )
+    timeout_s: float = option(
+        300.0,
+        doc="Seconds a rank waits in a collective before giving up, so that a dead "
+        "rank never leaves the others hanging forever.",
+    )
+    threads_per_rank: Optional[int] = option(
+        None,
+        doc="CPU threads per rank; default: SLURM_CPUS_PER_TASK, else the cores of "
+        "the node divided by the ranks on it.",
+    )
+
+
+@dataclasses.dataclass
+class CheckpointOptions:
+    """When checkpoints are written in the run directory."""
+
+    every_n_epochs: int = option(1, doc="Write a checkpoint every N epochs (0: never).")
+    keep_last: int = option(3, doc="How many of the newest epoch checkpoints to keep.")
+
+
+@dataclasses.dataclass
+class LoggingOptions:
+    """What the run reports while training."""
+
+    every_n_epochs: int = option(1, doc="Print and record validation metrics every N epochs.")
+
+
+@dataclasses.dataclass
+class SlurmOptions:
+    """Resources for ``hpctrain submit``; flags given on its command line win."""
+
+    partition: Optional[str] = option(None, doc="SLURM partition.")
+    account: Optional[str] = option(None, doc="SLURM account to charge.")
+    nodes: int = option(1, doc="Number of nodes.")
+    gpus_per_node: int = option(0, doc="GPUs per node; one rank per GPU.")
+    tasks_per_node: Optional[int] = option(
+        None, doc="Ranks per node on CPU nodes (default: 1 per GPU, or 1)."
+    )
+    cpus_per_task: Optional[int] = option(None, doc="CPU cores per rank.")
+    time: str = option("01:00:00", doc="Time limit of each job, HH:MM:SS.")
+    max_requeues: int = option(
+        10, doc="How often a preempted or timed-out job may requeue itself."
+    )
+    sbatch: list[str] = option(
+        factory=list, doc="Extra ``#SBATCH`` options passed through, e.g. ``--qos=long``."
+    )
+
+
+@dataclasses.dataclass
+class Options:
+    """Top level of ``options.yaml``."""
+
+    architecture: ArchitectureOptions = option(doc="Model family and its hypers.")
+    training_set: Any = option(
+        doc="Dataset, path string, or list of datasets (each with its own targets)."
+    )
+    validation_set: Any = option(
+        0.1,
+        doc="Dataset(s) as for ``training_set``, or a fraction of the training set "
+        "split off at random (seeded, identical on every rank).",
+    )
+    test_set: Any = option(
+        0.0, doc="Dataset(s), or a fraction of the training set; evaluated at the end."
+    )
+    seed: Optional[int] = option(
+        None,
+        doc="Seed of every random choice (splits, order, initial weights). When "
+        "omitted, one is drawn, shared by all ranks and written to the resolved options.",
+    )
+    base_precision: Literal[16, 32, 64] = option(
+        32, doc="Floating point bits of model and data."
+    )
+    device: Literal["auto", "cpu", "cuda"] = option(
+        "auto",
+        doc="``auto``: the architecture's most preferred device that the machine has.",
+    )
+    continue_from: Optional[str] = option(
+        None, doc="Checkpoint to continue training from."
+    )
+    distributed: DistributedOptions = option(
+        factory=DistributedOptions, doc="Collectives and threads."
+    )
+    checkpoint: CheckpointOptions = option(
+        factory=CheckpointOptions, doc="Checkpoint schedule."
+    )
+    logging: LoggingOptions = option(factory=LoggingOptions, doc="Progress and metrics.")
+    slurm: SlurmOptions = option(factory=SlurmOptions, doc="Used by ``hpctrain submit``.")
+
+
+def _dataset(value: Any, path: str, base: Path, source: str) -> DatasetOptions:
+    if isinstance(value, str):
+        value = {"systems": {"read_from": value}}
+    elif isinstance(value, dict) and isinstance(value.get("systems"), str):
+        value = {**value, "systems": {"read_from": value["systems"]}}
+    dataset = parse(DatasetOptions, value, path, source)
+    if not dataset.targets:
+        raise OptionsError(f"'{path}.targets' in {source} is empty; name at least one target")
+    read_from = Path(dataset.systems.read_from).expanduser()
+    if not read_from.is_absolute():
+        read_from = base / read_from
+    if not read_from.exists():
+        raise OptionsError(
+            f"'{path}.systems.read_from' in {source}: file {str(read_from)!r} does not "
+            "exist (relative paths start at the options file's directory)"
+        )
+    dataset.systems.read_from = str(read_from.resolve())
+    return dataset
+
+
+def _datasets(value: Any, key: str, base: Path, source: str) -> list[DatasetOptions]:
+    if isinstance(value, list):
+        if not value:
+            raise OptionsError(f"'{key}' in {source} is an empty list")
+        return [_dataset(v, f"{key}[{i}]", base, source) for i, v in enumerate(value)]
+    return [_dataset(value, key, base, source)]
+
+
+def _fraction_or_datasets(value: Any, key: str, base: Path, source: str) -> Any:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not 0.0 <= value < 1.0:
+            raise OptionsError(
+                f"'{key}' in {source} is a fraction of the training set and must be in "
+                f"[0, 1), got {value}"
+            )
+        return float(value)
+    return _datasets(value, key, base, source)
+
+
+def load_yaml(path: Union[str, Path]) -> dict[str, Any]:
+    """Read an options file as a mapping, with messages that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise OptionsError(f"options file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise OptionsError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise OptionsError(
+            f"{path} must hold a mapping of options (architecture, training_set, ...), "
+            f"got {type(data).__name__}"
+        )
+    return data
+
+
+def load_options(
+    path: Union[str, Path], overrides: Optional[dict[str, Any]] = None
+) -> Options:
+    """Parse and validate an options file; dataset paths become absolute.
+
+    Architecture hypers are kept as given here; :func:`hpctrain.architecture.resolve`
+    merges them with the architecture's defaults.
+    """
+    path = Path(path)
+    data = load_yaml(path)
+    data.update(overrides or {})
+    source = str(path)
+    for key in ("architecture", "training_set"):
+        if key not in data:
+            raise OptionsError(f"missing required key '{key}' in {source}")
+    if isinstance(data["architecture"], str):
+        data["architecture"] = {"name": data["architecture"]}
+    datasets = {k: data.pop(k) for k in ("training_set", "validation_set", "test_set") if k in data}
+    for key in list(data):
+        if key not in {f.name for f in dataclasses.fields(Options) if f.init}:
+            valid = [f.name for f in dataclasses.fields(Options) if f.init]
+            raise OptionsError(f"unknown key '{key}' in {source}{suggest(key, valid)}")
+    options = parse(Options, {**data, "training_set": None}, "", source)
+    base = path.resolve().parent
+    options.training_set = _datasets(datasets["training_set"], "training_set", base, source)
+    options.validation_set = _fraction_or_datasets(
+        datasets.get("validation_set", 0.1), "validation_set", base, source
+    )
+    options.test_set = _fraction_or_datasets(
+        datasets.get("test_set", 0.0), "test_set", base, source
+    )
+    fractions = [v for v in (options.validation_set, options.test_set) if isinstance(v, float)]
+    if sum(fractions) >= 1.0:
+        raise OptionsError(
+            f"'validation_set' and 'test_set' fractions in {source} add up to "
+            f"{sum(fractions)}, leaving no training data; make them sum to less than 1"
+        )
+    return options
+
+
+def resolved_dict(options: Options) -> dict[str, Any]:
+    """The fully resolved options as plain data, ready to be written as YAML."""
+    return to_dict(options)
+
+
+def write_resolved(options: Options, path: Union[str, Path]) -> None:
+    """Write the resolved options next to the outputs (a file users can rerun)."""
+    Path(path).write_text(yaml.safe_dump(resolved_dict(options), sort_keys=False))

@@ -1,0 +1,41 @@
+"""What a training run knows beyond the architecture API: its rank, its directory,
+its checkpoint and logging schedule. Set by the flow; read by the shared engine.
+
+The architecture API's ``Trainer.train(model, devices, ...)`` carries no such
+settings, so the flow publishes them here; a trainer run outside the flow gets the
+defaults (one process, no periodic checkpoints beyond the trainer's own).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional
+
+from .options import CheckpointOptions, LoggingOptions
+
+
+@dataclasses.dataclass
+class RunContext:
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    run_dir: Optional[Path] = None
+    checkpoint: CheckpointOptions = dataclasses.field(default_factory=CheckpointOptions)
+    logging: LoggingOptions = dataclasses.field(default_factory=LoggingOptions)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+_current = RunContext()
+
+
+def current() -> RunContext:
+    return _current
+
+
+def set_current(context: RunContext) -> None:
+    global _current
+    _current = context

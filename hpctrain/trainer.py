@@ -1,0 +1,76 @@
+"""A trainer on the shared engine: what the reference architectures' trainers share.
+
+A reference trainer is this class with its own ``__hypers__`` (a
+:class:`~hpctrain.engine.TrainingHypers` subclass) and, where needed, its own
+``engine_class`` overriding small hooks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from . import checkpoint, run
+from .architecture import TrainerInterface
+from .config import parse, to_dict
+from .engine import Engine, TrainingHypers
+
+
+class EngineTrainer(TrainerInterface):
+    """``Trainer(train_hypers)``; ``train`` runs the shared :class:`Engine`."""
+
+    __hypers__: Any = TrainingHypers
+    engine_class = Engine
+
+    def __init__(self, train_hypers: dict[str, Any]):
+        self.hypers = parse(self.__hypers__, train_hypers, "architecture.training")
+        self.model: Optional[torch.nn.Module] = None
+        self.engine: Optional[Engine] = None
+        self._state: Optional[dict[str, Any]] = None
+
+    def train(
+        self,
+        model: Any,
+        devices: list[torch.device],
+        train_datasets: list[Any],
+        val_datasets: list[Any],
+        checkpoint_dir: Union[str, Path],
+    ) -> None:
+        if len(devices) != 1:
+            raise ValueError(
+                f"a rank trains on exactly one device, got {devices}; hpctrain gives "
+                "each rank its own device"
+            )
+        self.model = model
+        self.engine = self.engine_class(
+            self.hypers,
+            model,
+            devices[0],
+            train_datasets,
+            val_datasets,
+            Path(checkpoint_dir),
+            save_checkpoint=self.save_checkpoint,
+            state=self._state,
+        )
+        self.engine.train()
+
+    def save_checkpoint(self, path: Union[str, Path]) -> None:
+        """Model and trainer state in one file (rank 0 calls this)."""
+        if self.model is None or self.engine is None:
+            raise RuntimeError("save_checkpoint is called after train()")
+        payload = self.model.checkpoint_payload()
+        payload["train_hypers"] = to_dict(self.hypers)
+        payload["trainer_state"] = self.engine.state_dict()
+        payload["seed"] = run.current().seed
+        checkpoint.save(payload, path)
+
+    @classmethod
+    def load_checkpoint(
+        cls, path: Union[str, Path], train_hypers: dict[str, Any]
+    ) -> "EngineTrainer":
+        data = checkpoint.load(path)
+        trainer = cls(train_hypers)
+        trainer._state = data.get("trainer_state")
+        return trainer
