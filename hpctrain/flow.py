@@ -100,13 +100,11 @@ def _check_supported(architecture: Architecture, info: DatasetInfo) -> None:
         check(info)
 
 
-def train(
-    options_path: str | Path,
-    output_dir: Optional[str | Path] = None,
-    continue_from: Optional[str] = None,
-) -> Path:
-    """Run the whole flow; returns the run directory (on every rank)."""
-    started = time.perf_counter()
+def prepare(
+    options_path: str | Path, continue_from: Optional[str] = None
+) -> tuple[Options, Architecture, torch.dtype, str]:
+    """Everything that can be checked before launching: options, architecture and its
+    hypers, dtype and device type. Fails fast, with the key path, on every rank."""
     source = str(options_path)
     options = load_options(options_path)
     if continue_from is not None:
@@ -124,6 +122,18 @@ def train(
     device_type = choose_device_type(
         architecture.model_class, options.device, torch.cuda.is_available()
     )
+    return options, architecture, dtype, device_type
+
+
+def train(
+    options_path: str | Path,
+    output_dir: Optional[str | Path] = None,
+    continue_from: Optional[str] = None,
+) -> Path:
+    """Run the whole flow; returns the run directory (on every rank)."""
+    started = time.perf_counter()
+    source = str(options_path)
+    options, architecture, dtype, device_type = prepare(options_path, continue_from)
     env = launch.detect()
     device = launch.device_for(env, device_type)
     if device.type == "cuda":

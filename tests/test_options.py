@@ -1,0 +1,169 @@
+"""Options files: defaults, resolution, and one clear message per kind of mistake."""
+
+import pytest
+import yaml
+
+from hpctrain.errors import HpctrainError
+from hpctrain.flow import prepare
+from hpctrain.options import load_options, write_resolved
+
+GOOD = """
+architecture:
+  name: mp_transformer
+training_set:
+  systems: ethanol.xyz
+"""
+
+
+def test_defaults_and_shorthands(write_options):
+    path = write_options(
+        """
+        architecture: mp_transformer
+        training_set: ethanol.xyz
+        """
+    )
+    options, architecture, dtype, device = prepare(path)
+    dataset = options.training_set[0]
+    assert dataset.systems.read_from == str((path.parent / "ethanol.xyz").resolve())
+    assert list(dataset.targets) == ["energy"]
+    assert dataset.targets["energy"].forces is True
+    assert options.validation_set == 0.1 and options.test_set == 0.0
+    # architecture defaults merged under the (empty) user hypers
+    assert architecture.model_hypers["cutoff"] == 5.0
+    assert architecture.training_hypers["num_epochs"] == 100
+    assert device == "cpu" or device == "cuda"
+    assert str(dtype) == "torch.float32"
+
+
+def test_user_values_win_over_defaults(write_options):
+    path = write_options(
+        GOOD
+        + """
+architecture:
+  name: mp_transformer
+  model: {cutoff: 4.0}
+  training: {num_epochs: 3}
+base_precision: 64
+"""
+    )
+    options, architecture, dtype, _ = prepare(path)
+    assert architecture.model_hypers["cutoff"] == 4.0
+    assert architecture.model_hypers["d_model"] == 64
+    assert architecture.training_hypers["num_epochs"] == 3
+    assert str(dtype) == "torch.float64"
+
+
+def test_resolved_options_load_again(write_options, tmp_path):
+    options, *_ = prepare(write_options(GOOD + "seed: 7\n"))
+    out = tmp_path / "resolved.yaml"
+    write_resolved(options, out)
+    data = yaml.safe_load(out.read_text())
+    assert data["seed"] == 7
+    assert data["architecture"]["model"]["cutoff"] == 5.0
+    assert data["training_set"][0]["targets"]["energy"]["unit"] == "eV"
+    again = load_options(out)
+    assert again.training_set[0].systems.read_from == options.training_set[0].systems.read_from
+
+
+MALFORMED = {
+    "not yaml": ("architecture: [mp_transformer\n", "is not valid YAML"),
+    "not a mapping": ("- architecture\n- training_set\n", "must hold a mapping"),
+    "top-level typo": (GOOD + "sed: 3\n", "unknown key 'sed'", "did you mean 'seed'?"),
+    "no architecture": ("training_set: ethanol.xyz\n", "missing required key 'architecture'"),
+    "no training set": ("architecture: mp_transformer\n", "missing required key 'training_set'"),
+    "unknown architecture": (
+        "architecture: mp_transfomer\ntraining_set: ethanol.xyz\n",
+        "unknown architecture 'mp_transfomer'",
+        "did you mean 'mp_transformer'?",
+    ),
+    "seed not an integer": (GOOD + "seed: abc\n", "'seed'", "must be integer"),
+    "bad precision": (GOOD + "base_precision: 8\n", "'base_precision'", "one of 16, 32, 64"),
+    "bad device": (GOOD + "device: gpu\n", "'device'", "'auto', 'cpu', 'cuda'"),
+    "hyper typo": (
+        "architecture: {name: mp_transformer, training: {num_epoch: 3}}\ntraining_set: ethanol.xyz\n",
+        "unknown key 'architecture.training.num_epoch'",
+        "did you mean 'num_epochs'?",
+    ),
+    "hyper wrong type": (
+        "architecture: {name: mp_transformer, model: {cutoff: five}}\ntraining_set: ethanol.xyz\n",
+        "'architecture.model.cutoff'",
+        "must be number",
+    ),
+    "hyper inconsistent": (
+        "architecture: {name: mp_transformer, model: {d_model: 30, num_heads: 4}}\n"
+        "training_set: ethanol.xyz\n",
+        "'architecture.model.num_heads' (4) must divide",
+    ),
+    "batch size zero": (
+        "architecture: {name: mp_transformer, training: {batch_size: 0}}\ntraining_set: ethanol.xyz\n",
+        "'architecture.training.batch_size'",
+        "at least 1",
+    ),
+    "missing data file": (
+        "architecture: mp_transformer\ntraining_set: missing.xyz\n",
+        "'training_set.systems.read_from'",
+        "missing.xyz' does not exist",
+    ),
+    "target typo": (
+        "architecture: mp_transformer\ntraining_set:\n  systems: ethanol.xyz\n"
+        "  targets: {energy: {froces: false}}\n",
+        "unknown key 'training_set.targets.energy.froces'",
+        "did you mean 'forces'?",
+    ),
+    "empty targets": (
+        "architecture: mp_transformer\ntraining_set: {systems: ethanol.xyz, targets: {}}\n",
+        "'training_set.targets'",
+        "is empty",
+    ),
+    "stress and virial": (
+        "architecture: mp_transformer\ntraining_set:\n  systems: ethanol.xyz\n"
+        "  targets: {energy: {stress: true, virial: true}}\n",
+        "sets both 'stress' and 'virial'",
+    ),
+    "fraction out of range": (GOOD + "validation_set: 1.5\n", "'validation_set'", "[0, 1)"),
+    "fractions leave nothing": (
+        GOOD + "validation_set: 0.6\ntest_set: 0.5\n",
+        "add up to 1.1",
+    ),
+    "empty dataset list": ("architecture: mp_transformer\ntraining_set: []\n", "'training_set' in", "empty list"),
+    "distributed typo": (
+        GOOD + "distributed: {timeout: 10}\n",
+        "unknown key 'distributed.timeout'",
+        "did you mean 'timeout_s'?",
+    ),
+    "timeout wrong type": (GOOD + "distributed: {timeout_s: long}\n", "'distributed.timeout_s'", "number"),
+    "dataset entry typo": (
+        "architecture: mp_transformer\ntraining_set: {sytems: ethanol.xyz}\n",
+        "unknown key 'training_set.sytems'",
+        "did you mean 'systems'?",
+    ),
+    "checkpoint wrong type": (
+        GOOD + "checkpoint: {keep_last: [1]}\n",
+        "'checkpoint.keep_last'",
+        "must be integer",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_options(case, write_options):
+    text, *expected = MALFORMED[case]
+    path = write_options(text)
+    with pytest.raises(HpctrainError) as error:
+        prepare(path)
+    message = str(error.value)
+    for fragment in expected:
+        assert fragment in message, message
+    # every message about a file names the file
+    if "architecture '" not in message:
+        assert "options.yaml" in message, message
+
+
+def test_missing_options_file(tmp_path):
+    with pytest.raises(HpctrainError, match="nothing.yaml' does not exist"):
+        prepare(tmp_path / "nothing.yaml")
+
+
+def test_continue_auto_is_refused_until_supported(write_options):
+    with pytest.raises(HpctrainError, match="continue_from: auto"):
+        prepare(write_options(GOOD + "continue_from: auto\n"))
