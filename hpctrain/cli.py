@@ -1,7 +1,8 @@
 """The ``hpctrain`` command. ``python -m hpctrain options.yaml`` is ``hpctrain train``.
 
 Exit codes: 0 done; 2 a problem with the options, data, architecture or
-checkpoint (the message says which); 1 an unexpected error (a traceback follows).
+checkpoint (the message says which); 3 this rank lost contact with another rank
+(which died, was killed or hangs); 1 an unexpected error (a traceback follows).
 """
 
 from __future__ import annotations

@@ -156,8 +156,12 @@ class Engine:
             self.prepare_model()
         self.network: torch.nn.Module = _EnergyModule(self.model, self.outputs)
         if launch.is_distributed():
+            # buffers (baseline, type map) are identical on all ranks by construction
             self.network = torch.nn.parallel.DistributedDataParallel(
-                self.network, device_ids=[device] if device.type == "cuda" else None
+                self.network,
+                device_ids=[device] if device.type == "cuda" else None,
+                broadcast_buffers=False,
+                gradient_as_bucket_view=True,
             )
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=hypers.learning_rate)
         self.steps_per_epoch = len(self.sampler)

@@ -230,6 +230,10 @@ def export_model(model: Any, run_dir: Path) -> Path:
     return path
 
 
+EXIT_USER_ERROR = 2
+EXIT_LOST_RANK = 3
+
+
 def main_guard(function, *args: Any, **kwargs: Any) -> int:
     """Run ``function``; report hpctrain errors without a traceback, on rank 0 only."""
     from .errors import HpctrainError
@@ -242,7 +246,17 @@ def main_guard(function, *args: Any, **kwargs: Any) -> int:
             print(f"hpctrain: error: {error}", file=sys.stderr)
         else:
             print(f"[rank {launch.rank_hint()}] hpctrain: error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
+    except RuntimeError as error:
+        if not launch.is_communication_failure(error):
+            raise
+        print(
+            f"hpctrain: error: rank {launch.rank_hint()} lost contact with another rank "
+            "(it died, was killed, or hangs); its own output says why. Training stopped; "
+            f"continue from the last checkpoint. Details: {str(error).splitlines()[0]}",
+            file=sys.stderr,
+        )
+        return EXIT_LOST_RANK
     except KeyboardInterrupt:
         print("hpctrain: interrupted", file=sys.stderr)
         return 130

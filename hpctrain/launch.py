@@ -357,6 +357,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+_COMMUNICATION_ERRORS = ("gloo", "NCCL", "ProcessGroup", "Connection reset by peer", "Connection closed by peer")
+
+
+def is_communication_failure(error: BaseException) -> bool:
+    """Whether ``error`` comes from a collective whose peer died or hung."""
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    return any(marker in str(error) for marker in _COMMUNICATION_ERRORS)
+
+
 def backend_for(device_type: str, requested: str = "auto") -> str:
     if requested != "auto":
         if requested == "nccl" and device_type != "cuda":

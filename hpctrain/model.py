@@ -90,7 +90,7 @@ class ReferenceModel(torch.nn.Module, ModelInterface):
             if name not in outputs:
                 continue
             energy = raw[:, i] * self.scale[i] + self.composition[i][type_index]
-            if outputs[name].per_atom:
+            if outputs[name].sample_kind == "atom":
                 values = energy[keep].unsqueeze(1)
                 samples = Labels(
                     ["system", "atom"],
@@ -137,8 +137,10 @@ class ReferenceModel(torch.nn.Module, ModelInterface):
                 f"than this hpctrain's {cls.__checkpoint_version__}; upgrade hpctrain"
             )
         model = cls(data["model_hypers"], DatasetInfo.from_dict(data["dataset_info"]))
+        # in the checkpoint's dtype first, so that loading does not round the weights
+        model = model.to(data["model_state"]["composition"].dtype)
         model.load_state_dict(data["model_state"])
-        return model.to(data["model_state"]["composition"].dtype)
+        return model
 
     @torch.jit.unused
     def restart(self, dataset_info: DatasetInfo) -> "ReferenceModel":

@@ -102,6 +102,6 @@ def predict_in_memory(model: torch.nn.Module, structures: Path) -> list[dict[str
         if atoms.pbc.all():
             stress = (d_strain / abs(torch.det(cell))).tolist()
         results.append(
-            {"energy": float(energy), "forces": (-d_positions).tolist(), "stress": stress}
+            {"energy": float(energy.detach()), "forces": (-d_positions).tolist(), "stress": stress}
         )
     return results

@@ -1,0 +1,191 @@
+"""The real flow end to end: one process, mpiexec and torchrun, export, continue."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import BIN, EXAMPLE_XYZ, clean_env, run
+from hpctrain.testing import evaluate_exported, predict_in_memory
+
+pytestmark = pytest.mark.slow
+
+OPTIONS = """
+seed: 1234
+base_precision: 64
+architecture:
+  name: mp_transformer
+  model: {d_model: 16, num_heads: 2, num_layers: 2, num_radial: 4, angular_channels: 4}
+  training: {num_epochs: 2, batch_size: 8}
+training_set:
+  systems: {read_from: ethanol.xyz, length_unit: angstrom}
+  targets:
+    energy: {key: energy, unit: eV, forces: true}
+validation_set: 0.1
+test_set: 0.1
+distributed: {timeout_s: 60}
+"""
+
+FILES = {"options.resolved.yaml", "train.log", "metrics.csv", "model.ckpt", "model.pt"}
+
+
+def weights(run_dir):
+    return torch.load(run_dir / "model.ckpt", weights_only=False)["model_state"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("flow")
+    (path / "ethanol.xyz").symlink_to(EXAMPLE_XYZ)
+    (path / "options.yaml").write_text(OPTIONS)
+    return path
+
+
+@pytest.fixture(scope="module")
+def single_run(workdir):
+    """`hpctrain train` in one process."""
+    result = run([str(BIN / "hpctrain"), "train", "options.yaml", "-o", "single"], workdir)
+    assert result.returncode == 0, result.stderr
+    return workdir / "single", result
+
+
+def test_single_process_writes_every_output(single_run):
+    run_dir, result = single_run
+    names = {p.name for p in run_dir.iterdir()}
+    assert FILES <= names, names
+    assert "extensions" in names
+    resolved = yaml.safe_load((run_dir / "options.resolved.yaml").read_text())
+    assert resolved["seed"] == 1234
+    assert resolved["architecture"]["model"]["d_model"] == 16
+    assert resolved["architecture"]["training"]["learning_rate"] == 3e-3  # default merged
+    rows = (run_dir / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,step,learning_rate,train_loss")
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
+    assert "1 rank(s) via single" in result.stdout
+    assert "80 training, 10 validation, 10 test structures" in result.stdout
+
+
+def test_exported_model_matches_in_memory_model_in_fresh_process(single_run, tmp_path):
+    run_dir, _ = single_run
+    sample = tmp_path / "sample.xyz"
+    ase.io.write(sample, ase.io.read(EXAMPLE_XYZ, "::25"))
+    from architectures.mp_transformer import __model__ as Model
+
+    model = Model.load_checkpoint(run_dir / "model.ckpt")
+    expected = predict_in_memory(model, sample)
+    exported = evaluate_exported(run_dir / "model.pt", sample, run_dir / "extensions")
+    assert len(exported) == len(expected) == 4
+    for mine, theirs in zip(expected, exported):
+        assert theirs["energy"] == pytest.approx(mine["energy"], rel=1e-12, abs=1e-9)
+        np.testing.assert_allclose(theirs["forces"], mine["forces"], rtol=1e-9, atol=1e-9)
+        # forces are the derivative of the energy: central differences agree
+        for _, _, finite_difference, force in theirs["fd"]:
+            assert finite_difference == pytest.approx(force, abs=1e-6)
+    # and the model learned something non-trivial: forces are not all zero
+    assert np.abs(np.array(expected[0]["forces"])).max() > 1e-3
+
+
+def test_mpiexec_and_torchrun_train_the_same_model(workdir, single_run):
+    mpi = run(
+        [str(BIN / "mpiexec"), "-n", "2", sys.executable, "-m", "hpctrain", "options.yaml", "-o", "mpi"],
+        workdir,
+    )
+    assert mpi.returncode == 0, mpi.stderr
+    torchrun = run(
+        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "hpctrain"]
+        + ["options.yaml", "-o", "torchrun"],
+        workdir,
+    )
+    assert torchrun.returncode == 0, torchrun.stderr
+    assert "2 rank(s) via mpi" in mpi.stdout
+    assert "2 rank(s) via torchrun" in torchrun.stdout
+    for result, name in ((mpi, "mpi"), (torchrun, "torchrun")):
+        # rank 0 alone reports: each epoch line printed once
+        assert result.stdout.count("epoch    1/2") == 1, result.stdout
+        assert FILES <= {p.name for p in (workdir / name).iterdir()}
+    a, b = weights(workdir / "mpi"), weights(workdir / "torchrun")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # a global batch split over ranks computes the single-process gradient
+    single = weights(single_run[0])
+    for key in a:
+        torch.testing.assert_close(a[key], single[key], rtol=1e-7, atol=1e-10)
+
+
+def test_continue_from_checkpoint_trains_the_remaining_epochs(workdir, single_run):
+    text = OPTIONS.replace("num_epochs: 2", "num_epochs: 3")
+    (workdir / "more.yaml").write_text(text)
+    result = run(
+        [sys.executable, "-m", "hpctrain", "more.yaml", "-o", "more", "--continue", "single/model.ckpt"],
+        workdir,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = (workdir / "more" / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["3"]
+    before, after = weights(single_run[0]), weights(workdir / "more")
+    assert not torch.equal(before["readout.3.weight"], after["readout.3.weight"])
+    torch.testing.assert_close(before["composition"], after["composition"])
+
+
+def test_bad_options_exit_2_with_a_message_and_no_traceback(workdir):
+    (workdir / "bad.yaml").write_text(OPTIONS.replace("num_epochs", "num_epoch"))
+    result = run([sys.executable, "-m", "hpctrain", "bad.yaml", "-o", "bad"], workdir)
+    assert result.returncode == 2
+    assert "hpctrain: error: unknown key 'architecture.training.num_epoch'" in result.stderr
+    assert "did you mean 'num_epochs'?" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (workdir / "bad").exists()
+
+
+def test_a_killed_rank_does_not_leave_the_other_hanging(workdir):
+    """Two ranks without a supervising launcher; rank 1 is SIGKILLed mid-training."""
+    slow = OPTIONS.replace("num_epochs: 2", "num_epochs: 200")
+    (workdir / "long.yaml").write_text(slow)
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = clean_env(
+            RANK=str(rank),
+            WORLD_SIZE="2",
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE="2",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "hpctrain", "long.yaml", "-o", "killed"],
+                cwd=workdir,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    try:
+        deadline = time.monotonic() + 120
+        log = workdir / "killed" / "metrics.csv"
+        while not log.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert log.exists(), "training did not start"
+        procs[1].send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        out, err = procs[0].communicate(timeout=90)
+        elapsed = time.monotonic() - killed_at
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert procs[0].returncode not in (0, None)
+    assert elapsed < 75, elapsed
+    assert "lost contact with another rank" in err, err[-2000:]
