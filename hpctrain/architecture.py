@@ -9,17 +9,18 @@ package).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import importlib.util
 import pkgutil
 from abc import ABC, abstractmethod
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import torch
 
-from .config import parse, suggest, to_dict
+from .config import parse, to_dict
 from .errors import ArchitectureError, OptionsError
 
 GRADIENTS = ("positions", "strain")
@@ -51,7 +52,7 @@ class DatasetInfo:
     atomic_types: list[int] = dataclasses.field(default_factory=list)
     targets: dict[str, TargetInfo] = dataclasses.field(default_factory=dict)
 
-    def union(self, other: "DatasetInfo") -> "DatasetInfo":
+    def union(self, other: DatasetInfo) -> DatasetInfo:
         """Types and targets of both; a target in both must agree."""
         if other.length_unit != self.length_unit:
             raise ArchitectureError(
@@ -69,8 +70,7 @@ class DatasetInfo:
                 info.per_atom,
             ):
                 raise ArchitectureError(
-                    f"target '{name}' is described differently by two datasets: "
-                    f"{mine} and {info}"
+                    f"target '{name}' is described differently by two datasets: {mine} and {info}"
                 )
             gradients = sorted(set(mine.gradients) | set(info.gradients))
             targets[name] = dataclasses.replace(mine, gradients=gradients)
@@ -84,7 +84,7 @@ class DatasetInfo:
         return to_dict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DatasetInfo":
+    def from_dict(cls, data: dict[str, Any]) -> DatasetInfo:
         return cls(
             length_unit=data["length_unit"],
             atomic_types=list(data["atomic_types"]),
@@ -104,11 +104,11 @@ class ModelInterface(ABC):
 
     @classmethod
     @abstractmethod
-    def load_checkpoint(cls, path: Union[str, Path]) -> "ModelInterface":
+    def load_checkpoint(cls, path: Union[str, Path]) -> ModelInterface:
         """The model stored in a checkpoint."""
 
     @abstractmethod
-    def restart(self, dataset_info: DatasetInfo) -> "ModelInterface":
+    def restart(self, dataset_info: DatasetInfo) -> ModelInterface:
         """Continue training with the same or new targets (fine-tuning, transfer)."""
 
     @abstractmethod
@@ -138,7 +138,7 @@ class TrainerInterface(ABC):
     @abstractmethod
     def load_checkpoint(
         cls, path: Union[str, Path], train_hypers: dict[str, Any]
-    ) -> "TrainerInterface":
+    ) -> TrainerInterface:
         """A trainer that continues from a checkpoint."""
 
 
@@ -166,10 +166,12 @@ def import_architecture(name: str) -> ModuleType:
         spec = None
     if spec is None:
         known = _known_names()
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else "."
         raise ArchitectureError(
-            f"unknown architecture '{name}' (at 'architecture.name'){suggest(name, known)}"
-            f" Built-in architectures: {', '.join(known)}; a third-party architecture "
-            "must be an importable module path such as 'mypackage.myarch'."
+            f"unknown architecture '{name}' (at 'architecture.name'){hint} Built-in "
+            f"architectures: {', '.join(known)}; a third-party architecture must be an "
+            "importable module path such as 'mypackage.myarch'."
         )
     return importlib.import_module(name)
 
@@ -202,16 +204,20 @@ def validate_architecture(module: ModuleType) -> None:
                 f"lacks {', '.join(absent)}"
             )
     model, trainer = module.__model__, module.__trainer__
-    if not (callable(getattr(trainer, "save_checkpoint", None)) or callable(
-        getattr(model, "save_checkpoint", None)
-    )):
+    if not (
+        callable(getattr(trainer, "save_checkpoint", None))
+        or callable(getattr(model, "save_checkpoint", None))
+    ):
         raise ArchitectureError(
             f"architecture '{name}': neither __trainer__.save_checkpoint nor "
             "__model__.save_checkpoint is defined; one of them must write checkpoints"
         )
     for attribute, kind in (("__supported_devices__", str), ("__supported_dtypes__", torch.dtype)):
         value = getattr(model, attribute, None)
-        if value is not None and not (value and all(isinstance(v, kind) for v in value)):
+        valid = (
+            isinstance(value, (list, tuple)) and value and all(isinstance(v, kind) for v in value)
+        )
+        if value is not None and not valid:
             raise ArchitectureError(
                 f"architecture '{name}': __model__.{attribute} must be a non-empty list "
                 f"of {kind.__name__}"
@@ -262,7 +268,7 @@ def resolve(
 DTYPES = {16: torch.float16, 32: torch.float32, 64: torch.float64}
 
 
-def choose_dtype(model_class: Any, base_precision: Optional[int]) -> torch.dtype:
+def choose_dtype(model_class: Any, base_precision: int | None) -> torch.dtype:
     """The requested precision if the model supports it, else its first preference."""
     supported = list(getattr(model_class, "__supported_dtypes__", [torch.float32]))
     if base_precision is None:
@@ -290,8 +296,7 @@ def choose_device_type(model_class: Any, requested: str, cuda_available: bool) -
         )
     if requested not in supported:
         raise OptionsError(
-            f"'device: {requested}' is not supported by this architecture "
-            f"(it supports {supported})"
+            f"'device: {requested}' is not supported by this architecture (it supports {supported})"
         )
     if requested not in available:
         raise OptionsError(

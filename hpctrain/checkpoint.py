@@ -70,7 +70,6 @@ def load(path: Union[str, Path], architecture: str = "") -> dict[str, Any]:
         )
     if architecture and data.get("architecture") != architecture:
         raise CheckpointError(
-            f"{path} was written by architecture '{data.get('architecture')}', "
-            f"not '{architecture}'"
+            f"{path} was written by architecture '{data.get('architecture')}', not '{architecture}'"
         )
     return data

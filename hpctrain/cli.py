@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional
 
 TRAIN_EXAMPLE = """example:
   hpctrain train options.yaml
@@ -53,7 +52,7 @@ def parser() -> argparse.ArgumentParser:
     return main
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # `hpctrain options.yaml` and `python -m hpctrain options.yaml` mean `train`
     if argv and not argv[0].startswith("-") and argv[0] not in {"train"}:

@@ -85,9 +85,7 @@ def _convert(value: Any, tp: Any, path: str, source: str) -> Any:
         # a single non-null alternative gives the most useful message
         if len([a for a in args if a is not type(None)]) == 1:
             raise errors[0]
-        raise OptionsError(
-            f"{_where(path, source)} must be {type_name(tp)}, got {value!r}"
-        )
+        raise OptionsError(f"{_where(path, source)} must be {type_name(tp)}, got {value!r}")
     if origin is Literal:
         if value in args and type(value) in {type(a) for a in args}:
             return value
@@ -99,15 +97,11 @@ def _convert(value: Any, tp: Any, path: str, source: str) -> Any:
         return parse(tp, value, path, source)
     if origin in (list, tuple):
         if not isinstance(value, list):
-            raise OptionsError(
-                f"{_where(path, source)} must be {type_name(tp)}, got {value!r}"
-            )
+            raise OptionsError(f"{_where(path, source)} must be {type_name(tp)}, got {value!r}")
         return [_convert(v, args[0], f"{path}[{i}]", source) for i, v in enumerate(value)]
     if origin in (dict, Mapping):
         if not isinstance(value, Mapping):
-            raise OptionsError(
-                f"{_where(path, source)} must be {type_name(tp)}, got {value!r}"
-            )
+            raise OptionsError(f"{_where(path, source)} must be {type_name(tp)}, got {value!r}")
         return {
             str(k): _convert(v, args[1], f"{path}.{k}" if path else str(k), source)
             for k, v in value.items()
@@ -127,8 +121,7 @@ def _convert(value: Any, tp: Any, path: str, source: str) -> Any:
     elif isinstance(tp, type) and isinstance(value, tp):
         return value
     raise OptionsError(
-        f"{_where(path, source)} must be {type_name(tp)}, got {value!r}"
-        f" ({type(value).__name__})"
+        f"{_where(path, source)} must be {type_name(tp)}, got {value!r} ({type(value).__name__})"
     )
 
 
@@ -141,9 +134,7 @@ def parse(cls: type[T], data: Any, path: str = "", source: str = "") -> T:
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        raise OptionsError(
-            f"{_where(path, source)} must be a mapping of options, got {data!r}"
-        )
+        raise OptionsError(f"{_where(path, source)} must be a mapping of options, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
@@ -168,9 +159,7 @@ def parse(cls: type[T], data: Any, path: str = "", source: str = "") -> T:
 def to_dict(instance: Any) -> Any:
     """Plain data (for YAML) from a dataclass instance, recursively."""
     if dataclasses.is_dataclass(instance) and not isinstance(instance, type):
-        return {
-            f.name: to_dict(getattr(instance, f.name)) for f in dataclasses.fields(instance)
-        }
+        return {f.name: to_dict(getattr(instance, f.name)) for f in dataclasses.fields(instance)}
     if isinstance(instance, list):
         return [to_dict(v) for v in instance]
     if isinstance(instance, dict):

@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,9 +41,7 @@ class TrainingHypers:
         "so that results do not depend on the number of ranks.",
     )
     learning_rate: float = option(1e-3, doc="Peak learning rate of Adam.")
-    warmup_epochs: float = option(
-        0.0, doc="Epochs of linear learning-rate warm-up from zero."
-    )
+    warmup_epochs: float = option(0.0, doc="Epochs of linear learning-rate warm-up from zero.")
     min_lr_ratio: float = option(
         0.01, doc="Final learning rate of the cosine decay, relative to the peak."
     )
@@ -123,7 +121,7 @@ class Engine:
         val_datasets: Sequence[StructureDataset],
         checkpoint_dir: Path,
         save_checkpoint: Callable[[Path], None],
-        state: Optional[dict[str, Any]] = None,
+        state: dict[str, Any] | None = None,
     ):
         self.hypers = hypers
         self.context = run.current()
@@ -139,8 +137,7 @@ class Engine:
         self.model = model.to(device=device, dtype=self.dtype)
         self.neighbors = NeighborLists(model.requested_neighbor_lists())
         self.outputs = {
-            name: ModelOutput(unit=t.unit, sample_kind="system")
-            for name, t in self.targets.items()
+            name: ModelOutput(unit=t.unit, sample_kind="system") for name, t in self.targets.items()
         }
         self.need_forces = any(n in train_datasets[0].forces for n in self.targets)
         self.need_stress = any(n in train_datasets[0].stress for n in self.targets)
@@ -326,7 +323,11 @@ class Engine:
                         key, torch.zeros(3, dtype=torch.float64, device=self.device)
                     )
                     acc += torch.stack(
-                        [(error**2).sum(), error.abs().sum(), torch.tensor(error.numel(), device=self.device, dtype=torch.float64)]
+                        [
+                            (error**2).sum(),
+                            error.abs().sum(),
+                            torch.tensor(error.numel(), device=self.device, dtype=torch.float64),
+                        ]
                     )
         metrics = {}
         for key in sorted(sums):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from metatomic.torch import AtomisticModel, ModelCapabilities, ModelMetadata, ModelOutput
 
@@ -20,9 +18,7 @@ def capabilities(
 ) -> ModelCapabilities:
     """What the exported model computes, for which elements, in which units."""
     outputs = {
-        name: ModelOutput(
-            unit=target.unit, sample_kind="atom" if target.per_atom else "system"
-        )
+        name: ModelOutput(unit=target.unit, sample_kind="atom" if target.per_atom else "system")
         for name, target in dataset_info.targets.items()
     }
     return ModelCapabilities(
@@ -40,7 +36,7 @@ def export(
     dataset_info: DatasetInfo,
     interaction_range: float,
     supported_devices: list[str],
-    metadata: Optional[ModelMetadata] = None,
+    metadata: ModelMetadata | None = None,
 ) -> AtomisticModel:
     """Wrap ``module`` (in eval mode, on CPU, in its own dtype) for MD engines."""
     module = module.to("cpu").eval()

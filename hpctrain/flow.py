@@ -11,7 +11,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,7 +49,12 @@ def load_datasets(
 ) -> tuple[list[StructureDataset], list[StructureDataset], list[StructureDataset]]:
     """Training, validation and test datasets; fractions split from the training set."""
     train = [
-        read_dataset(d, f"training_set[{i}]" if len(options.training_set) > 1 else "training_set", source, dtype)
+        read_dataset(
+            d,
+            f"training_set[{i}]" if len(options.training_set) > 1 else "training_set",
+            source,
+            dtype,
+        )
         for i, d in enumerate(options.training_set)
     ]
     sets: dict[str, list[StructureDataset]] = {}
@@ -68,7 +73,9 @@ def load_datasets(
         for key, _ in fractions:
             sets[key] = []
         for dataset in train:
-            *parts, rest = split_indices(len(dataset), [f for _, f in fractions], run.current().seed)
+            *parts, rest = split_indices(
+                len(dataset), [f for _, f in fractions], run.current().seed
+            )
             for (key, _), indices in zip(fractions, parts):
                 if len(indices):
                     sets[key].append(dataset.subset(indices, f"{dataset.name} ({key})"))
@@ -101,7 +108,7 @@ def _check_supported(architecture: Architecture, info: DatasetInfo) -> None:
 
 
 def prepare(
-    options_path: str | Path, continue_from: Optional[str] = None
+    options_path: str | Path, continue_from: str | None = None
 ) -> tuple[Options, Architecture, torch.dtype, str]:
     """Everything that can be checked before launching: options, architecture and its
     hypers, dtype and device type. Fails fast, with the key path, on every rank."""
@@ -127,8 +134,8 @@ def prepare(
 
 def train(
     options_path: str | Path,
-    output_dir: Optional[str | Path] = None,
-    continue_from: Optional[str] = None,
+    output_dir: str | Path | None = None,
+    continue_from: str | None = None,
 ) -> Path:
     """Run the whole flow; returns the run directory (on every rank)."""
     started = time.perf_counter()
@@ -166,9 +173,10 @@ def train(
         resolved = run_dir / "options.resolved.yaml"
         if env.is_main:
             write_resolved(options, resolved)
+        group = backend if env.distributed else "no process group"
         log.info(
             f"hpctrain {__version__}: architecture {architecture.name}, {env.world_size} "
-            f"rank(s) via {env.launcher}, device {device_type} ({backend if env.distributed else 'no process group'}), "
+            f"rank(s) via {env.launcher}, device {device_type} ({group}), "
             f"{str(dtype).replace('torch.', '')}, {torch.get_num_threads()} thread(s) per rank"
         )
         log.info(f"run directory: {run_dir}")
@@ -180,7 +188,9 @@ def train(
         log.info(
             f"data: {sum(map(len, train_sets))} training, {sum(map(len, val_sets))} validation, "
             f"{sum(map(len, test_sets))} test structures; elements {info.atomic_types}; targets "
-            + ", ".join(f"{k} ({'+'.join(['energy', *v.gradients])})" for k, v in info.targets.items())
+            + ", ".join(
+                f"{k} ({'+'.join(['energy', *v.gradients])})" for k, v in info.targets.items()
+            )
         )
 
         model, trainer = build(architecture, info, options.continue_from)
@@ -200,7 +210,9 @@ def train(
     return run_dir
 
 
-def build(architecture: Architecture, info: DatasetInfo, continue_from: Optional[str]) -> tuple[Any, Any]:
+def build(
+    architecture: Architecture, info: DatasetInfo, continue_from: str | None
+) -> tuple[Any, Any]:
     """A new model and trainer, or both loaded from a checkpoint and restarted."""
     Model, Trainer = architecture.model_class, architecture.trainer_class
     if continue_from is not None:

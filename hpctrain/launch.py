@@ -18,7 +18,7 @@ import socket
 import subprocess
 import warnings
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -26,7 +26,17 @@ import torch.distributed as dist
 from .errors import LaunchError
 
 # SLURM step ids of the batch shell and the extern step, which are not tasks
-_NON_TASK_STEPS = {"batch", "extern", "interactive", "4294967294", "4294967292", "4294967291"}
+_NON_TASK_STEPS = {
+    "batch",
+    "extern",
+    "interactive",
+    "4294967290",
+    "4294967291",
+    "4294967292",
+    "4294967293",
+    "4294967294",
+    "4294967295",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +50,8 @@ class LaunchEnv:
     local_world_size: int = 1
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
-    cpus_per_task: Optional[int] = None
-    job_id: Optional[str] = None
+    cpus_per_task: int | None = None
+    job_id: str | None = None
 
     @property
     def is_main(self) -> bool:
@@ -114,7 +124,9 @@ def _resolve_host(host: str) -> str:
     )
 
 
-def _int(environ: Mapping[str, str], key: str) -> int:
+def _int(environ: Mapping[str, str], key: str, default: int | None = None) -> int:
+    if key not in environ and default is not None:
+        return default
     try:
         return int(environ[key])
     except (KeyError, ValueError):
@@ -127,21 +139,30 @@ def _torchrun(environ: Mapping[str, str]) -> LaunchEnv:
         rank=_int(environ, "RANK"),
         world_size=_int(environ, "WORLD_SIZE"),
         local_rank=_int(environ, "LOCAL_RANK"),
-        local_world_size=int(environ.get("LOCAL_WORLD_SIZE", environ["WORLD_SIZE"])),
+        local_world_size=_int(environ, "LOCAL_WORLD_SIZE", _int(environ, "WORLD_SIZE")),
         master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
-        master_port=int(environ.get("MASTER_PORT", 29500)),
+        master_port=_int(environ, "MASTER_PORT", 29500),
         job_id=environ.get("TORCHELASTIC_RUN_ID"),
     )
 
 
 def _slurm(environ: Mapping[str, str]) -> LaunchEnv:
     rank = _int(environ, "SLURM_PROCID")
-    world_size = _int(environ, "SLURM_NTASKS") if "SLURM_NTASKS" in environ else _int(
-        environ, "SLURM_NPROCS"
+    world_size = (
+        _int(environ, "SLURM_NTASKS")
+        if "SLURM_NTASKS" in environ
+        else _int(environ, "SLURM_NPROCS")
     )
-    node = int(environ.get("SLURM_NODEID", 0))
+    node = _int(environ, "SLURM_NODEID", 0)
     per_node = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE")
-    local_world_size = expand_tasks_per_node(per_node)[node] if per_node else 1
+    local_world_size = 1
+    if per_node:
+        counts = expand_tasks_per_node(per_node)
+        if not 0 <= node < len(counts):
+            raise LaunchError(
+                f"SLURM_NODEID={node} but tasks per node {per_node!r} list {len(counts)} nodes"
+            )
+        local_world_size = counts[node]
     nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST", "")
     job_id = environ.get("SLURM_JOB_ID", "0")
     if "MASTER_ADDR" in environ:
@@ -161,8 +182,8 @@ def _slurm(environ: Mapping[str, str]) -> LaunchEnv:
         local_rank=_int(environ, "SLURM_LOCALID"),
         local_world_size=local_world_size,
         master_addr=master_addr,
-        master_port=int(
-            environ.get("MASTER_PORT") or slurm_port(job_id, environ.get("SLURM_STEP_ID", "0"))
+        master_port=_int(
+            environ, "MASTER_PORT", slurm_port(job_id, environ.get("SLURM_STEP_ID", "0"))
         ),
         cpus_per_task=int(cpus) if cpus and cpus.isdigit() else None,
         job_id=job_id,
@@ -230,7 +251,7 @@ def launcher_of(environ: Mapping[str, str]) -> str:
     return "single"
 
 
-def rank_hint(environ: Optional[Mapping[str, str]] = None) -> int:
+def rank_hint(environ: Mapping[str, str] | None = None) -> int:
     """This process's rank as the launcher's variables tell it, without starting MPI
     (for messages printed before the process group exists)."""
     environ = os.environ if environ is None else environ
@@ -242,7 +263,7 @@ def rank_hint(environ: Optional[Mapping[str, str]] = None) -> int:
     return 0
 
 
-def detect(environ: Optional[Mapping[str, str]] = None) -> LaunchEnv:
+def detect(environ: Mapping[str, str] | None = None) -> LaunchEnv:
     """The launch environment of this process."""
     environ = os.environ if environ is None else environ
     launcher = launcher_of(environ)
@@ -259,7 +280,7 @@ def detect(environ: Optional[Mapping[str, str]] = None) -> LaunchEnv:
     return env
 
 
-def threads_per_rank(env: LaunchEnv, requested: Optional[int] = None) -> int:
+def threads_per_rank(env: LaunchEnv, requested: int | None = None) -> int:
     """CPU threads for this rank, so that ranks on a node do not oversubscribe it."""
     if requested:
         return requested
@@ -281,9 +302,7 @@ def device_for(env: LaunchEnv, device_type: str) -> torch.device:
     if count == 0:
         raise LaunchError(f"rank {env.rank}: CUDA was chosen but no GPU is visible")
     if count < env.local_world_size and count > 1:
-        warnings.warn(
-            f"{env.local_world_size} ranks share {count} GPUs on this node", stacklevel=2
-        )
+        warnings.warn(f"{env.local_world_size} ranks share {count} GPUs on this node", stacklevel=2)
     return torch.device("cuda", env.local_rank % count)
 
 
@@ -312,7 +331,7 @@ class ProcessGroup:
             dist.destroy_process_group()
         self._owned = False
 
-    def __enter__(self) -> "ProcessGroup":
+    def __enter__(self) -> ProcessGroup:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -357,7 +376,13 @@ def barrier() -> None:
         dist.barrier()
 
 
-_COMMUNICATION_ERRORS = ("gloo", "NCCL", "ProcessGroup", "Connection reset by peer", "Connection closed by peer")
+_COMMUNICATION_ERRORS = (
+    "gloo",
+    "NCCL",
+    "ProcessGroup",
+    "Connection reset by peer",
+    "Connection closed by peer",
+)
 
 
 def is_communication_failure(error: BaseException) -> bool:

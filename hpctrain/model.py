@@ -6,7 +6,6 @@ A subclass declares ``__hypers__`` (a dataclass of its model hypers),
 per-atom value per target. Everything else lives here, once.
 """
 
-
 import dataclasses
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -76,7 +75,10 @@ class ReferenceModel(torch.nn.Module, ModelInterface):
         raw = self.atomic_outputs(systems)
         device = raw.device
         system_index = torch.cat(
-            [torch.full((len(s),), i, dtype=torch.long, device=device) for i, s in enumerate(systems)]
+            [
+                torch.full((len(s),), i, dtype=torch.long, device=device)
+                for i, s in enumerate(systems)
+            ]
         )
         atom_index = torch.cat([torch.arange(len(s), device=device) for s in systems])
         type_index = self.type_map[torch.cat([s.types for s in systems]).long()]
@@ -84,7 +86,9 @@ class ReferenceModel(torch.nn.Module, ModelInterface):
         if selected_atoms is not None:
             wanted = selected_atoms.values.to(device)
             stride = int(atom_index.max().item()) + 1 if len(atom_index) > 0 else 1
-            keep = torch.isin(system_index * stride + atom_index, wanted[:, 0] * stride + wanted[:, 1])
+            keep = torch.isin(
+                system_index * stride + atom_index, wanted[:, 0] * stride + wanted[:, 1]
+            )
         results: Dict[str, TensorMap] = {}
         for i, name in enumerate(self.target_names):
             if name not in outputs:
@@ -100,7 +104,8 @@ class ReferenceModel(torch.nn.Module, ModelInterface):
                 values = torch.zeros(len(systems), 1, dtype=energy.dtype, device=device)
                 values = values.index_add(0, system_index[keep], energy[keep].unsqueeze(1))
                 samples = Labels(
-                    ["system"], torch.arange(len(systems), device=device, dtype=torch.int32).unsqueeze(1)
+                    ["system"],
+                    torch.arange(len(systems), device=device, dtype=torch.int32).unsqueeze(1),
                 )
             block = TensorBlock(
                 values=values,
@@ -156,7 +161,11 @@ class ReferenceModel(torch.nn.Module, ModelInterface):
             )
         for name, target in dataset_info.targets.items():
             mine = self.dataset_info.targets[name]
-            if (target.quantity, target.unit, target.per_atom) != (mine.quantity, mine.unit, mine.per_atom):
+            if (target.quantity, target.unit, target.per_atom) != (
+                mine.quantity,
+                mine.unit,
+                mine.per_atom,
+            ):
                 raise CheckpointError(
                     f"target '{name}' differs from the checkpoint's ({mine} vs {target})"
                 )
@@ -165,7 +174,9 @@ class ReferenceModel(torch.nn.Module, ModelInterface):
             targets={
                 name: dataclasses.replace(
                     t,
-                    gradients=sorted(set(t.gradients) | set(dataset_info.targets.get(name, t).gradients)),
+                    gradients=sorted(
+                        set(t.gradients) | set(dataset_info.targets.get(name, t).gradients)
+                    ),
                 )
                 for name, t in self.dataset_info.targets.items()
             },

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -33,7 +33,7 @@ class TargetOptions:
     quantity: Literal["energy"] = option(
         "energy", doc="Physical quantity of the target. Only 'energy' is supported."
     )
-    key: Optional[str] = option(
+    key: str | None = option(
         None, doc="Key of the target in the data files; defaults to the target's name."
     )
     unit: str = option("eV", doc="Unit of the target in the data files.")
@@ -62,7 +62,7 @@ class TargetOptions:
                 "a dataset provides one of them, keep only that one"
             )
 
-    def gradient_key(self, gradient: str) -> Optional[str]:
+    def gradient_key(self, gradient: str) -> str | None:
         """The data key of ``gradient`` ('forces', 'stress', 'virial'), or None."""
         value = getattr(self, gradient)
         if value is False:
@@ -82,7 +82,7 @@ class SystemsOptions:
         doc="Path of the structures: any file ASE reads (extxyz, ...). Relative paths "
         "are taken from the directory of the options file."
     )
-    reader: Optional[str] = option(
+    reader: str | None = option(
         None, doc="ASE format name, when it cannot be guessed from the file name."
     )
     length_unit: str = option("angstrom", doc="Unit of positions and cells in the file.")
@@ -131,7 +131,7 @@ class DistributedOptions:
         doc="Seconds a rank waits in a collective before giving up, so that a dead "
         "rank never leaves the others hanging forever.",
     )
-    threads_per_rank: Optional[int] = option(
+    threads_per_rank: int | None = option(
         None,
         doc="CPU threads per rank; default: SLURM_CPUS_PER_TASK, else the cores of "
         "the node divided by the ranks on it.",
@@ -157,18 +157,16 @@ class LoggingOptions:
 class SlurmOptions:
     """Resources for ``hpctrain submit``; flags given on its command line win."""
 
-    partition: Optional[str] = option(None, doc="SLURM partition.")
-    account: Optional[str] = option(None, doc="SLURM account to charge.")
+    partition: str | None = option(None, doc="SLURM partition.")
+    account: str | None = option(None, doc="SLURM account to charge.")
     nodes: int = option(1, doc="Number of nodes.")
     gpus_per_node: int = option(0, doc="GPUs per node; one rank per GPU.")
-    tasks_per_node: Optional[int] = option(
+    tasks_per_node: int | None = option(
         None, doc="Ranks per node on CPU nodes (default: 1 per GPU, or 1)."
     )
-    cpus_per_task: Optional[int] = option(None, doc="CPU cores per rank.")
+    cpus_per_task: int | None = option(None, doc="CPU cores per rank.")
     time: str = option("01:00:00", doc="Time limit of each job, HH:MM:SS.")
-    max_requeues: int = option(
-        10, doc="How often a preempted or timed-out job may requeue itself."
-    )
+    max_requeues: int = option(10, doc="How often a preempted or timed-out job may requeue itself.")
     sbatch: list[str] = option(
         factory=list, doc="Extra ``#SBATCH`` options passed through, e.g. ``--qos=long``."
     )
@@ -190,27 +188,21 @@ class Options:
     test_set: Any = option(
         0.0, doc="Dataset(s), or a fraction of the training set; evaluated at the end."
     )
-    seed: Optional[int] = option(
+    seed: int | None = option(
         None,
         doc="Seed of every random choice (splits, order, initial weights). When "
         "omitted, one is drawn, shared by all ranks and written to the resolved options.",
     )
-    base_precision: Literal[16, 32, 64] = option(
-        32, doc="Floating point bits of model and data."
-    )
+    base_precision: Literal[16, 32, 64] = option(32, doc="Floating point bits of model and data.")
     device: Literal["auto", "cpu", "cuda"] = option(
         "auto",
         doc="``auto``: the architecture's most preferred device that the machine has.",
     )
-    continue_from: Optional[str] = option(
-        None, doc="Checkpoint to continue training from."
-    )
+    continue_from: str | None = option(None, doc="Checkpoint to continue training from.")
     distributed: DistributedOptions = option(
         factory=DistributedOptions, doc="Collectives and threads."
     )
-    checkpoint: CheckpointOptions = option(
-        factory=CheckpointOptions, doc="Checkpoint schedule."
-    )
+    checkpoint: CheckpointOptions = option(factory=CheckpointOptions, doc="Checkpoint schedule.")
     logging: LoggingOptions = option(factory=LoggingOptions, doc="Progress and metrics.")
     slurm: SlurmOptions = option(factory=SlurmOptions, doc="Used by ``hpctrain submit``.")
 
@@ -271,9 +263,7 @@ def load_yaml(path: Union[str, Path]) -> dict[str, Any]:
     return data
 
 
-def load_options(
-    path: Union[str, Path], overrides: Optional[dict[str, Any]] = None
-) -> Options:
+def load_options(path: Union[str, Path], overrides: dict[str, Any] | None = None) -> Options:
     """Parse and validate an options file; dataset paths become absolute.
 
     Architecture hypers are kept as given here; :func:`hpctrain.architecture.resolve`

@@ -6,12 +6,11 @@ import csv
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
 
 LOGGER_NAME = "hpctrain"
 
 
-def setup_logging(rank: int, log_file: Optional[Path] = None) -> logging.Logger:
+def setup_logging(rank: int, log_file: Path | None = None) -> logging.Logger:
     """Rank 0 logs INFO to stdout (and ``log_file``); other ranks log warnings and
     errors only, prefixed with their rank."""
     logger = logging.getLogger(LOGGER_NAME)
@@ -39,7 +38,7 @@ class MetricsCSV:
 
     def __init__(self, path: Path):
         self.path = path
-        self.columns: Optional[list[str]] = None
+        self.columns: list[str] | None = None
         if path.exists():
             with path.open() as file:
                 header = file.readline().strip()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Optional
 
 from .options import CheckpointOptions, LoggingOptions
 
@@ -20,7 +19,7 @@ class RunContext:
     rank: int = 0
     world_size: int = 1
     seed: int = 0
-    run_dir: Optional[Path] = None
+    run_dir: Path | None = None
     checkpoint: CheckpointOptions = dataclasses.field(default_factory=CheckpointOptions)
     logging: LoggingOptions = dataclasses.field(default_factory=LoggingOptions)
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from metatomic.torch import NeighborListOptions, System
 
@@ -28,7 +26,7 @@ def make_systems(
     neighbors: NeighborLists,
     positions_grad: bool,
     strain_grad: bool,
-) -> tuple[list[System], list[torch.Tensor], Optional[torch.Tensor]]:
+) -> tuple[list[System], list[torch.Tensor], torch.Tensor | None]:
     """Systems for ``batch``; returns them, the position leaves and the strain leaf.
 
     With ``strain_grad``, positions and cells are multiplied by ``1 + strain``
@@ -48,8 +46,6 @@ def make_systems(
             deform = eye + strain[i]
             pos = pos @ deform
             cell = cell @ deform
-        systems.append(
-            System(types=batch.numbers[i], positions=pos, cell=cell, pbc=batch.pbcs[i])
-        )
+        systems.append(System(types=batch.numbers[i], positions=pos, cell=cell, pbc=batch.pbcs[i]))
     neighbors.add(systems)
     return systems, positions, strain

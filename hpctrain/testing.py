@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -48,7 +48,7 @@ json.dump(results, open(out, "w"))
 
 
 def evaluate_exported(
-    model_path: Path, structures: Path, extensions: Optional[Path] = None, step: float = 1e-4
+    model_path: Path, structures: Path, extensions: Path | None = None, step: float = 1e-4
 ) -> list[dict[str, Any]]:
     """Energies, forces, stress and finite-difference forces from ``model_path``,
     computed by metatomic's ASE calculator in a fresh process."""

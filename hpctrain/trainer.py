@@ -8,7 +8,7 @@ A reference trainer is this class with its own ``__hypers__`` (a
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import torch
 
@@ -26,9 +26,9 @@ class EngineTrainer(TrainerInterface):
 
     def __init__(self, train_hypers: dict[str, Any]):
         self.hypers = parse(self.__hypers__, train_hypers, "architecture.training")
-        self.model: Optional[torch.nn.Module] = None
-        self.engine: Optional[Engine] = None
-        self._state: Optional[dict[str, Any]] = None
+        self.model: torch.nn.Module | None = None
+        self.engine: Engine | None = None
+        self._state: dict[str, Any] | None = None
 
     def train(
         self,
@@ -67,9 +67,7 @@ class EngineTrainer(TrainerInterface):
         checkpoint.save(payload, path)
 
     @classmethod
-    def load_checkpoint(
-        cls, path: Union[str, Path], train_hypers: dict[str, Any]
-    ) -> "EngineTrainer":
+    def load_checkpoint(cls, path: Union[str, Path], train_hypers: dict[str, Any]) -> EngineTrainer:
         data = checkpoint.load(path)
         trainer = cls(train_hypers)
         trainer._state = data.get("trainer_state")

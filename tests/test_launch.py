@@ -293,11 +293,6 @@ def test_non_task_steps_are_a_single_process(step):
     assert detect(table).world_size == 1
 
 
-@pytest.mark.xfail(
-    reason="SLURM_INTERACTIVE_STEP (0xfffffffa = 4294967290, the shell of salloc with "
-    "use_interactive_step) is missing from _NON_TASK_STEPS",
-    strict=True,
-)
 def test_salloc_interactive_step_is_a_single_process():
     # as printed in the shell of ``salloc -n4`` with LaunchParameters=use_interactive_step
     table = {
@@ -445,22 +440,12 @@ def test_invalid_tables_are_launch_errors(table, words):
         detect(table)
 
 
-@pytest.mark.xfail(
-    reason="_torchrun converts LOCAL_WORLD_SIZE and MASTER_PORT with a bare int(): a "
-    "ValueError (traceback) instead of a LaunchError",
-    strict=True,
-)
 @pytest.mark.parametrize("key", ["MASTER_PORT", "LOCAL_WORLD_SIZE"])
 def test_torchrun_non_integer_optional_variables_are_launch_errors(key):
     with pytest.raises(LaunchError, match=key):
         detect(dict(torchrun_table(0, 0), **{key: "abc"}))
 
 
-@pytest.mark.xfail(
-    reason="_slurm converts SLURM_NODEID and MASTER_PORT with a bare int() and indexes "
-    "the tasks-per-node list without a check: ValueError/IndexError, not LaunchError",
-    strict=True,
-)
 @pytest.mark.parametrize(
     "extra",
     [{"SLURM_NODEID": "one"}, {"SLURM_NODEID": "2"}, {"MASTER_PORT": "abc"}],

@@ -80,7 +80,8 @@ MALFORMED = {
     "bad precision": (GOOD + "base_precision: 8\n", "'base_precision'", "one of 16, 32, 64"),
     "bad device": (GOOD + "device: gpu\n", "'device'", "'auto', 'cpu', 'cuda'"),
     "hyper typo": (
-        "architecture: {name: mp_transformer, training: {num_epoch: 3}}\ntraining_set: ethanol.xyz\n",
+        "architecture: {name: mp_transformer, training: {num_epoch: 3}}\n"
+        "training_set: ethanol.xyz\n",
         "unknown key 'architecture.training.num_epoch'",
         "did you mean 'num_epochs'?",
     ),
@@ -95,7 +96,8 @@ MALFORMED = {
         "'architecture.model.num_heads' (4) must divide",
     ),
     "batch size zero": (
-        "architecture: {name: mp_transformer, training: {batch_size: 0}}\ntraining_set: ethanol.xyz\n",
+        "architecture: {name: mp_transformer, training: {batch_size: 0}}\n"
+        "training_set: ethanol.xyz\n",
         "'architecture.training.batch_size'",
         "at least 1",
     ),
@@ -125,13 +127,21 @@ MALFORMED = {
         GOOD + "validation_set: 0.6\ntest_set: 0.5\n",
         "add up to 1.1",
     ),
-    "empty dataset list": ("architecture: mp_transformer\ntraining_set: []\n", "'training_set' in", "empty list"),
+    "empty dataset list": (
+        "architecture: mp_transformer\ntraining_set: []\n",
+        "'training_set' in",
+        "empty list",
+    ),
     "distributed typo": (
         GOOD + "distributed: {timeout: 10}\n",
         "unknown key 'distributed.timeout'",
         "did you mean 'timeout_s'?",
     ),
-    "timeout wrong type": (GOOD + "distributed: {timeout_s: long}\n", "'distributed.timeout_s'", "number"),
+    "timeout wrong type": (
+        GOOD + "distributed: {timeout_s: long}\n",
+        "'distributed.timeout_s'",
+        "number",
+    ),
     "dataset entry typo": (
         "architecture: mp_transformer\ntraining_set: {sytems: ethanol.xyz}\n",
         "unknown key 'training_set.sytems'",

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from conftest import BIN, EXAMPLE_XYZ, clean_env, run
+
 from hpctrain.testing import evaluate_exported, predict_in_memory
 
 pytestmark = pytest.mark.slow
@@ -93,7 +93,17 @@ def test_exported_model_matches_in_memory_model_in_fresh_process(single_run, tmp
 
 def test_mpiexec_and_torchrun_train_the_same_model(workdir, single_run):
     mpi = run(
-        [str(BIN / "mpiexec"), "-n", "2", sys.executable, "-m", "hpctrain", "options.yaml", "-o", "mpi"],
+        [
+            str(BIN / "mpiexec"),
+            "-n",
+            "2",
+            sys.executable,
+            "-m",
+            "hpctrain",
+            "options.yaml",
+            "-o",
+            "mpi",
+        ],
         workdir,
     )
     assert mpi.returncode == 0, mpi.stderr
@@ -122,7 +132,16 @@ def test_continue_from_checkpoint_trains_the_remaining_epochs(workdir, single_ru
     text = OPTIONS.replace("num_epochs: 2", "num_epochs: 3")
     (workdir / "more.yaml").write_text(text)
     result = run(
-        [sys.executable, "-m", "hpctrain", "more.yaml", "-o", "more", "--continue", "single/model.ckpt"],
+        [
+            sys.executable,
+            "-m",
+            "hpctrain",
+            "more.yaml",
+            "-o",
+            "more",
+            "--continue",
+            "single/model.ckpt",
+        ],
         workdir,
     )
     assert result.returncode == 0, result.stderr

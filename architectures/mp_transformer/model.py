@@ -10,7 +10,6 @@ invariant and carry angular (three-body) information. Forces and stress come fro
 autograd, in training and in the exported model alike.
 """
 
-
 import dataclasses
 import math
 from typing import List
@@ -86,7 +85,11 @@ class AttentionLayer(torch.nn.Module):
         # attention with a sink of score 0: weights -> 0 smoothly as smooth -> 0
         shift = torch.zeros(n_atoms, heads, dtype=h.dtype, device=h.device)
         shift = shift.scatter_reduce(
-            0, centers.unsqueeze(1).expand(n_edges, heads), scores.detach(), "amax", include_self=True
+            0,
+            centers.unsqueeze(1).expand(n_edges, heads),
+            scores.detach(),
+            "amax",
+            include_self=True,
         )
         weights = smooth.unsqueeze(1) * torch.exp(scores - shift[centers])
         total = torch.exp(-shift).index_add(0, centers, weights)
@@ -101,7 +104,9 @@ class AttentionLayer(torch.nn.Module):
         v1 = (mean_alpha * v[:, d_model : d_model + a]).unsqueeze(2) * unit.unsqueeze(1)
         outer = unit.unsqueeze(2) * unit.unsqueeze(1)
         eye = torch.eye(3, dtype=h.dtype, device=h.device)
-        v2 = (mean_alpha * v[:, d_model + a :]).unsqueeze(2) * (outer - eye / 3).reshape(n_edges, 1, 9)
+        v2 = (mean_alpha * v[:, d_model + a :]).unsqueeze(2) * (outer - eye / 3).reshape(
+            n_edges, 1, 9
+        )
         message = torch.zeros(n_atoms, d_model, dtype=h.dtype, device=h.device).index_add(
             0, centers, scalar
         )
@@ -127,7 +132,8 @@ class MessagePassingTransformer(ReferenceModel):
         self.neighbor_options = NeighborListOptions(cutoff=self.cutoff, full_list=True, strict=True)
         self.embedding = torch.nn.Embedding(len(self.atomic_types), c.d_model)
         self.register_buffer(
-            "frequencies", math.pi / self.cutoff * torch.arange(1, c.num_radial + 1, dtype=torch.float32)
+            "frequencies",
+            math.pi / self.cutoff * torch.arange(1, c.num_radial + 1, dtype=torch.float32),
         )
         self.layers = torch.nn.ModuleList(
             [
@@ -169,7 +175,9 @@ class MessagePassingTransformer(ReferenceModel):
         distances = torch.linalg.vector_norm(vectors_, dim=1)
         inside = distances < self.cutoff
         smooth = torch.where(
-            inside, 0.5 * (torch.cos(math.pi * distances / self.cutoff) + 1.0), torch.zeros_like(distances)
+            inside,
+            0.5 * (torch.cos(math.pi * distances / self.cutoff) + 1.0),
+            torch.zeros_like(distances),
         )
         safe = torch.where(distances > 1e-6, distances, torch.ones_like(distances))
         radial = torch.sin(self.frequencies * safe.unsqueeze(1)) / safe.unsqueeze(1)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Optional
 
 import torch
 
@@ -32,7 +31,7 @@ class Batch:
         return len(self.numbers)
 
 
-def collate(structures: Sequence[Structure], device: Optional[torch.device] = None) -> Batch:
+def collate(structures: Sequence[Structure], device: torch.device | None = None) -> Batch:
     """Stack structures into a batch on ``device``."""
 
     def cat(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Optional
 
 import numpy as np
 import torch
@@ -76,19 +75,19 @@ class StructureDataset(torch.utils.data.Dataset):
         """Atoms of every structure, without reading them."""
         return np.diff(self.offsets)
 
-    def subset(self, indices: Sequence[int], name: Optional[str] = None) -> "StructureDataset":
+    def subset(self, indices: Sequence[int], name: str | None = None) -> StructureDataset:
         """A new dataset holding the structures at ``indices``, in that order."""
         indices = np.asarray(indices, dtype=np.int64)
         counts = self.n_atoms[indices]
-        atoms = np.concatenate(
-            [np.arange(self.offsets[i], self.offsets[i + 1]) for i in indices]
-        ) if len(indices) else np.zeros(0, dtype=np.int64)
+        atoms = (
+            np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in indices])
+            if len(indices)
+            else np.zeros(0, dtype=np.int64)
+        )
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
         def per_target(arrays: dict[str, np.ndarray], per_atom: dict[str, bool]):
-            return {
-                k: (v[atoms] if per_atom[k] else v[indices]) for k, v in arrays.items()
-            }
+            return {k: (v[atoms] if per_atom[k] else v[indices]) for k, v in arrays.items()}
 
         target_per_atom = {k: t.per_atom for k, t in self.info.targets.items()}
         return StructureDataset(
@@ -156,7 +155,9 @@ def _conversion(unit: str, to: str, key: str, source: str) -> float:
     try:
         return float(unit_conversion_factor(unit, to))
     except Exception as error:  # metatomic raises RuntimeError/ValueError on unknown units
-        raise DataError(f"'{key}' in {source}: cannot convert unit {unit!r} to {to!r}: {error}")
+        raise DataError(
+            f"'{key}' in {source}: cannot convert unit {unit!r} to {to!r}: {error}"
+        ) from None
 
 
 def read_dataset(
@@ -259,7 +260,9 @@ def read_dataset(
     except DataError:
         raise
     except FileNotFoundError:
-        raise DataError(f"{path} does not exist (at '{path_in_options}.systems.read_from')")
+        raise DataError(
+            f"{path} does not exist (at '{path_in_options}.systems.read_from')"
+        ) from None
     except Exception as error:
         raise DataError(
             f"cannot read {path} (at '{path_in_options}.systems.read_from'): {error}"
