@@ -24,8 +24,8 @@ import numpy as np
 import ase.io
 from metatomic_ase import MetatomicCalculator
 
-model, extensions, xyz, out, step = sys.argv[1:6]
-calc = MetatomicCalculator(model, extensions_directory=extensions or None, device="cpu")
+model, extensions, xyz, out, step, device = sys.argv[1:7]
+calc = MetatomicCalculator(model, extensions_directory=extensions or None, device=device)
 results = []
 for atoms in ase.io.read(xyz, ":"):
     atoms.calc = calc
@@ -48,10 +48,14 @@ json.dump(results, open(out, "w"))
 
 
 def evaluate_exported(
-    model_path: Path, structures: Path, extensions: Path | None = None, step: float = 1e-4
+    model_path: Path,
+    structures: Path,
+    extensions: Path | None = None,
+    step: float = 1e-4,
+    device: str = "cpu",
 ) -> list[dict[str, Any]]:
     """Energies, forces, stress and finite-difference forces from ``model_path``,
-    computed by metatomic's ASE calculator in a fresh process."""
+    computed by metatomic's ASE calculator on ``device`` in a fresh process."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "results.json"
         subprocess.run(
@@ -64,6 +68,7 @@ def evaluate_exported(
                 str(structures),
                 str(out),
                 str(step),
+                device,
             ],
             check=True,
             timeout=600,

@@ -32,7 +32,7 @@ import sys
 import typing
 from collections.abc import Iterator
 from types import ModuleType
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 from docutils import nodes
@@ -68,9 +68,7 @@ def format_default(value: Any) -> str:
     if value is _MISSING:
         return "*required*"
     try:
-        text = yaml.safe_dump(
-            value, default_flow_style=True, sort_keys=False, width=2**31
-        ).strip()
+        text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=2**31).strip()
     except yaml.YAMLError:
         text = repr(value)
     if text.endswith("..."):
@@ -118,7 +116,7 @@ def _table(rows: list[tuple[str, str, str, str]]) -> list[str]:
 
 
 def _cells(
-    row: tuple[str, str, Any, str], any_ref: Optional[str], section_ref: Optional[str]
+    row: tuple[str, str, Any, str], any_ref: str | None, section_ref: str | None
 ) -> tuple[str, str, str, str]:
     key, type_name, default, doc = row
     if type_name == "Any" and any_ref:
@@ -134,7 +132,7 @@ def render_options(
     prefix: str = "",
     *,
     sections: bool = False,
-    any_ref: Optional[str] = None,
+    any_ref: str | None = None,
     level: int = 0,
 ) -> str:
     """reStructuredText of every key of ``cls``, from :func:`hpctrain.config.describe`.
@@ -153,9 +151,7 @@ def render_options(
     }
     depth = prefix.count(".") + 1 if prefix else 0
     top = [r for r in rows if r[0].count(".") == depth]
-    lines = _table(
-        [_cells(r, any_ref, label_of(r[0]) if r[0] in nested else None) for r in top]
-    )
+    lines = _table([_cells(r, any_ref, label_of(r[0]) if r[0] in nested else None) for r in top])
     for key, section in nested.items():
         lines += [f".. _{label_of(key)}:", ""]
         lines += title(f"``{key}``", level)
@@ -240,7 +236,7 @@ def _columns(width: int) -> Iterator[None]:
             os.environ["COLUMNS"] = old
 
 
-def cli_help(command: Optional[str] = None, width: int = 88) -> str:
+def cli_help(command: str | None = None, width: int = 88) -> str:
     """The ``--help`` text of ``hpctrain`` or of one of its commands."""
     from hpctrain.cli import parser
 
@@ -253,7 +249,7 @@ def cli_help(command: Optional[str] = None, width: int = 88) -> str:
         return target.format_help()
 
 
-def _dataclasses_of(tp: Any, seen: Optional[set] = None) -> set:
+def _dataclasses_of(tp: Any, seen: set | None = None) -> set:
     """``tp`` and every dataclass it inherits from or nests, for rebuild dependencies."""
     seen = set() if seen is None else seen
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
