@@ -221,25 +221,7 @@ class Engine:
     def predict(
         self, batch: Batch, network: torch.nn.Module, create_graph: bool
     ) -> dict[str, torch.Tensor]:
-        """Energies, and forces/stress by autograd where the batch has them."""
-        forces = bool(batch.forces)
-        stress = bool(batch.stress)
-        systems, positions, strain = make_systems(batch, self.neighbors, forces, stress)
-        energies = network(systems)
-        results = dict(energies)
-        inputs = (positions if forces else []) + ([strain] if stress else [])
-        for name, energy in energies.items():
-            if not (forces and name in batch.forces) and not (stress and name in batch.stress):
-                continue
-            grads = torch.autograd.grad(
-                energy.sum(), inputs, create_graph=create_graph, retain_graph=True
-            )
-            if forces:
-                results[f"{name}/forces"] = -torch.cat(grads[: len(positions)])
-            if stress:
-                volumes = torch.stack([torch.det(c).abs() for c in batch.cells])
-                results[f"{name}/stress"] = grads[-1] / volumes[:, None, None]
-        return results
+        return predict(batch, network, self.neighbors, create_graph)
 
     def train(self) -> None:
         ctx = self.context
@@ -279,7 +261,7 @@ class Engine:
                     "step": self.progress.step,
                     "learning_rate": self.optimizer.param_groups[0]["lr"],
                     "train_loss": train_loss,
-                    **metrics,
+                    **{f"val {k}": v for k, v in metrics.items()},
                     "epoch_time_s": elapsed,
                 }
                 self.log.info(_format_row(row, hp.num_epochs, len(self.train_set) / elapsed))
@@ -301,41 +283,18 @@ class Engine:
         for path in old[: max(0, len(old) - keep)]:
             path.unlink()
 
-    @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """RMSE and MAE per target over all validation sets, exact across ranks."""
         self.model.eval()
-        ctx = self.context
-        sums: dict[str, torch.Tensor] = {}
-        for dataset in self.val_sets:
-            indices = shard_for_rank(len(dataset), ctx.rank, ctx.world_size)
-            size = max(1, self.hypers.batch_size // ctx.world_size)
-            for i in range(0, len(indices), size):
-                batch = collate([dataset[int(j)] for j in indices[i : i + size]], self.device)
-                with torch.enable_grad():
-                    predictions = self.predict(batch, self.model_forward, create_graph=False)
-                for key, value in predictions.items():
-                    reference = _reference(batch, key)
-                    if key in self.targets:
-                        value, reference = value / batch.n_atoms, reference / batch.n_atoms
-                    error = (value.detach() - reference).double()
-                    acc = sums.setdefault(
-                        key, torch.zeros(3, dtype=torch.float64, device=self.device)
-                    )
-                    acc += torch.stack(
-                        [
-                            (error**2).sum(),
-                            error.abs().sum(),
-                            torch.tensor(error.numel(), device=self.device, dtype=torch.float64),
-                        ]
-                    )
-        metrics = {}
-        for key in sorted(sums):
-            total = launch.all_reduce_sum(sums[key])
-            label = f"{key} per atom" if key in self.targets else key
-            metrics[f"val {label} RMSE"] = math.sqrt(total[0].item() / total[2].item())
-            metrics[f"val {label} MAE"] = total[1].item() / total[2].item()
-        return metrics
+        size = max(1, self.hypers.batch_size // self.context.world_size)
+        return evaluate(
+            lambda batch: self.predict(batch, self.model_forward, create_graph=False),
+            self.val_sets,
+            self.targets,
+            size,
+            self.device,
+            self.context,
+        )
 
     def model_forward(self, systems):
         return _EnergyModule.run(self.model, self.outputs, systems)
@@ -372,6 +331,102 @@ class _EnergyModule(torch.nn.Module):
         return self.run(self.model, self.outputs, systems)
 
 
+def predict(
+    batch: Batch, network: Callable, neighbors: NeighborLists, create_graph: bool
+) -> dict[str, torch.Tensor]:
+    """Energies from ``network(systems)``, and forces/stress by autograd where the
+    batch has reference values for them."""
+    forces = bool(batch.forces)
+    stress = bool(batch.stress)
+    systems, positions, strain = make_systems(batch, neighbors, forces, stress)
+    energies = network(systems)
+    results = dict(energies)
+    inputs = (positions if forces else []) + ([strain] if stress else [])
+    for name, energy in energies.items():
+        if name not in batch.forces and name not in batch.stress:
+            continue
+        grads = torch.autograd.grad(
+            energy.sum(), inputs, create_graph=create_graph, retain_graph=True
+        )
+        if name in batch.forces:
+            results[f"{name}/forces"] = -torch.cat(grads[: len(positions)])
+        if name in batch.stress:
+            volumes = torch.stack([torch.det(c).abs() for c in batch.cells])
+            results[f"{name}/stress"] = grads[-1] / volumes[:, None, None]
+    return results
+
+
+@torch.no_grad()
+def evaluate(
+    predict_batch: Callable[[Batch], dict[str, torch.Tensor]],
+    datasets: Sequence[StructureDataset],
+    targets: dict[str, Any],
+    batch_size: int,
+    device: torch.device,
+    ctx: run.RunContext,
+) -> dict[str, float]:
+    """RMSE and MAE of every prediction over ``datasets``; each structure is seen by
+    exactly one rank and the sums are all-reduced, so the metrics are exact."""
+    sums: dict[str, torch.Tensor] = {}
+    for dataset in datasets:
+        indices = shard_for_rank(len(dataset), ctx.rank, ctx.world_size)
+        for i in range(0, len(indices), batch_size):
+            batch = collate([dataset[int(j)] for j in indices[i : i + batch_size]], device)
+            with torch.enable_grad():
+                predictions = predict_batch(batch)
+            for key, value in predictions.items():
+                reference = _reference(batch, key)
+                if key in targets:
+                    value, reference = value / batch.n_atoms, reference / batch.n_atoms
+                error = (value.detach() - reference).double().reshape(-1)
+                acc = sums.setdefault(key, torch.zeros(3, dtype=torch.float64, device=device))
+                acc[0] += (error**2).sum()
+                acc[1] += error.abs().sum()
+                acc[2] += error.numel()
+    # a rank may have had no structure at all: agree on the keys first
+    keys = sorted(set().union(*launch.all_gather_object(sorted(sums))))
+    metrics = {}
+    for key in keys:
+        total = sums.get(key, torch.zeros(3, dtype=torch.float64, device=device))
+        launch.all_reduce_sum(total)
+        label = metric_label(key, targets)
+        metrics[label.format("RMSE")] = math.sqrt(total[0].item() / total[2].item())
+        metrics[label.format("MAE")] = total[1].item() / total[2].item()
+    return metrics
+
+
+def metric_label(key: str, targets: dict[str, Any]) -> str:
+    """``energy {} [eV/atom]``, ``energy/forces {} [eV/A]``, ... with units."""
+    name, _, gradient = key.partition("/")
+    unit = targets[name].unit
+    suffix = {"": "/atom", "forces": "/A", "stress": "/A^3"}[gradient]
+    return f"{key} {{}} [{unit}{suffix}]"
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    targets: dict[str, Any],
+    datasets: Sequence[StructureDataset],
+    device: torch.device,
+    batch_size: int = 16,
+) -> dict[str, float]:
+    """Metrics of any model following metatomic's model interface on ``datasets``
+    (e.g. the test set after training), distributed over the ranks."""
+    model = model.to(device).eval()
+    outputs = {name: ModelOutput(unit=t.unit, sample_kind="system") for name, t in targets.items()}
+    neighbors = NeighborLists(model.requested_neighbor_lists())
+    return evaluate(
+        lambda batch: predict(
+            batch, lambda systems: _EnergyModule.run(model, outputs, systems), neighbors, False
+        ),
+        datasets,
+        targets,
+        batch_size,
+        device,
+        run.current(),
+    )
+
+
 def _reference(batch: Batch, key: str) -> torch.Tensor:
     if key.endswith("/forces"):
         return batch.forces[key[: -len("/forces")]]
@@ -383,8 +438,9 @@ def _reference(batch: Batch, key: str) -> torch.Tensor:
 def _format_row(row: dict[str, float], num_epochs: int, rate: float) -> str:
     parts = [f"epoch {row['epoch']:>4}/{num_epochs}", f"loss {row['train_loss']:.4g}"]
     for key, value in row.items():
-        if key.startswith("val ") and key.endswith("RMSE"):
-            parts.append(f"{key[4:]} {value:.4g}")
+        if key.startswith("val ") and " RMSE [" in key:
+            label, unit = key[4:].split(" RMSE [")
+            parts.append(f"{label} RMSE {value:.4g} {unit[:-1]}")
     parts.append(f"lr {row['learning_rate']:.3g}")
     parts.append(f"{row['epoch_time_s']:.2f} s ({rate:.0f} structures/s)")
     return "  ".join(parts)

@@ -7,6 +7,7 @@ rank 0 alone writes files and exports.
 from __future__ import annotations
 
 import datetime
+import json
 import random
 import sys
 import time
@@ -19,6 +20,7 @@ import torch
 from . import __version__, launch, run
 from .architecture import Architecture, DatasetInfo, choose_device_type, choose_dtype, resolve
 from .data import StructureDataset, read_dataset, split_indices
+from .engine import evaluate_model
 from .errors import DataError, OptionsError
 from .options import Options, load_options, write_resolved
 from .report import get_logger, setup_logging
@@ -201,6 +203,8 @@ def train(
             val_datasets=val_sets,
             checkpoint_dir=str(run_dir),
         )
+        if test_sets:
+            report_test_metrics(model, info, test_sets, device, run_dir, env.is_main)
         if env.is_main:
             save_final_checkpoint(trainer, model, run_dir / "model.ckpt")
             export_model(model, run_dir)
@@ -224,6 +228,26 @@ def build(
         model = Model(architecture.model_hypers, info)
         trainer = Trainer(architecture.training_hypers)
     return model, trainer
+
+
+def report_test_metrics(
+    model: Any,
+    info: DatasetInfo,
+    test_sets: list[StructureDataset],
+    device: torch.device,
+    run_dir: Path,
+    is_main: bool,
+) -> None:
+    """Errors on the test set after training, logged and written to
+    ``test_metrics.json``. Needs a model following metatomic's model interface."""
+    log = get_logger()
+    if not (isinstance(model, torch.nn.Module) and hasattr(model, "requested_neighbor_lists")):
+        log.info("test set: this model is no metatomic torch module; evaluate model.pt instead")
+        return
+    metrics = evaluate_model(model, info.targets, test_sets, device)
+    log.info("test set: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if "RMSE" in k))
+    if is_main:
+        (run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
 
 def save_final_checkpoint(trainer: Any, model: Any, path: Path) -> None:

@@ -1,10 +1,11 @@
 """The one place that reads the launcher's environment, and owns the process group.
 
 Detects, in this order: torchrun (``TORCHELASTIC_RUN_ID`` or ``RANK``/``WORLD_SIZE``),
-an MPI launcher (``PMI_RANK``, ``OMPI_COMM_WORLD_RANK``, ``PMIX_RANK``; mpi4py
-then gives local rank and the rendezvous address), a SLURM job step started by
-``srun`` (``SLURM_STEP_ID``; the batch shell of ``sbatch`` has ``SLURM_PROCID`` but
-no step and is *not* a task), else a single process. Nothing else in hpctrain reads
+an MPI launcher (``PMI_RANK``, ``OMPI_COMM_WORLD_RANK``, ``PMIX_RANK``,
+``MV2_COMM_WORLD_RANK``; mpi4py then gives local rank and the rendezvous address),
+a SLURM job step started by ``srun`` (``SLURM_STEP_ID``; the batch shell of
+``sbatch`` has ``SLURM_PROCID`` but no step and is *not* a task), else a single
+process. Nothing else in hpctrain reads
 these variables.
 """
 
@@ -202,7 +203,10 @@ def _mpi(environ: Mapping[str, str]) -> LaunchEnv:
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
     address = port = None
     if comm.rank == 0:
-        address = environ.get("MASTER_ADDR") or _own_address()
+        # one node: loopback always works; several: the peers resolve rank 0's name
+        # (gethostbyname(hostname) can give 127.0.1.1 on Debian-style hosts)
+        multi_node = local.size < comm.size
+        address = environ.get("MASTER_ADDR") or (socket.getfqdn() if multi_node else "127.0.0.1")
         port = int(environ.get("MASTER_PORT") or _free_port())
     address, port = comm.bcast((address, port), root=0)
     env = LaunchEnv(
@@ -222,14 +226,6 @@ def _mpi(environ: Mapping[str, str]) -> LaunchEnv:
     return env
 
 
-def _own_address() -> str:
-    hostname = socket.gethostname()
-    try:
-        return socket.gethostbyname(hostname)
-    except OSError:
-        return "127.0.0.1"
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("", 0))
@@ -239,14 +235,29 @@ def _free_port() -> int:
 MPI_RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
 
 
+MPI_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def _srun_task(environ: Mapping[str, str]) -> bool:
+    step = environ.get("SLURM_STEP_ID")
+    return step is not None and step not in _NON_TASK_STEPS and "SLURM_PROCID" in environ
+
+
 def launcher_of(environ: Mapping[str, str]) -> str:
-    """Which launcher started this process: 'torchrun', 'mpi', 'slurm' or 'single'."""
+    """Which launcher started this process: 'torchrun', 'mpi', 'slurm' or 'single'.
+
+    ``srun --mpi=pmi2|pmix`` sets MPI variables too; when they agree with SLURM's
+    task numbering, the task is treated as a SLURM task (no MPI start-up needed).
+    """
     if "TORCHELASTIC_RUN_ID" in environ or ("RANK" in environ and "WORLD_SIZE" in environ):
         return "torchrun"
-    if any(v in environ for v in MPI_RANK_VARIABLES):
-        return "mpi"
-    step = environ.get("SLURM_STEP_ID")
-    if step is not None and step not in _NON_TASK_STEPS and "SLURM_PROCID" in environ:
+    mpi_rank = next((environ[v] for v in MPI_RANK_VARIABLES if v in environ), None)
+    if mpi_rank is not None:
+        mpi_size = next((environ[v] for v in MPI_SIZE_VARIABLES if v in environ), None)
+        same_numbering = _srun_task(environ) and mpi_rank == environ["SLURM_PROCID"]
+        same_size = mpi_size is None or mpi_size == environ.get("SLURM_NTASKS")
+        return "slurm" if same_numbering and same_size else "mpi"
+    if _srun_task(environ):
         return "slurm"
     return "single"
 
@@ -286,8 +297,11 @@ def threads_per_rank(env: LaunchEnv, requested: int | None = None) -> int:
         return requested
     if env.cpus_per_task:
         return env.cpus_per_task
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // max(1, env.local_world_size))
+    total = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else total
+    if env.launcher == "slurm" and cores < total:
+        return cores  # srun bound this task to its own cores
+    return max(1, cores // max(1, env.local_world_size))
 
 
 def device_for(env: LaunchEnv, device_type: str) -> torch.device:

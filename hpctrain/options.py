@@ -155,7 +155,9 @@ class LoggingOptions:
 
 @dataclasses.dataclass
 class SlurmOptions:
-    """Resources for ``hpctrain submit``; flags given on its command line win."""
+    """Resources of SLURM jobs sent by ``hpctrain submit`` (where its command-line
+    flags win). ``hpctrain train`` ignores this section: inside a job, ranks and
+    devices come from the launcher."""
 
     partition: str | None = option(None, doc="SLURM partition.")
     account: str | None = option(None, doc="SLURM account to charge.")

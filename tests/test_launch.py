@@ -715,3 +715,31 @@ def test_two_process_gloo_group(tmp_path):
         assert out["gathered"] == [0, 100]
         assert out["still_initialized"] is True
         assert out["after_close"] is False
+
+
+def test_srun_with_an_mpi_plugin_is_a_slurm_task():
+    """`srun --mpi=pmi2` also sets PMI variables; numbering that agrees with SLURM's
+    means a plain srun task, not an mpiexec rank."""
+    table = {
+        "SLURM_JOB_ID": "77",
+        "SLURM_STEP_ID": "0",
+        "SLURM_PROCID": "1",
+        "SLURM_LOCALID": "1",
+        "SLURM_NTASKS": "2",
+        "PMI_RANK": "1",
+        "PMI_SIZE": "2",
+    }
+    assert launch.launcher_of(table) == "slurm"
+    # mpiexec (hydra) inside an allocation: proxies are srun tasks numbered by node
+    hydra = {**table, "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "PMI_RANK": "3", "PMI_SIZE": "4"}
+    assert launch.launcher_of(hydra) == "mpi"
+
+
+def test_threads_of_a_bound_srun_task_are_its_own_cores(monkeypatch):
+    monkeypatch.setattr(launch.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(launch.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    bound = launch.LaunchEnv(launcher="slurm", world_size=8, local_world_size=8, rank=0)
+    assert launch.threads_per_rank(bound) == 8
+    # torchrun processes share their task's cores
+    shared = launch.LaunchEnv(launcher="torchrun", world_size=4, local_world_size=4, rank=0)
+    assert launch.threads_per_rank(shared) == 2

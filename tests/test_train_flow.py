@@ -1,5 +1,6 @@
 """The real flow end to end: one process, mpiexec and torchrun, export, continue."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -33,6 +34,7 @@ distributed: {timeout_s: 60}
 """
 
 FILES = {"options.resolved.yaml", "train.log", "metrics.csv", "model.ckpt", "model.pt"}
+RUN_FILES = FILES | {"test_metrics.json", "extensions"}
 
 
 def weights(run_dir):
@@ -58,8 +60,16 @@ def single_run(workdir):
 def test_single_process_writes_every_output(single_run):
     run_dir, result = single_run
     names = {p.name for p in run_dir.iterdir()}
-    assert FILES <= names, names
-    assert "extensions" in names
+    # epoch checkpoints are removed when keep_last is exceeded; nothing else appears
+    assert names - {"epoch-1.ckpt"} == RUN_FILES, names
+    test = json.loads((run_dir / "test_metrics.json").read_text())
+    assert set(test) == {
+        "energy RMSE [eV/atom]",
+        "energy MAE [eV/atom]",
+        "energy/forces RMSE [eV/A]",
+        "energy/forces MAE [eV/A]",
+    }
+    assert 0 < test["energy/forces MAE [eV/A]"] <= test["energy/forces RMSE [eV/A]"]
     resolved = yaml.safe_load((run_dir / "options.resolved.yaml").read_text())
     assert resolved["seed"] == 1234
     assert resolved["architecture"]["model"]["d_model"] == 16
@@ -118,7 +128,7 @@ def test_mpiexec_and_torchrun_train_the_same_model(workdir, single_run):
     for result, name in ((mpi, "mpi"), (torchrun, "torchrun")):
         # rank 0 alone reports: each epoch line printed once
         assert result.stdout.count("epoch    1/2") == 1, result.stdout
-        assert FILES <= {p.name for p in (workdir / name).iterdir()}
+        assert {p.name for p in (workdir / name).iterdir()} - {"epoch-1.ckpt"} == RUN_FILES
     a, b = weights(workdir / "mpi"), weights(workdir / "torchrun")
     for key in a:
         assert torch.equal(a[key], b[key]), key
