@@ -24,7 +24,7 @@ from metatomic.torch import ModelOutput
 from . import launch, run
 from .config import option
 from .data.batch import Batch, collate
-from .data.dataset import StructureDataset
+from .data.dataset import AtomisticDataset
 from .data.sampler import DistributedBatchSampler, shard_for_rank
 from .report import MetricsCSV, get_logger
 from .systems import NeighborLists, make_systems
@@ -67,7 +67,7 @@ class TrainingHypers:
 class ConcatDataset:
     """Several datasets with the same targets, indexed as one."""
 
-    def __init__(self, datasets: Sequence[StructureDataset]):
+    def __init__(self, datasets: Sequence[AtomisticDataset]):
         self.datasets = list(datasets)
         self.starts = np.cumsum([0] + [len(d) for d in self.datasets])
 
@@ -83,14 +83,10 @@ class ConcatDataset:
         return np.concatenate([d.n_atoms for d in self.datasets])
 
 
-def _check_same_targets(datasets: Sequence[StructureDataset], what: str) -> None:
+def _check_same_targets(datasets: Sequence[AtomisticDataset], what: str) -> None:
     first = datasets[0]
     for other in datasets[1:]:
-        if (set(other.targets), set(other.forces), set(other.stress)) != (
-            set(first.targets),
-            set(first.forces),
-            set(first.stress),
-        ):
+        if other.info.targets != first.info.targets:
             from .errors import DataError
 
             raise DataError(
@@ -117,8 +113,8 @@ class Engine:
         hypers: TrainingHypers,
         model: torch.nn.Module,
         device: torch.device,
-        train_datasets: Sequence[StructureDataset],
-        val_datasets: Sequence[StructureDataset],
+        train_datasets: Sequence[AtomisticDataset],
+        val_datasets: Sequence[AtomisticDataset],
         checkpoint_dir: Path,
         save_checkpoint: Callable[[Path], None],
         state: dict[str, Any] | None = None,
@@ -139,8 +135,6 @@ class Engine:
         self.outputs = {
             name: ModelOutput(unit=t.unit, sample_kind="system") for name, t in self.targets.items()
         }
-        self.need_forces = any(n in train_datasets[0].forces for n in self.targets)
-        self.need_stress = any(n in train_datasets[0].stress for n in self.targets)
         self.sampler = DistributedBatchSampler(
             len(self.train_set),
             hypers.batch_size,
@@ -359,7 +353,7 @@ def predict(
 @torch.no_grad()
 def evaluate(
     predict_batch: Callable[[Batch], dict[str, torch.Tensor]],
-    datasets: Sequence[StructureDataset],
+    datasets: Sequence[AtomisticDataset],
     targets: dict[str, Any],
     batch_size: int,
     device: torch.device,
@@ -406,7 +400,7 @@ def metric_label(key: str, targets: dict[str, Any]) -> str:
 def evaluate_model(
     model: torch.nn.Module,
     targets: dict[str, Any],
-    datasets: Sequence[StructureDataset],
+    datasets: Sequence[AtomisticDataset],
     device: torch.device,
     batch_size: int = 16,
 ) -> dict[str, float]:

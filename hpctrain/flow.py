@@ -19,7 +19,7 @@ import torch
 
 from . import __version__, launch, run
 from .architecture import Architecture, DatasetInfo, choose_device_type, choose_dtype, resolve
-from .data import StructureDataset, read_dataset, split_indices
+from .data import AtomisticDataset, read_dataset, split_indices
 from .engine import evaluate_model
 from .errors import DataError, OptionsError
 from .options import Options, load_options, write_resolved
@@ -48,7 +48,7 @@ def seed_everything(seed: int) -> None:
 
 def load_datasets(
     options: Options, dtype: torch.dtype, source: str
-) -> tuple[list[StructureDataset], list[StructureDataset], list[StructureDataset]]:
+) -> tuple[list[AtomisticDataset], list[AtomisticDataset], list[AtomisticDataset]]:
     """Training, validation and test datasets; fractions split from the training set."""
     train = [
         read_dataset(
@@ -59,7 +59,7 @@ def load_datasets(
         )
         for i, d in enumerate(options.training_set)
     ]
-    sets: dict[str, list[StructureDataset]] = {}
+    sets: dict[str, list[AtomisticDataset]] = {}
     fractions = []
     for key in ("validation_set", "test_set"):
         value = getattr(options, key)
@@ -94,7 +94,7 @@ def load_datasets(
     return train, sets["validation_set"], sets.get("test_set", [])
 
 
-def dataset_info_of(datasets: list[StructureDataset]) -> DatasetInfo:
+def dataset_info_of(datasets: list[AtomisticDataset]) -> DatasetInfo:
     info = datasets[0].info
     for dataset in datasets[1:]:
         info = info.union(dataset.info)
@@ -233,7 +233,7 @@ def build(
 def report_test_metrics(
     model: Any,
     info: DatasetInfo,
-    test_sets: list[StructureDataset],
+    test_sets: list[AtomisticDataset],
     device: torch.device,
     run_dir: Path,
     is_main: bool,

@@ -38,8 +38,59 @@ class Structure:
     stress: dict[str, torch.Tensor]
 
 
-class StructureDataset(torch.utils.data.Dataset):
-    """A map-style dataset over columnar arrays (ragged per-atom data by offsets)."""
+class AtomisticDataset(torch.utils.data.Dataset):
+    """A map-style dataset of structures: ``len``, ``dataset[i] -> Structure``.
+
+    Every dataset hpctrain hands to ``Trainer.train`` is one of these. Besides the
+    structures it knows ``info`` (types, targets and units), ``name`` (its source,
+    for messages), ``dtype`` (of the tensors it returns) and ``n_atoms`` (atoms of
+    every structure, without reading them).
+    """
+
+    info: DatasetInfo
+    name: str
+    dtype: torch.dtype
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> Structure:
+        raise NotImplementedError
+
+    @property
+    def n_atoms(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def subset(self, indices: Sequence[int], name: str | None = None) -> Subset:
+        """The structures at ``indices``, in that order, read lazily from this one."""
+        return Subset(self, indices, name)
+
+
+class Subset(AtomisticDataset):
+    """Some structures of another dataset (a split), read lazily through it."""
+
+    def __init__(self, dataset: AtomisticDataset, indices: Sequence[int], name: str | None):
+        self.dataset = dataset
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.info = dataset.info
+        self.name = name or dataset.name
+        self.dtype = dataset.dtype
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Structure:
+        if not 0 <= index < len(self.indices):
+            raise IndexError(f"structure {index} of a dataset of {len(self)}")
+        return self.dataset[int(self.indices[index])]
+
+    @property
+    def n_atoms(self) -> np.ndarray:
+        return self.dataset.n_atoms[self.indices]
+
+
+class StructureDataset(AtomisticDataset):
+    """Structures held in memory as columnar arrays (ragged per-atom data by offsets)."""
 
     def __init__(
         self,
@@ -72,37 +123,7 @@ class StructureDataset(torch.utils.data.Dataset):
 
     @property
     def n_atoms(self) -> np.ndarray:
-        """Atoms of every structure, without reading them."""
         return np.diff(self.offsets)
-
-    def subset(self, indices: Sequence[int], name: str | None = None) -> StructureDataset:
-        """A new dataset holding the structures at ``indices``, in that order."""
-        indices = np.asarray(indices, dtype=np.int64)
-        counts = self.n_atoms[indices]
-        atoms = (
-            np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in indices])
-            if len(indices)
-            else np.zeros(0, dtype=np.int64)
-        )
-        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-
-        def per_target(arrays: dict[str, np.ndarray], per_atom: dict[str, bool]):
-            return {k: (v[atoms] if per_atom[k] else v[indices]) for k, v in arrays.items()}
-
-        target_per_atom = {k: t.per_atom for k, t in self.info.targets.items()}
-        return StructureDataset(
-            numbers=self.numbers[atoms],
-            positions=self.positions[atoms],
-            offsets=offsets,
-            cells=self.cells[indices],
-            pbcs=self.pbcs[indices],
-            targets=per_target(self.targets, target_per_atom),
-            forces={k: v[atoms] for k, v in self.forces.items()},
-            stress={k: v[indices] for k, v in self.stress.items()},
-            info=self.info,
-            name=name or self.name,
-            dtype=self.dtype,
-        )
 
     def __getitem__(self, index: int) -> Structure:
         if not 0 <= index < len(self):
