@@ -232,6 +232,7 @@ class Engine:
             self.model.train()
             self.sampler.set_epoch(epoch)
             loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+            steps = 0
             for step in self.sampler:
                 batch = collate([self.train_set[int(i)] for i in step.local], self.device)
                 loss, _ = self.compute_loss(
@@ -243,8 +244,9 @@ class Engine:
                 self.scheduler.step()
                 self.progress.step += 1
                 loss_sum += loss.detach().double()
+                steps += 1
             launch.all_reduce_sum(loss_sum)
-            train_loss = loss_sum.item() / ctx.world_size / self.steps_per_epoch
+            train_loss = loss_sum.item() / ctx.world_size / max(1, steps)
             self.progress.epoch = epoch + 1
             elapsed = time.perf_counter() - start
             last = epoch + 1 == hp.num_epochs
@@ -300,12 +302,15 @@ class Engine:
             "progress": dataclasses.asdict(self.progress),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.progress = Progress(**state["progress"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if "sampler" in state:
+            self.sampler.load_state_dict(state["sampler"])
 
 
 class _EnergyModule(torch.nn.Module):

@@ -1,18 +1,26 @@
 """Which structures each rank sees, and in what order.
 
-The order of an epoch is a pure function of ``(seed, epoch)``. A step consumes one
-*global* batch of ``batch_size`` structures, split between the ranks; so the same
-options train the same model at any world size (up to floating-point summation
-order). No training structure is duplicated or dropped: a last global batch
-too small to give every rank a structure is merged into the one before it.
+The order of an epoch is a pure function of ``(seed, epoch)``, with read locality:
+blocks of consecutive structures are shuffled, then structures are shuffled inside
+a bounded window of blocks, so a reader touches few places of a shard at a time.
+
+A step consumes one *global* batch of ``batch_size`` structures, split between the
+ranks, so the same options train the same model at any world size (up to
+floating-point summation order). No training structure is duplicated or dropped:
+a last global batch too small to give every rank a structure is merged into the one
+before it. The sampler's state is the number of structures of the epoch already
+consumed, so a run resumes mid-epoch exactly, at the same or at another world size.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
+
+from ..errors import CheckpointError, DataError, OptionsError
 
 
 def _generator(seed: int, *salt: int) -> np.random.Generator:
@@ -35,6 +43,23 @@ def split_indices(n: int, fractions: list[float], seed: int) -> list[np.ndarray]
     return parts
 
 
+def local_order(n_samples: int, seed: int, epoch: int, block: int, window: int) -> np.ndarray:
+    """A permutation of ``range(n_samples)`` with read locality.
+
+    Blocks of ``block`` consecutive indices are put in a random order, then indices are
+    shuffled within consecutive windows of ``window`` blocks: any ``window * block``
+    consecutive positions of the result come from at most ``window + 1`` blocks.
+    """
+    rng = _generator(seed, epoch)
+    starts = np.arange(0, n_samples, block)
+    rng.shuffle(starts)
+    order = np.concatenate([np.arange(s, min(s + block, n_samples)) for s in starts])
+    span = block * window
+    for i in range(0, n_samples, span):
+        rng.shuffle(order[i : i + span])
+    return order
+
+
 @dataclasses.dataclass(frozen=True)
 class StepIndices:
     """The structures of one step: this rank's share, and the whole global batch."""
@@ -48,6 +73,8 @@ class DistributedBatchSampler:
 
     :param n_samples: structures in the (concatenated) training set
     :param batch_size: structures per optimizer step, summed over all ranks
+    :param block: consecutive structures kept together by the shuffle
+    :param window: blocks mixed together by the shuffle
     """
 
     def __init__(
@@ -58,16 +85,19 @@ class DistributedBatchSampler:
         world_size: int,
         seed: int,
         shuffle: bool = True,
+        block: int = 64,
+        window: int = 16,
     ):
         if n_samples < world_size:
-            raise ValueError(
+            raise DataError(
                 f"the training set has {n_samples} structures, fewer than the "
                 f"{world_size} ranks; use fewer ranks or more data"
             )
         if batch_size < world_size:
-            raise ValueError(
-                f"batch_size {batch_size} is smaller than the {world_size} ranks; every "
-                "rank needs at least one structure per step (batch_size is global)"
+            raise OptionsError(
+                f"'architecture.training.batch_size' {batch_size} is smaller than the "
+                f"{world_size} ranks; every rank needs at least one structure per step "
+                "(batch_size is the global batch)"
             )
         self.n_samples = n_samples
         self.batch_size = batch_size
@@ -75,30 +105,66 @@ class DistributedBatchSampler:
         self.world_size = world_size
         self.seed = seed
         self.shuffle = shuffle
+        self.block = block
+        self.window = window
         self.epoch = 0
+        self.consumed = 0  # structures of this epoch already handed out (all ranks)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        """Start ``epoch`` from its beginning, unless it is the one being resumed."""
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.consumed = 0
 
     def order(self) -> np.ndarray:
         """The epoch's order of all structures, the same on every rank."""
         if not self.shuffle:
             return np.arange(self.n_samples)
-        return _generator(self.seed, self.epoch).permutation(self.n_samples)
+        return local_order(self.n_samples, self.seed, self.epoch, self.block, self.window)
 
-    def global_batches(self) -> list[np.ndarray]:
-        order = self.order()
-        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+    def global_batches(self, start: int = 0) -> list[np.ndarray]:
+        """The global batches of the epoch from structure ``start`` of its order on."""
+        order = self.order()[start:]
+        size = self.batch_size
+        batches = [order[i : i + size] for i in range(0, len(order), size)]
         if len(batches) > 1 and len(batches[-1]) < self.world_size:
             batches[-2:] = [np.concatenate(batches[-2:])]
         return batches
 
     def __len__(self) -> int:
+        """Steps in a whole epoch."""
         return len(self.global_batches())
 
+    def remaining_steps(self) -> int:
+        return len(self.global_batches(self.consumed)) if self.consumed < self.n_samples else 0
+
     def __iter__(self) -> Iterator[StepIndices]:
-        for batch in self.global_batches():
+        """The rest of the epoch; ``consumed`` counts each batch as it is handed out."""
+        for batch in self.global_batches(self.consumed):
+            self.consumed += len(batch)
             yield StepIndices(local=batch[self.rank :: self.world_size], global_=batch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "consumed": self.consumed,
+            "seed": self.seed,
+            "n_samples": self.n_samples,
+            "batch_size": self.batch_size,
+            "block": self.block,
+            "window": self.window,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue where ``state`` stopped; the world size may differ."""
+        for key in ("seed", "n_samples", "batch_size", "block", "window"):
+            if state[key] != getattr(self, key):
+                raise CheckpointError(
+                    f"cannot resume the data order: the checkpoint has {key}={state[key]}, "
+                    f"this run has {getattr(self, key)} (the training set or options changed)"
+                )
+        self.epoch = state["epoch"]
+        self.consumed = state["consumed"]
 
 
 def shard_for_rank(n_samples: int, rank: int, world_size: int) -> np.ndarray:
