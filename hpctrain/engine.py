@@ -10,24 +10,29 @@ composition baseline and rank-0 reporting. Variants override small hooks
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Optional
 
 import numpy as np
 import torch
 from metatomic.torch import ModelOutput
 
 from . import launch, run
+from .composition import fit_composition
 from .config import option
 from .data.batch import Batch, collate
 from .data.dataset import AtomisticDataset
-from .data.sampler import DistributedBatchSampler, shard_for_rank
+from .data.sampler import DistributedBatchSampler
+from .errors import DataError, OptionsError
+from .evaluation import EnergyModule, evaluate, predict
+from .optim import ExponentialMovingAverage, LearningRate
 from .report import MetricsCSV, get_logger
-from .systems import NeighborLists, make_systems
+from .systems import NeighborLists
 
 
 @dataclasses.dataclass
@@ -42,8 +47,33 @@ class TrainingHypers:
     )
     learning_rate: float = option(1e-3, doc="Peak learning rate of Adam.")
     warmup_epochs: float = option(0.0, doc="Epochs of linear learning-rate warm-up from zero.")
+    scheduler: Literal["cosine", "plateau", "constant"] = option(
+        "cosine",
+        doc="After warm-up: ``cosine`` decay to ``min_lr_ratio`` at the last step, "
+        "``plateau`` halving after ``plateau_patience`` validations without "
+        "improvement (down to ``min_lr_ratio``), or ``constant``.",
+    )
     min_lr_ratio: float = option(
-        0.01, doc="Final learning rate of the cosine decay, relative to the peak."
+        0.01, doc="Lowest learning rate, relative to the peak (cosine and plateau)."
+    )
+    plateau_patience: int = option(
+        10, doc="Validations without improvement before ``plateau`` halves the rate."
+    )
+    grad_clip: Optional[float] = option(
+        None, doc="Clip the gradient norm (over all parameters) to this value."
+    )
+    accumulation_steps: int = option(
+        1,
+        doc="Split each rank's share of a global batch into this many micro-batches "
+        "(to save memory); gradients are accumulated, so results do not change.",
+    )
+    ema_decay: Optional[float] = option(
+        None,
+        doc="Keep an exponential moving average of the weights with this decay (e.g. "
+        "0.999); validation and the final model use it.",
+    )
+    mixed_precision: bool = option(
+        False, doc="bfloat16 autocast of the forward pass, on CUDA only."
     )
     energy_weight: float = option(1.0, doc="Weight of the per-atom energy error in the loss.")
     forces_weight: float = option(1.0, doc="Weight of the force error in the loss.")
@@ -55,13 +85,15 @@ class TrainingHypers:
     )
 
     def validate(self, path: str, source: str) -> None:
-        from .errors import OptionsError
-
-        for name in ("num_epochs", "batch_size"):
+        for name in ("num_epochs", "batch_size", "accumulation_steps"):
             if getattr(self, name) < 1:
                 raise OptionsError(f"'{path}.{name}' in {source} must be at least 1")
         if self.learning_rate <= 0:
             raise OptionsError(f"'{path}.learning_rate' in {source} must be positive")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise OptionsError(f"'{path}.ema_decay' in {source} must be in (0, 1)")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise OptionsError(f"'{path}.grad_clip' in {source} must be positive")
 
 
 class ConcatDataset:
@@ -87,8 +119,6 @@ def _check_same_targets(datasets: Sequence[AtomisticDataset], what: str) -> None
     first = datasets[0]
     for other in datasets[1:]:
         if other.info.targets != first.info.targets:
-            from .errors import DataError
-
             raise DataError(
                 f"{what} datasets {first.name} and {other.name} provide different "
                 "targets or gradients; the reference engine trains on datasets with "
@@ -145,7 +175,7 @@ class Engine:
         self.progress = Progress()
         if state is None:
             self.prepare_model()
-        self.network: torch.nn.Module = _EnergyModule(self.model, self.outputs)
+        self.network: torch.nn.Module = EnergyModule(self.model, self.outputs)
         if launch.is_distributed():
             # buffers (baseline, type map) are identical on all ranks by construction
             self.network = torch.nn.parallel.DistributedDataParallel(
@@ -154,9 +184,25 @@ class Engine:
                 broadcast_buffers=False,
                 gradient_as_bucket_view=True,
             )
+        if hypers.mixed_precision and device.type != "cuda":
+            raise OptionsError(
+                "'architecture.training.mixed_precision' needs a CUDA device; this run "
+                f"trains on {device.type}"
+            )
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=hypers.learning_rate)
         self.steps_per_epoch = len(self.sampler)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
+        self.lr = LearningRate(
+            self.optimizer,
+            hypers.learning_rate,
+            hypers.scheduler,
+            total_steps=hypers.num_epochs * self.steps_per_epoch,
+            warmup_steps=int(hypers.warmup_epochs * self.steps_per_epoch),
+            min_ratio=hypers.min_lr_ratio,
+            patience=hypers.plateau_patience,
+        )
+        self.ema = (
+            ExponentialMovingAverage(self.model, hypers.ema_decay) if hypers.ema_decay else None
+        )
         if state is not None:
             self.load_state_dict(state)
 
@@ -202,20 +248,42 @@ class Engine:
 
     # -- training ---------------------------------------------------------------------
 
-    def lr_factor(self, step: int) -> float:
-        """Linear warm-up, then cosine decay to ``min_lr_ratio`` at the last step."""
-        total = max(1, self.hypers.num_epochs * self.steps_per_epoch)
-        warmup = int(self.hypers.warmup_epochs * self.steps_per_epoch)
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        low = self.hypers.min_lr_ratio
-        return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * progress))
-
     def predict(
         self, batch: Batch, network: torch.nn.Module, create_graph: bool
     ) -> dict[str, torch.Tensor]:
         return predict(batch, network, self.neighbors, create_graph)
+
+    def train_step(self, local: np.ndarray, n_structures: int, n_atoms: int) -> torch.Tensor:
+        """One optimizer step on this rank's share of a global batch; returns its loss.
+
+        The share is split into ``accumulation_steps`` micro-batches; gradients are
+        synchronised across ranks only on the last one.
+        """
+        hp = self.hypers
+        self.optimizer.zero_grad(set_to_none=True)
+        chunks = [c for c in np.array_split(local, hp.accumulation_steps) if len(c)]
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i, chunk in enumerate(chunks):
+            batch = collate([self.train_set[int(j)] for j in chunk], self.device)
+            sync = i == len(chunks) - 1 or not hasattr(self.network, "no_sync")
+            with contextlib.nullcontext() if sync else self.network.no_sync():
+                with self.autocast():
+                    loss, _ = self.compute_loss(batch, n_structures, int(n_atoms))
+                loss.backward()
+            total += loss.detach().double()
+        if hp.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), hp.grad_clip)
+        self.optimizer.step()
+        self.lr.step()
+        if self.ema is not None:
+            self.ema.update()
+        self.progress.step += 1
+        return total
+
+    def autocast(self):
+        if self.hypers.mixed_precision:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def train(self) -> None:
         ctx = self.context
@@ -234,16 +302,9 @@ class Engine:
             loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
             steps = 0
             for step in self.sampler:
-                batch = collate([self.train_set[int(i)] for i in step.local], self.device)
-                loss, _ = self.compute_loss(
-                    batch, len(step.global_), int(n_atoms_all[step.global_].sum())
+                loss_sum += self.train_step(
+                    step.local, len(step.global_), n_atoms_all[step.global_].sum()
                 )
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                self.scheduler.step()
-                self.progress.step += 1
-                loss_sum += loss.detach().double()
                 steps += 1
             launch.all_reduce_sum(loss_sum)
             train_loss = loss_sum.item() / ctx.world_size / max(1, steps)
@@ -252,6 +313,9 @@ class Engine:
             last = epoch + 1 == hp.num_epochs
             if (epoch + 1) % max(1, ctx.logging.every_n_epochs) == 0 or last:
                 metrics = self.validate()
+                val_loss = self.validation_loss(metrics)
+                self.lr.observe(val_loss)
+                self.progress.best_metric = min(self.progress.best_metric, val_loss)
                 row = {
                     "epoch": epoch + 1,
                     "step": self.progress.step,
@@ -266,6 +330,8 @@ class Engine:
             every = ctx.checkpoint.every_n_epochs
             if every and (epoch + 1) % every == 0 and not last:
                 self.write_epoch_checkpoint(epoch + 1)
+        if self.ema is not None:
+            self.ema.copy_to_model()
 
     def write_epoch_checkpoint(self, epoch: int) -> None:
         """``epoch-N.ckpt`` on rank 0, keeping the newest ``keep_last``."""
@@ -279,8 +345,24 @@ class Engine:
         for path in old[: max(0, len(old) - keep)]:
             path.unlink()
 
+    def validation_loss(self, metrics: dict[str, float]) -> float:
+        """The training loss's weighting of the validation errors (MSE from RMSE)."""
+        hp = self.hypers
+        weights = {"": hp.energy_weight, "forces": hp.forces_weight, "stress": hp.stress_weight}
+        loss = 0.0
+        for key, value in metrics.items():
+            if " RMSE [" in key:
+                gradient = key.split(" RMSE [")[0].partition("/")[2]
+                loss += weights[gradient] * value**2
+        return loss
+
     def validate(self) -> dict[str, float]:
-        """RMSE and MAE per target over all validation sets, exact across ranks."""
+        """RMSE and MAE per target over all validation sets, exact across ranks,
+        with the averaged weights when ``ema_decay`` is set."""
+        with self.ema.swapped() if self.ema is not None else contextlib.nullcontext():
+            return self._validate()
+
+    def _validate(self) -> dict[str, float]:
         self.model.eval()
         size = max(1, self.hypers.batch_size // self.context.world_size)
         return evaluate(
@@ -293,7 +375,7 @@ class Engine:
         )
 
     def model_forward(self, systems):
-        return _EnergyModule.run(self.model, self.outputs, systems)
+        return EnergyModule.run(self.model, self.outputs, systems)
 
     # -- state ------------------------------------------------------------------------
 
@@ -301,137 +383,18 @@ class Engine:
         return {
             "progress": dataclasses.asdict(self.progress),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "learning_rate": self.lr.state_dict(),
             "sampler": self.sampler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.progress = Progress(**state["progress"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if "sampler" in state:
-            self.sampler.load_state_dict(state["sampler"])
-
-
-class _EnergyModule(torch.nn.Module):
-    """The model as DDP sees it: systems in, one energy tensor per target out."""
-
-    def __init__(self, model: torch.nn.Module, outputs: dict[str, ModelOutput]):
-        super().__init__()
-        self.model = model
-        self.outputs = outputs
-
-    @staticmethod
-    def run(model, outputs, systems) -> dict[str, torch.Tensor]:
-        results = model(systems, outputs, None)
-        return {name: results[name].block().values.reshape(-1) for name in outputs}
-
-    def forward(self, systems):
-        return self.run(self.model, self.outputs, systems)
-
-
-def predict(
-    batch: Batch, network: Callable, neighbors: NeighborLists, create_graph: bool
-) -> dict[str, torch.Tensor]:
-    """Energies from ``network(systems)``, and forces/stress by autograd where the
-    batch has reference values for them."""
-    forces = bool(batch.forces)
-    stress = bool(batch.stress)
-    systems, positions, strain = make_systems(batch, neighbors, forces, stress)
-    energies = network(systems)
-    results = dict(energies)
-    inputs = (positions if forces else []) + ([strain] if stress else [])
-    for name, energy in energies.items():
-        if name not in batch.forces and name not in batch.stress:
-            continue
-        grads = torch.autograd.grad(
-            energy.sum(), inputs, create_graph=create_graph, retain_graph=True
-        )
-        if name in batch.forces:
-            results[f"{name}/forces"] = -torch.cat(grads[: len(positions)])
-        if name in batch.stress:
-            volumes = torch.stack([torch.det(c).abs() for c in batch.cells])
-            results[f"{name}/stress"] = grads[-1] / volumes[:, None, None]
-    return results
-
-
-@torch.no_grad()
-def evaluate(
-    predict_batch: Callable[[Batch], dict[str, torch.Tensor]],
-    datasets: Sequence[AtomisticDataset],
-    targets: dict[str, Any],
-    batch_size: int,
-    device: torch.device,
-    ctx: run.RunContext,
-) -> dict[str, float]:
-    """RMSE and MAE of every prediction over ``datasets``; each structure is seen by
-    exactly one rank and the sums are all-reduced, so the metrics are exact."""
-    sums: dict[str, torch.Tensor] = {}
-    for dataset in datasets:
-        indices = shard_for_rank(len(dataset), ctx.rank, ctx.world_size)
-        for i in range(0, len(indices), batch_size):
-            batch = collate([dataset[int(j)] for j in indices[i : i + batch_size]], device)
-            with torch.enable_grad():
-                predictions = predict_batch(batch)
-            for key, value in predictions.items():
-                reference = _reference(batch, key)
-                if key in targets:
-                    value, reference = value / batch.n_atoms, reference / batch.n_atoms
-                error = (value.detach() - reference).double().reshape(-1)
-                acc = sums.setdefault(key, torch.zeros(3, dtype=torch.float64, device=device))
-                acc[0] += (error**2).sum()
-                acc[1] += error.abs().sum()
-                acc[2] += error.numel()
-    # a rank may have had no structure at all: agree on the keys first
-    keys = sorted(set().union(*launch.all_gather_object(sorted(sums))))
-    metrics = {}
-    for key in keys:
-        total = sums.get(key, torch.zeros(3, dtype=torch.float64, device=device))
-        launch.all_reduce_sum(total)
-        label = metric_label(key, targets)
-        metrics[label.format("RMSE")] = math.sqrt(total[0].item() / total[2].item())
-        metrics[label.format("MAE")] = total[1].item() / total[2].item()
-    return metrics
-
-
-def metric_label(key: str, targets: dict[str, Any]) -> str:
-    """``energy {} [eV/atom]``, ``energy/forces {} [eV/A]``, ... with units."""
-    name, _, gradient = key.partition("/")
-    unit = targets[name].unit
-    suffix = {"": "/atom", "forces": "/A", "stress": "/A^3"}[gradient]
-    return f"{key} {{}} [{unit}{suffix}]"
-
-
-def evaluate_model(
-    model: torch.nn.Module,
-    targets: dict[str, Any],
-    datasets: Sequence[AtomisticDataset],
-    device: torch.device,
-    batch_size: int = 16,
-) -> dict[str, float]:
-    """Metrics of any model following metatomic's model interface on ``datasets``
-    (e.g. the test set after training), distributed over the ranks."""
-    model = model.to(device).eval()
-    outputs = {name: ModelOutput(unit=t.unit, sample_kind="system") for name, t in targets.items()}
-    neighbors = NeighborLists(model.requested_neighbor_lists())
-    return evaluate(
-        lambda batch: predict(
-            batch, lambda systems: _EnergyModule.run(model, outputs, systems), neighbors, False
-        ),
-        datasets,
-        targets,
-        batch_size,
-        device,
-        run.current(),
-    )
-
-
-def _reference(batch: Batch, key: str) -> torch.Tensor:
-    if key.endswith("/forces"):
-        return batch.forces[key[: -len("/forces")]]
-    if key.endswith("/stress"):
-        return batch.stress[key[: -len("/stress")]]
-    return batch.targets[key]
+        self.lr.load_state_dict(state["learning_rate"])
+        self.sampler.load_state_dict(state["sampler"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
 
 
 def _format_row(row: dict[str, float], num_epochs: int, rate: float) -> str:
@@ -443,36 +406,3 @@ def _format_row(row: dict[str, float], num_epochs: int, rate: float) -> str:
     parts.append(f"lr {row['learning_rate']:.3g}")
     parts.append(f"{row['epoch_time_s']:.2f} s ({rate:.0f} structures/s)")
     return "  ".join(parts)
-
-
-def fit_composition(
-    dataset: ConcatDataset, target: str, atomic_types: list[int], ctx: run.RunContext
-) -> tuple[torch.Tensor, float]:
-    """Per-element energies by least squares, and the RMS per-atom residual.
-
-    Streams this rank's share of the training set (keeping only each structure's
-    element counts) and all-reduces the normal equations, so it works at any scale.
-    """
-    index = {z: i for i, z in enumerate(atomic_types)}
-    n_types = len(atomic_types)
-    shares = shard_for_rank(len(dataset), ctx.rank, ctx.world_size)
-    normal = torch.zeros(n_types + 1, n_types + 1, dtype=torch.float64)
-    counts_cache = []
-    for i in shares:
-        structure = dataset[int(i)]
-        counts = torch.zeros(n_types, dtype=torch.float64)
-        for z, c in zip(*np.unique(structure.numbers.numpy(), return_counts=True)):
-            counts[index[int(z)]] = float(c)
-        energy = float(structure.targets[target][0])
-        row = torch.cat([counts, torch.tensor([energy], dtype=torch.float64)])
-        normal += torch.outer(row, row)
-        counts_cache.append((counts, energy))
-    launch.all_reduce_sum(normal)
-    xtx, xty = normal[:n_types, :n_types], normal[:n_types, n_types]
-    weights = torch.linalg.pinv(xtx) @ xty
-    residual = torch.zeros(2, dtype=torch.float64)
-    for counts, energy in counts_cache:
-        residual += torch.tensor([((energy - counts @ weights) / counts.sum()) ** 2, 1.0])
-    launch.all_reduce_sum(residual)
-    scale = math.sqrt(residual[0].item() / max(1.0, residual[1].item()))
-    return weights, max(scale, 1e-3)

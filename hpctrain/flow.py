@@ -20,8 +20,8 @@ import torch
 from . import __version__, launch, run
 from .architecture import Architecture, DatasetInfo, choose_device_type, choose_dtype, resolve
 from .data import AtomisticDataset, read_dataset, split_indices
-from .engine import evaluate_model
 from .errors import DataError, OptionsError
+from .evaluation import evaluate_model
 from .options import Options, load_options, write_resolved
 from .report import get_logger, setup_logging
 

@@ -1,0 +1,135 @@
+"""The shared engine in one process: accumulation, clipping, EMA, schedules."""
+
+import math
+
+import pytest
+import torch
+from conftest import EXAMPLE_XYZ
+
+from architectures.mp_transformer import __model__ as Model
+from hpctrain import run
+from hpctrain.config import parse
+from hpctrain.data import read_dataset
+from hpctrain.engine import Engine, TrainingHypers
+from hpctrain.errors import OptionsError
+from hpctrain.optim import LearningRate
+from hpctrain.options import DatasetOptions
+
+TINY = {"d_model": 8, "num_heads": 2, "num_layers": 1, "num_radial": 4, "angular_channels": 2}
+
+
+@pytest.fixture(scope="module")
+def ethanol():
+    options = parse(DatasetOptions, {"systems": {"read_from": str(EXAMPLE_XYZ)}})
+    dataset = read_dataset(options, "training_set", "test", torch.float64)
+    return dataset.subset(range(24)), dataset.subset(range(90, 96))
+
+
+@pytest.fixture(autouse=True)
+def context():
+    previous = run.current()
+    run.set_current(run.RunContext(seed=11))
+    yield
+    run.set_current(previous)
+
+
+def train(ethanol, tmp_path, **hypers):
+    train_set, val_set = ethanol
+    torch.manual_seed(0)
+    model = Model(TINY, train_set.info)
+    config = parse(TrainingHypers, {"num_epochs": 1, "batch_size": 8, **hypers})
+    engine = Engine(
+        config, model, torch.device("cpu"), [train_set], [val_set], tmp_path, lambda p: None
+    )
+    steps = []
+    engine.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: steps.append(
+            {
+                "grad_norm": torch.linalg.vector_norm(
+                    torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])
+                ).item(),
+                "weights": [p.detach().clone() for p in model.parameters()],
+            }
+        )
+    )
+    engine.trajectory = []
+    engine.optimizer.register_step_post_hook(
+        lambda opt, args, kwargs: engine.trajectory.append(
+            [p.detach().clone() for p in model.parameters()]
+        )
+    )
+    engine.train()
+    return model, engine, steps
+
+
+def test_gradient_accumulation_does_not_change_the_result(ethanol, tmp_path):
+    one, *_ = train(ethanol, tmp_path)
+    three, *_ = train(ethanol, tmp_path, accumulation_steps=3)
+    for a, b in zip(one.parameters(), three.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_gradient_clipping_bounds_the_norm_seen_by_the_optimizer(ethanol, tmp_path):
+    _, _, free = train(ethanol, tmp_path)
+    limit = 0.5 * min(step["grad_norm"] for step in free)
+    _, _, clipped = train(ethanol, tmp_path, grad_clip=limit)
+    assert all(step["grad_norm"] <= limit * (1 + 1e-9) for step in clipped)
+    assert max(step["grad_norm"] for step in free) > limit
+
+
+def test_ema_weights_are_the_average_of_the_trajectory(ethanol, tmp_path):
+    decay = 0.6
+    model, engine, steps = train(ethanol, tmp_path, ema_decay=decay, learning_rate=0.05)
+    after = engine.trajectory  # weights after each optimizer step
+    assert len(after) == len(steps) == 3
+    expected = steps[0]["weights"]  # the weights before training
+    for weights in after:
+        expected = [decay * e + (1 - decay) * w for e, w in zip(expected, weights)]
+    for e, p in zip(expected, model.parameters()):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-12, atol=1e-12)
+    assert any(not torch.allclose(p, last) for p, last in zip(model.parameters(), after[-1]))
+
+
+def test_mixed_precision_needs_cuda(ethanol, tmp_path):
+    with pytest.raises(OptionsError, match="mixed_precision' needs a CUDA device"):
+        train(ethanol, tmp_path, mixed_precision=True)
+
+
+def optimizer():
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_the_floor():
+    opt = optimizer()
+    lr = LearningRate(
+        opt, 1.0, "cosine", total_steps=110, warmup_steps=10, min_ratio=0.1, patience=1
+    )
+    values = []
+    for _ in range(110):
+        values.append(opt.param_groups[0]["lr"])
+        lr.step()
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert values[10] == pytest.approx(1.0)
+    assert values[60] == pytest.approx(0.1 + 0.9 * 0.5)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))
+
+
+def test_plateau_schedule_halves_after_patience_and_resumes_exactly():
+    opt = optimizer()
+    lr = LearningRate(
+        opt, 1.0, "plateau", total_steps=100, warmup_steps=0, min_ratio=0.2, patience=2
+    )
+    for loss in (1.0, 0.5, 0.6, 0.6):
+        lr.observe(loss)
+    assert opt.param_groups[0]["lr"] == 1.0
+    lr.observe(0.7)  # third validation without improvement
+    assert opt.param_groups[0]["lr"] == 0.5
+    state = lr.state_dict()
+    other = LearningRate(optimizer(), 1.0, "plateau", 100, 0, 0.2, 2)
+    other.load_state_dict(state)
+    assert other.value() == 0.5
+    for _ in range(9):
+        lr.observe(1.0)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.2)  # floor
+    assert math.isfinite(lr.best)
