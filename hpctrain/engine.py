@@ -28,8 +28,8 @@ from .config import option
 from .data.batch import Batch, collate
 from .data.dataset import AtomisticDataset
 from .data.sampler import DistributedBatchSampler
-from .errors import DataError, OptionsError
-from .evaluation import EnergyModule, evaluate, predict
+from .errors import CheckpointError, DataError, OptionsError
+from .evaluation import EnergyModule, evaluate, predict, split_key
 from .optim import ExponentialMovingAverage, LearningRate
 from .report import MetricsCSV, get_logger
 from .systems import NeighborLists
@@ -237,11 +237,11 @@ class Engine:
             error = (predictions[name] - batch.targets[name]) / batch.n_atoms
             parts[name] = hp.energy_weight * (error**2).sum() / n_structures
             if name in batch.forces:
-                error = predictions[f"{name}/forces"] - batch.forces[name]
-                parts[f"{name}/forces"] = hp.forces_weight * (error**2).sum() / (3 * n_atoms)
+                error = predictions[f"{name} forces"] - batch.forces[name]
+                parts[f"{name} forces"] = hp.forces_weight * (error**2).sum() / (3 * n_atoms)
             if name in batch.stress:
-                error = predictions[f"{name}/stress"] - batch.stress[name]
-                parts[f"{name}/stress"] = hp.stress_weight * (error**2).sum() / (9 * n_structures)
+                error = predictions[f"{name} stress"] - batch.stress[name]
+                parts[f"{name} stress"] = hp.stress_weight * (error**2).sum() / (9 * n_structures)
         for part in parts.values():
             loss = loss + part
         return loss * scale, parts
@@ -352,7 +352,7 @@ class Engine:
         loss = 0.0
         for key, value in metrics.items():
             if " RMSE [" in key:
-                gradient = key.split(" RMSE [")[0].partition("/")[2]
+                gradient = split_key(key.split(" RMSE [")[0])[1]
                 loss += weights[gradient] * value**2
         return loss
 
@@ -392,7 +392,12 @@ class Engine:
         self.progress = Progress(**state["progress"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr.load_state_dict(state["learning_rate"])
-        self.sampler.load_state_dict(state["sampler"])
+        try:
+            self.sampler.load_state_dict(state["sampler"])
+        except CheckpointError as error:
+            # fine-tuning on other data: the old position in the data means nothing
+            self.log.warning(f"{error}; epoch {self.progress.epoch + 1} starts the new data afresh")
+            self.sampler.set_epoch(self.progress.epoch)
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
 

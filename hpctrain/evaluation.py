@@ -51,10 +51,10 @@ def predict(
             energy.sum(), inputs, create_graph=create_graph, retain_graph=True
         )
         if name in batch.forces:
-            results[f"{name}/forces"] = -torch.cat(grads[: len(positions)])
+            results[f"{name} forces"] = -torch.cat(grads[: len(positions)])
         if name in batch.stress:
             volumes = torch.stack([torch.det(c).abs() for c in batch.cells])
-            results[f"{name}/stress"] = grads[-1] / volumes[:, None, None]
+            results[f"{name} stress"] = grads[-1] / volumes[:, None, None]
     return results
 
 
@@ -97,9 +97,19 @@ def evaluate(
     return metrics
 
 
+def split_key(key: str) -> tuple[str, str]:
+    """``"energy/pbe forces"`` -> ``("energy/pbe", "forces")``; ``"energy"`` -> ``("energy", "")``.
+
+    Prediction keys are a target name, then a space and the gradient where it
+    applies (target names contain no spaces; they may contain ``/`` variants).
+    """
+    name, _, gradient = key.partition(" ")
+    return name, gradient
+
+
 def metric_label(key: str, targets: dict[str, Any]) -> str:
-    """``energy {} [eV/atom]``, ``energy/forces {} [eV/A]``, ... with units."""
-    name, _, gradient = key.partition("/")
+    """``energy {} [eV/atom]``, ``energy forces {} [eV/A]``, ... with units."""
+    name, gradient = split_key(key)
     unit = targets[name].unit
     suffix = {"": "/atom", "forces": "/A", "stress": "/A^3"}[gradient]
     return f"{key} {{}} [{unit}{suffix}]"
@@ -130,8 +140,9 @@ def evaluate_model(
 
 
 def _reference(batch: Batch, key: str) -> torch.Tensor:
-    if key.endswith("/forces"):
-        return batch.forces[key[: -len("/forces")]]
-    if key.endswith("/stress"):
-        return batch.stress[key[: -len("/stress")]]
-    return batch.targets[key]
+    name, gradient = split_key(key)
+    if gradient == "forces":
+        return batch.forces[name]
+    if gradient == "stress":
+        return batch.stress[name]
+    return batch.targets[name]

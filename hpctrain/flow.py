@@ -222,8 +222,14 @@ def build(
     if continue_from is not None:
         get_logger().info(f"continuing from {continue_from}")
         trainer = Trainer.load_checkpoint(continue_from, architecture.training_hypers)
-        model = Model.load_checkpoint(continue_from)
-        model = model.restart(info)
+        loaded = Model.load_checkpoint(continue_from)
+        model = loaded.restart(info)
+        if model is not loaded:
+            get_logger().info(
+                "the model gained new targets (transfer learning): the optimizer and the "
+                "epoch count start afresh"
+            )
+            trainer = Trainer(architecture.training_hypers)
     else:
         model = Model(architecture.model_hypers, info)
         trainer = Trainer(architecture.training_hypers)

@@ -149,39 +149,43 @@ class ReferenceModel(torch.nn.Module, ModelInterface):
 
     @torch.jit.unused
     def restart(self, dataset_info: DatasetInfo) -> "ReferenceModel":
-        """Fine-tuning: the same targets and elements, on new data."""
-        new_types = set(dataset_info.atomic_types) - set(self.atomic_types)
-        new_targets = set(dataset_info.targets) - set(self.target_names)
-        if new_types or new_targets:
+        """Continue training on new data.
+
+        Same targets: fine-tuning, the model is returned as it is. New targets:
+        transfer learning, a model with heads for the old and the new targets, whose
+        shared weights and old heads come from this one. New elements are refused.
+        """
+        new_types = sorted(set(dataset_info.atomic_types) - set(self.atomic_types))
+        if new_types:
             raise CheckpointError(
-                "the checkpoint's model cannot be restarted on this data: "
-                + (f"elements {sorted(new_types)} are new; " if new_types else "")
-                + (f"targets {sorted(new_targets)} are new; " if new_targets else "")
-                + "train a new model instead"
+                f"the checkpoint's model does not know the elements {new_types} of the new "
+                "data; train a new model, or remove those structures"
             )
+        targets = dict(self.dataset_info.targets)
         for name, target in dataset_info.targets.items():
-            mine = self.dataset_info.targets[name]
+            mine = targets.get(name)
+            if mine is None:
+                targets[name] = target
+                continue
             if (target.quantity, target.unit, target.per_atom) != (
                 mine.quantity,
                 mine.unit,
                 mine.per_atom,
             ):
                 raise CheckpointError(
-                    f"target '{name}' differs from the checkpoint's ({mine} vs {target})"
+                    f"target '{name}' differs from the checkpoint's ({mine} vs {target}); "
+                    "give the new target another name to learn it alongside"
                 )
-        self.dataset_info = dataclasses.replace(
-            self.dataset_info,
-            targets={
-                name: dataclasses.replace(
-                    t,
-                    gradients=sorted(
-                        set(t.gradients) | set(dataset_info.targets.get(name, t).gradients)
-                    ),
-                )
-                for name, t in self.dataset_info.targets.items()
-            },
-        )
-        return self
+            gradients = sorted(set(mine.gradients) | set(target.gradients))
+            targets[name] = dataclasses.replace(mine, gradients=gradients)
+        info = dataclasses.replace(self.dataset_info, targets=targets)
+        if list(targets) == self.target_names:
+            self.dataset_info = info
+            return self
+        parameter = next(self.parameters())
+        model = type(self)(self.hypers, info).to(device=parameter.device, dtype=parameter.dtype)
+        transfer_weights(self, model, len(self.target_names))
+        return model
 
     @torch.jit.unused
     def export(self, metadata: Optional[ModelMetadata] = None) -> AtomisticModel:
@@ -194,3 +198,21 @@ class ReferenceModel(torch.nn.Module, ModelInterface):
             list(self.__supported_devices__),
             metadata,
         )
+
+
+@torch.no_grad()
+def transfer_weights(old: torch.nn.Module, new: torch.nn.Module, n_old_targets: int) -> None:
+    """Copy ``old``'s weights into ``new``, which has more targets.
+
+    Tensors of the same shape are copied; tensors whose first dimension grew from
+    the old to the new number of targets (heads, baselines) get their old rows.
+    """
+    old_state = old.state_dict()
+    for name, tensor in new.state_dict().items():
+        source = old_state.get(name)
+        if source is None:
+            continue
+        if source.shape == tensor.shape:
+            tensor.copy_(source)
+        elif source.shape[1:] == tensor.shape[1:] and source.shape[0] == n_old_targets:
+            tensor[:n_old_targets].copy_(source)

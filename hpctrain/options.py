@@ -217,6 +217,8 @@ def _dataset(value: Any, path: str, base: Path, source: str) -> DatasetOptions:
     dataset = parse(DatasetOptions, value, path, source)
     if not dataset.targets:
         raise OptionsError(f"'{path}.targets' in {source} is empty; name at least one target")
+    for name, target in dataset.targets.items():
+        check_target_name(name, target.quantity, f"{path}.targets", source)
     read_from = Path(dataset.systems.read_from).expanduser()
     if not read_from.is_absolute():
         read_from = base / read_from
@@ -227,6 +229,21 @@ def _dataset(value: Any, path: str, base: Path, source: str) -> DatasetOptions:
         )
     dataset.systems.read_from = str(read_from.resolve())
     return dataset
+
+
+def check_target_name(name: str, quantity: str, path: str, source: str) -> None:
+    """Target names become the exported model's output names, which metatomic
+    restricts to ``<quantity>``, ``<quantity>/<variant>`` or ``<domain>::<name>``."""
+    base, _, variant = name.partition("/")
+    if base == quantity and (variant or name == quantity):
+        return
+    if "::" in base and all(base.split("::")):
+        return
+    raise OptionsError(
+        f"target name '{name}' at '{path}' in {source} cannot name a model output: use "
+        f"'{quantity}', a variant such as '{quantity}/{name.replace('/', '_')}', or a "
+        f"custom name such as 'mtt::{name.replace('/', '_')}'"
+    )
 
 
 def _datasets(value: Any, key: str, base: Path, source: str) -> list[DatasetOptions]:

@@ -9,12 +9,14 @@ quantities with the trained torch model.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 # Runs in a fresh interpreter: only ASE, numpy and metatomic are imported.
@@ -110,3 +112,293 @@ def predict_in_memory(model: torch.nn.Module, structures: Path) -> list[dict[str
             {"energy": float(energy.detach()), "forces": (-d_positions).tolist(), "stress": stress}
         )
     return results
+
+
+# Runs in a fresh interpreter: NVE molecular dynamics with the exported model.
+_FRESH_MD = r"""
+import json, sys
+import ase.io
+from ase import units
+from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+from ase.md.verlet import VelocityVerlet
+from metatomic_ase import MetatomicCalculator
+
+model, extensions, xyz, out, steps = sys.argv[1:6]
+atoms = ase.io.read(xyz, 0)
+atoms.calc = MetatomicCalculator(model, extensions_directory=extensions or None, device="cpu")
+rng = __import__("numpy").random.default_rng(0)
+MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=rng)
+dyn = VelocityVerlet(atoms, timestep=0.25 * units.fs)
+energies = []
+for _ in range(int(steps)):
+    dyn.run(1)
+    energies.append(float(atoms.get_potential_energy() + atoms.get_kinetic_energy()))
+json.dump({"total_energy": energies, "n_atoms": len(atoms)}, open(out, "w"))
+"""
+
+
+def run_md_exported(
+    model_path: Path, structure: Path, extensions: Path | None = None, steps: int = 100
+) -> dict[str, Any]:
+    """Total energies along a short NVE run of the exported model (fresh process)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "md.json"
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                _FRESH_MD,
+                str(model_path),
+                str(extensions or ""),
+                str(structure),
+                str(out),
+                str(steps),
+            ],
+            check=True,
+            timeout=600,
+        )
+        return json.loads(out.read_text())
+
+
+def emt_structures(periodic: bool, n: int, seed: int = 0) -> list:
+    """Small structures with EMT labels (energy, forces, and stress when periodic):
+    rattled ethanol-like molecules, or strained fcc Cu/Au cells of 8 atoms."""
+    import ase.build
+    import numpy as np
+    from ase.calculators.emt import EMT
+
+    rng = np.random.default_rng(seed)
+    frames = []
+    for _ in range(n):
+        if periodic:
+            atoms = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 1, 1))
+            atoms.numbers[rng.random(len(atoms)) < 0.4] = 79
+            strain = np.eye(3) + rng.normal(0, 0.02, (3, 3))
+            atoms.set_cell(atoms.cell.array @ strain, scale_atoms=True)
+            atoms.positions += rng.normal(0, 0.05, atoms.positions.shape)
+        else:
+            atoms = ase.build.molecule("CH3CH2OH")
+            atoms.positions += rng.normal(0, 0.05, atoms.positions.shape)
+        atoms.calc = EMT()
+        atoms.info["energy"] = atoms.get_potential_energy()
+        atoms.arrays["forces"] = atoms.get_forces()
+        if periodic:
+            atoms.info["stress"] = atoms.get_stress(voigt=False)
+        atoms.calc = None
+        frames.append(atoms)
+    return frames
+
+
+class ArchitectureTests:
+    """Conformance tests every architecture's tests subclass, with small hypers::
+
+        class TestMyArch(ArchitectureTests):
+            architecture = "my_arch"
+            model_hypers = {"width": 8}
+            training_hypers = {"num_epochs": 3, "batch_size": 4}
+
+    Covers construction, forward, rotation and permutation invariance, training
+    (the loss decreases), checkpoint round trip, restart (fine-tuning and new
+    targets), export, and the exported model in a fresh process: same energies,
+    forces and stress as in memory, forces equal to finite differences of the
+    energy, and energy conservation in a short NVE run.
+    """
+
+    architecture: str = ""
+    model_hypers: dict[str, Any] = {}
+    training_hypers: dict[str, Any] = {"num_epochs": 2, "batch_size": 4}
+    dtype = torch.float64
+    #: tolerance of exported vs in-memory energies (eV) and forces (eV/A)
+    tolerance: float = 1e-8
+
+    # -- fixtures ---------------------------------------------------------------------
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def data(cls, tmp_path_factory) -> dict[str, Path]:
+        import ase.io
+
+        folder = tmp_path_factory.mktemp("conformance-data")
+        paths = {"molecules": folder / "molecules.xyz", "crystals": folder / "crystals.xyz"}
+        ase.io.write(paths["molecules"], emt_structures(False, 24, seed=1))
+        ase.io.write(paths["crystals"], emt_structures(True, 24, seed=2))
+        return paths
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def datasets(cls, data) -> dict[str, Any]:
+        from .config import parse
+        from .data import read_dataset
+        from .options import DatasetOptions
+
+        def read(path, stress):
+            options = parse(
+                DatasetOptions,
+                {
+                    "systems": {"read_from": str(path)},
+                    "targets": {"energy": {"forces": True, "stress": stress}},
+                },
+            )
+            return read_dataset(options, "training_set", "conformance", cls.dtype)
+
+        return {
+            "molecules": read(data["molecules"], False),
+            "crystals": read(data["crystals"], True),
+        }
+
+    @pytest.fixture(autouse=True)
+    def _run_context(self):
+        from . import run
+
+        previous = run.current()
+        run.set_current(run.RunContext(seed=5))
+        yield
+        run.set_current(previous)
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def module(self):
+        from .architecture import import_architecture, resolve
+
+        return import_architecture(self.architecture), resolve(
+            self.architecture, self.model_hypers, self.training_hypers
+        )
+
+    def new_model(self, info):
+        _, arch = self.module()
+        torch.manual_seed(0)
+        return arch.model_class(arch.model_hypers, info).to(self.dtype)
+
+    def trained(self, datasets, tmp_path, name="crystals"):
+        _, arch = self.module()
+        dataset = datasets[name]
+        model = self.new_model(dataset.info)
+        trainer = arch.trainer_class(arch.training_hypers)
+        train, val = dataset.subset(range(20)), dataset.subset(range(20, 24))
+        trainer.train(model, [torch.device("cpu")], [train], [val], str(tmp_path))
+        return model, trainer
+
+    def energies(self, model, structures: Path) -> list[float]:
+        return [r["energy"] for r in predict_in_memory(model, structures)]
+
+    # -- the tests --------------------------------------------------------------------
+
+    def test_architecture_is_valid(self):
+        from .architecture import validate_architecture
+
+        module, _ = self.module()
+        validate_architecture(module)
+
+    def test_forward_gives_one_energy_per_structure(self, datasets, data):
+        model = self.new_model(datasets["molecules"].info)
+        results = predict_in_memory(model, data["molecules"])
+        assert len(results) == 24
+        assert all(math.isfinite(r["energy"]) for r in results)
+        assert len({round(r["energy"], 10) for r in results}) > 1
+
+    def test_energy_is_invariant_under_rotation_and_permutation(self, datasets, tmp_path):
+        import ase.io
+        import numpy as np
+        from scipy.spatial.transform import Rotation
+
+        model = self.new_model(datasets["crystals"].info)
+        atoms = emt_structures(True, 1, seed=7)[0]
+        rotated = atoms.copy()
+        matrix = Rotation.random(random_state=3).as_matrix()
+        rotated.positions = atoms.positions @ matrix.T
+        rotated.cell = atoms.cell.array @ matrix.T
+        permuted = atoms[np.random.default_rng(4).permutation(len(atoms))]
+        path = tmp_path / "variants.xyz"
+        ase.io.write(path, [atoms, rotated, permuted])
+        results = predict_in_memory(model, path)
+        energy = results[0]["energy"]
+        assert results[1]["energy"] == pytest.approx(energy, rel=1e-10, abs=1e-10)
+        assert results[2]["energy"] == pytest.approx(energy, rel=1e-10, abs=1e-10)
+        forces, turned = np.array(results[0]["forces"]), np.array(results[1]["forces"])
+        np.testing.assert_allclose(turned, forces @ matrix.T, atol=1e-9)
+
+    def test_training_reduces_the_error(self, datasets, data, tmp_path):
+        import numpy as np
+
+        reference = datasets["crystals"]
+        before_model = self.new_model(reference.info)
+        model, _ = self.trained(datasets, tmp_path)
+        truth = np.concatenate([reference[i].forces["energy"].numpy() for i in range(20)])
+
+        def force_rmse(m):
+            predicted = np.concatenate(
+                [np.array(r["forces"]) for r in predict_in_memory(m, data["crystals"])][:20]
+            )
+            return float(np.sqrt(((predicted - truth) ** 2).mean()))
+
+        assert force_rmse(model) < force_rmse(before_model)
+
+    def test_checkpoint_round_trip_gives_identical_predictions(self, datasets, data, tmp_path):
+        model, trainer = self.trained(datasets, tmp_path)
+        path = tmp_path / "model.ckpt"
+        trainer.save_checkpoint(path)
+        module, _ = self.module()
+        loaded = module.__model__.load_checkpoint(path)
+        assert self.energies(loaded, data["crystals"]) == self.energies(model, data["crystals"])
+        again = module.__trainer__.load_checkpoint(path, self.module()[1].training_hypers)
+        assert again is not None
+
+    def test_restart_for_fine_tuning_and_for_new_targets(self, datasets, data, tmp_path):
+        import dataclasses
+
+        from .architecture import TargetInfo
+
+        model, trainer = self.trained(datasets, tmp_path)
+        path = tmp_path / "model.ckpt"
+        trainer.save_checkpoint(path)
+        module, _ = self.module()
+        info = datasets["crystals"].info
+        same = module.__model__.load_checkpoint(path).restart(info)
+        assert self.energies(same, data["crystals"]) == self.energies(model, data["crystals"])
+        extra = dataclasses.replace(
+            info, targets={**info.targets, "energy/other": TargetInfo(unit="eV", gradients=[])}
+        )
+        grown = module.__model__.load_checkpoint(path).restart(extra)
+        assert set(grown.dataset_info.targets) == {"energy", "energy/other"}
+        # the old target is predicted as before (a wider output layer may round
+        # differently in the last bits)
+        assert self.energies(grown, data["crystals"]) == pytest.approx(
+            self.energies(model, data["crystals"]), rel=1e-12, abs=1e-12
+        )
+
+    def test_exported_model_in_a_fresh_process(self, datasets, data, tmp_path):
+        import numpy as np
+
+        model, _ = self.trained(datasets, tmp_path)
+        path = tmp_path / "model.pt"
+        model.export().save(str(path), collect_extensions=str(tmp_path / "extensions"))
+        for name in ("crystals", "molecules"):
+            if name == "molecules":
+                model, _ = self.trained(datasets, tmp_path / "m", name="molecules")
+                model.export().save(str(path), collect_extensions=str(tmp_path / "extensions"))
+            sample = tmp_path / f"{name}-sample.xyz"
+            import ase.io
+
+            ase.io.write(sample, ase.io.read(data[name], ":4"))
+            expected = predict_in_memory(model, sample)
+            exported = evaluate_exported(path, sample, tmp_path / "extensions")
+            for mine, theirs in zip(expected, exported):
+                assert theirs["energy"] == pytest.approx(mine["energy"], abs=self.tolerance)
+                np.testing.assert_allclose(theirs["forces"], mine["forces"], atol=self.tolerance)
+                if mine["stress"] is not None:
+                    np.testing.assert_allclose(
+                        theirs["stress"], mine["stress"], atol=self.tolerance
+                    )
+                for _, _, finite_difference, force in theirs["fd"]:
+                    assert finite_difference == pytest.approx(force, abs=1e-6)
+
+    def test_nve_md_with_the_exported_model_conserves_energy(self, datasets, data, tmp_path):
+        import numpy as np
+
+        model, _ = self.trained(datasets, tmp_path)
+        path = tmp_path / "model.pt"
+        model.export().save(str(path), collect_extensions=str(tmp_path / "extensions"))
+        result = run_md_exported(path, data["crystals"], tmp_path / "extensions", steps=100)
+        energies = np.array(result["total_energy"])
+        drift = np.abs(energies - energies[0]).max() / result["n_atoms"]
+        assert drift < 1e-3, f"total energy drifts by {drift:.2e} eV/atom over 100 steps"

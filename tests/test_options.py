@@ -147,6 +147,12 @@ MALFORMED = {
         "unknown key 'training_set.sytems'",
         "did you mean 'systems'?",
     ),
+    "target name not an output name": (
+        "architecture: mp_transformer\ntraining_set:\n  systems: ethanol.xyz\n"
+        "  targets: {formation: {key: energy}}\n",
+        "target name 'formation' at 'training_set.targets'",
+        "'energy/formation'",
+    ),
     "checkpoint wrong type": (
         GOOD + "checkpoint: {keep_last: [1]}\n",
         "'checkpoint.keep_last'",

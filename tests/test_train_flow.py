@@ -66,10 +66,10 @@ def test_single_process_writes_every_output(single_run):
     assert set(test) == {
         "energy RMSE [eV/atom]",
         "energy MAE [eV/atom]",
-        "energy/forces RMSE [eV/A]",
-        "energy/forces MAE [eV/A]",
+        "energy forces RMSE [eV/A]",
+        "energy forces MAE [eV/A]",
     }
-    assert 0 < test["energy/forces MAE [eV/A]"] <= test["energy/forces RMSE [eV/A]"]
+    assert 0 < test["energy forces MAE [eV/A]"] <= test["energy forces RMSE [eV/A]"]
     resolved = yaml.safe_load((run_dir / "options.resolved.yaml").read_text())
     assert resolved["seed"] == 1234
     assert resolved["architecture"]["model"]["d_model"] == 16
@@ -218,3 +218,38 @@ def test_a_killed_rank_does_not_leave_the_other_hanging(workdir):
     assert procs[0].returncode not in (0, None)
     assert elapsed < 75, elapsed
     assert "lost contact with another rank" in err, err[-2000:]
+
+
+def test_fine_tuning_on_other_data_and_transfer_to_a_new_target(workdir, single_run):
+    fine = OPTIONS.replace("num_epochs: 2", "num_epochs: 3").replace(
+        "validation_set: 0.1", "validation_set: 0.2"
+    )
+    (workdir / "fine.yaml").write_text(fine)
+    result = run(
+        [sys.executable, "-m", "hpctrain", "fine.yaml", "-o", "fine"]
+        + ["--continue", "single/model.ckpt"],
+        workdir,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "starts the new data afresh" in result.stdout + result.stderr
+    rows = (workdir / "fine" / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["3"]
+
+    transfer = OPTIONS.replace(
+        "    energy: {key: energy, unit: eV, forces: true}",
+        "    energy: {key: energy, unit: eV, forces: true}\n"
+        "    energy/formation: {key: energy, unit: eV, forces: false}",
+    )
+    (workdir / "transfer.yaml").write_text(transfer)
+    result = run(
+        [sys.executable, "-m", "hpctrain", "transfer.yaml", "-o", "transfer"]
+        + ["--continue", "single/model.ckpt"],
+        workdir,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "transfer learning" in result.stdout
+    checkpoint = torch.load(workdir / "transfer" / "model.ckpt", weights_only=False)
+    assert set(checkpoint["dataset_info"]["targets"]) == {"energy", "energy/formation"}
+    rows = (workdir / "transfer" / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
+    assert "val energy/formation RMSE [eV/atom]" in rows[0]
