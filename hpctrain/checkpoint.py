@@ -1,34 +1,53 @@
-"""Checkpoint files: the only module that writes them.
+"""Checkpoints: the only module that writes them.
 
-A checkpoint is one ``torch.save`` file holding a versioned dict. Writes are atomic
-(temporary file in the same directory, fsync, rename), so an interrupted write never
-replaces a good checkpoint.
+Two forms, one format:
+
+- a **file** (``model.ckpt``, what ``Trainer.save_checkpoint(path)`` writes): one
+  ``torch.save`` of a versioned dict holding the model and the trainer state;
+- a **step directory** written during training by :class:`CheckpointManager`,
+  ``checkpoints/step-000001200/``: ``replicated.pt`` (the same dict, written once by
+  rank 0), ``rank-00000.pt`` ... (each rank's RNG states and data cursor) and, last,
+  ``COMMITTED``. A directory without ``COMMITTED`` is an interrupted write and is
+  never picked.
+
+Every file is written atomically (temporary file, fsync, rename, fsync of the
+directory). The newest checkpoint is the committed one with the highest step, never
+the newest by modification time. Old versions are upgraded on load by pure
+functions, one version at a time.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import random
+import re
+import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Union
 
+import numpy as np
 import torch
 
 from .errors import CheckpointError
 
 FORMAT = "hpctrain-checkpoint"
-VERSION = 1
+VERSION = 2
+COMMITTED = "COMMITTED"
+REPLICATED = "replicated.pt"
+_STEP_DIR = re.compile(r"step-(\d+)$")
 
 
-def save(payload: dict[str, Any], path: Union[str, Path]) -> Path:
-    """Write ``payload`` (with format and version added) atomically to ``path``."""
-    path = Path(path)
+def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"format": FORMAT, "version": VERSION, **payload}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as file:
-            torch.save(data, file)
+            write(file)
             file.flush()
             os.fsync(file.fileno())
         umask = os.umask(0)
@@ -43,15 +62,68 @@ def save(payload: dict[str, Any], path: Union[str, Path]) -> Path:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def save(payload: dict[str, Any], path: Union[str, Path]) -> Path:
+    """Write ``payload`` (with format and version added) atomically to ``path``."""
+    path = Path(path)
+    data = {"format": FORMAT, "version": VERSION, **payload}
+    _atomic_write(path, lambda file: torch.save(data, file))
     return path
 
 
+# -- versions ---------------------------------------------------------------------------
+
+
+def upgrade_v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
+    """v1 kept the learning rate as a LambdaLR state and wrote only at epoch ends."""
+    data = dict(data)
+    state = dict(data.get("trainer_state") or {})
+    if "scheduler" in state:
+        scheduler = state.pop("scheduler")
+        state["learning_rate"] = {
+            "step_count": scheduler["last_epoch"],
+            "plateau_factor": 1.0,
+            "best": math.inf,
+            "bad_epochs": 0,
+        }
+        state["sampler"] = None  # at an epoch end: the next epoch starts afresh
+        state["ema"] = None
+        data["trainer_state"] = state
+    data["version"] = 2
+    return data
+
+
+UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: upgrade_v1_to_v2}
+
+
+def upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """Bring a checkpoint dict to the current version, one pure step at a time."""
+    while data["version"] < VERSION:
+        data = UPGRADES[data["version"]](data)
+    return data
+
+
+# -- reading ----------------------------------------------------------------------------
+
+
+def is_step_dir(path: Path) -> bool:
+    return path.is_dir() and _STEP_DIR.search(path.name) is not None
+
+
 def load(path: Union[str, Path], architecture: str = "") -> dict[str, Any]:
-    """Read a checkpoint; fail clearly on a missing, foreign or too new file.
+    """Read a checkpoint file or committed step directory, upgraded to this version.
 
     :param architecture: when given, the checkpoint must come from it
     """
     path = Path(path)
+    if path.is_dir():
+        if not (path / COMMITTED).exists():
+            raise CheckpointError(
+                f"{path} is not a committed checkpoint (its write was interrupted); use "
+                "an older one, or 'continue_from: auto' which picks the newest committed"
+            )
+        path = path / REPLICATED
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
@@ -72,4 +144,139 @@ def load(path: Union[str, Path], architecture: str = "") -> dict[str, Any]:
         raise CheckpointError(
             f"{path} was written by architecture '{data.get('architecture')}', not '{architecture}'"
         )
-    return data
+    return upgrade(data)
+
+
+def load_rank_state(path: Union[str, Path], rank: int) -> dict[str, Any] | None:
+    """This rank's part of a step directory, or None (a file, or a rank that did not
+    exist when it was written: resuming with more ranks)."""
+    path = Path(path)
+    part = path / f"rank-{rank:05d}.pt"
+    if not (path.is_dir() and part.is_file()):
+        return None
+    return torch.load(part, map_location="cpu", weights_only=False)
+
+
+def committed_steps(root: Union[str, Path]) -> list[tuple[int, Path]]:
+    """(step, directory) of every committed checkpoint under ``root``, by step."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _STEP_DIR.search(path.name)
+        if match and (path / COMMITTED).is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest(root: Union[str, Path]) -> Path | None:
+    """The committed checkpoint with the highest step under ``root``."""
+    steps = committed_steps(root)
+    return steps[-1][1] if steps else None
+
+
+# -- random states ----------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# -- writing during training ------------------------------------------------------------
+
+
+class CheckpointManager:
+    """Step checkpoints of one run, written by all ranks together.
+
+    :param root: the run's ``checkpoints/`` directory
+    :param barrier: waits for all ranks (a no-op in one process)
+    """
+
+    def __init__(
+        self,
+        root: Union[str, Path],
+        rank: int,
+        world_size: int,
+        keep_last: int,
+        keep_best: bool,
+        barrier: Callable[[], None],
+    ):
+        self.root = Path(root)
+        self.rank = rank
+        self.world_size = world_size
+        self.keep_last = max(1, keep_last)
+        self.keep_best = keep_best
+        self.barrier = barrier
+        self.last_time = time.monotonic()
+
+    def path(self, step: int) -> Path:
+        return self.root / f"step-{step:09d}"
+
+    def save(
+        self,
+        step: int,
+        write_replicated: Callable[[Path], None],
+        rank_state: dict[str, Any],
+        info: dict[str, Any],
+    ) -> Path:
+        """Write step ``step``: every rank its part, rank 0 the shared part and then,
+        once all ranks are done, the commit marker. Called by every rank."""
+        path = self.path(step)
+        if self.rank == 0 and path.exists():
+            shutil.rmtree(path)  # an interrupted write of this same step
+        self.barrier()
+        part = path / f"rank-{self.rank:05d}.pt"
+        _atomic_write(part, lambda file: torch.save(rank_state, file))
+        if self.rank == 0:
+            write_replicated(path / REPLICATED)
+        self.barrier()
+        if self.rank == 0:
+            record = {"step": step, "world_size": self.world_size, "time": time.time(), **info}
+            _atomic_write(path / COMMITTED, lambda file: file.write(json.dumps(record).encode()))
+            self.prune()
+        self.barrier()
+        self.last_time = time.monotonic()
+        return path
+
+    def prune(self) -> None:
+        """Keep the newest ``keep_last`` committed steps and the best one; remove
+        the rest, including interrupted writes older than the newest commit."""
+        steps = committed_steps(self.root)
+        keep = {p for _, p in steps[-self.keep_last :]}
+        if self.keep_best:
+            best = self.best()
+            if best is not None:
+                keep.add(best)
+        newest = steps[-1][0] if steps else -1
+        for path in self.root.iterdir():
+            match = _STEP_DIR.search(path.name)
+            if not match or path in keep:
+                continue
+            committed = (path / COMMITTED).is_file()
+            if committed or int(match.group(1)) < newest:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def best(self) -> Path | None:
+        """The committed step with the lowest validation loss, if any recorded one."""
+        scored = []
+        for _, path in committed_steps(self.root):
+            record = json.loads((path / COMMITTED).read_text())
+            if record.get("validation_loss") is not None:
+                scored.append((record["validation_loss"], record["step"], path))
+        return min(scored)[2] if scored else None

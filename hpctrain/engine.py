@@ -22,13 +22,13 @@ import numpy as np
 import torch
 from metatomic.torch import ModelOutput
 
-from . import launch, run
+from . import checkpoint, launch, run
 from .composition import fit_composition
 from .config import option
 from .data.batch import Batch, collate
 from .data.dataset import AtomisticDataset
 from .data.sampler import DistributedBatchSampler
-from .errors import CheckpointError, DataError, OptionsError
+from .errors import CheckpointError, DataError, OptionsError, Preempted, TrainingDiverged
 from .evaluation import EnergyModule, evaluate, predict, split_key
 from .optim import ExponentialMovingAverage, LearningRate
 from .report import MetricsCSV, get_logger
@@ -203,8 +203,20 @@ class Engine:
         self.ema = (
             ExponentialMovingAverage(self.model, hypers.ema_decay) if hypers.ema_decay else None
         )
+        self.flags = {"nonfinite": False, "stop": False, "due": False}
+        self.checkpoints = None
+        if self.context.run_dir is not None:
+            self.checkpoints = checkpoint.CheckpointManager(
+                self.checkpoint_dir / "checkpoints",
+                self.context.rank,
+                self.context.world_size,
+                self.context.checkpoint.keep_last,
+                self.context.checkpoint.keep_best,
+                launch.barrier,
+            )
         if state is not None:
             self.load_state_dict(state)
+            self.load_rank_state()
 
     # -- hooks ------------------------------------------------------------------------
 
@@ -257,7 +269,10 @@ class Engine:
         """One optimizer step on this rank's share of a global batch; returns its loss.
 
         The share is split into ``accumulation_steps`` micro-batches; gradients are
-        synchronised across ranks only on the last one.
+        synchronised across ranks only on the last one. Before the weights change,
+        the ranks agree on whether the loss is finite (else nothing is updated and
+        :class:`TrainingDiverged` is raised) and on pending stop signals and time-based
+        checkpoints, acted on after the step.
         """
         hp = self.hypers
         self.optimizer.zero_grad(set_to_none=True)
@@ -271,6 +286,14 @@ class Engine:
                     loss, _ = self.compute_loss(batch, n_structures, int(n_atoms))
                 loss.backward()
             total += loss.detach().double()
+        self.flags = self.agree(nonfinite=not bool(torch.isfinite(total)))
+        if self.flags["nonfinite"]:
+            raise TrainingDiverged(
+                f"the loss became NaN or infinite at step {self.progress.step + 1} (epoch "
+                f"{self.progress.epoch + 1}); the weights were not updated and no checkpoint "
+                f"of this state was written. Last good checkpoint: {self.last_checkpoint()}. "
+                "Lower the learning rate, set grad_clip, or check the data for outliers."
+            )
         if hp.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), hp.grad_clip)
         self.optimizer.step()
@@ -279,6 +302,21 @@ class Engine:
             self.ema.update()
         self.progress.step += 1
         return total
+
+    def agree(self, nonfinite: bool) -> dict[str, bool]:
+        """What all ranks must do together after this step (one small all-reduce)."""
+        ctx = self.context
+        every_minutes = ctx.checkpoint.every_minutes
+        due = (
+            self.checkpoints is not None
+            and every_minutes is not None
+            and time.monotonic() - self.checkpoints.last_time > 60 * every_minutes
+        )
+        stop = ctx.stop is not None and ctx.stop.received is not None
+        flags = torch.tensor([nonfinite, stop, due], dtype=torch.int32)
+        if ctx.world_size > 1:
+            launch.all_reduce_sum(flags)
+        return {"nonfinite": bool(flags[0]), "stop": bool(flags[1]), "due": bool(flags[2])}
 
     def autocast(self):
         if self.hypers.mixed_precision:
@@ -295,6 +333,7 @@ class Engine:
             f"epoch of global batch {hp.batch_size} on {ctx.world_size} rank(s), "
             f"{hp.num_epochs} epochs"
         )
+        every_steps = ctx.checkpoint.every_n_steps
         for epoch in range(self.progress.epoch, hp.num_epochs):
             start = time.perf_counter()
             self.model.train()
@@ -306,11 +345,22 @@ class Engine:
                     step.local, len(step.global_), n_atoms_all[step.global_].sum()
                 )
                 steps += 1
+                if self.flags["stop"]:
+                    path = self.write_checkpoint()
+                    raise Preempted(
+                        f"stopped by {ctx.stop.received if ctx.stop else 'a signal'} on some "
+                        f"rank at step {self.progress.step}; checkpoint {path}. Continue "
+                        "with 'continue_from: auto' (or --continue auto) and the same "
+                        "--output-dir"
+                    )
+                if self.flags["due"] or (every_steps and self.progress.step % every_steps == 0):
+                    self.write_checkpoint()
             launch.all_reduce_sum(loss_sum)
             train_loss = loss_sum.item() / ctx.world_size / max(1, steps)
             self.progress.epoch = epoch + 1
             elapsed = time.perf_counter() - start
             last = epoch + 1 == hp.num_epochs
+            val_loss = None
             if (epoch + 1) % max(1, ctx.logging.every_n_epochs) == 0 or last:
                 metrics = self.validate()
                 val_loss = self.validation_loss(metrics)
@@ -328,22 +378,24 @@ class Engine:
                 if csv is not None:
                     csv.write(row)
             every = ctx.checkpoint.every_n_epochs
-            if every and (epoch + 1) % every == 0 and not last:
-                self.write_epoch_checkpoint(epoch + 1)
+            if last or (every and (epoch + 1) % every == 0):
+                self.write_checkpoint(val_loss)
         if self.ema is not None:
             self.ema.copy_to_model()
 
-    def write_epoch_checkpoint(self, epoch: int) -> None:
-        """``epoch-N.ckpt`` on rank 0, keeping the newest ``keep_last``."""
-        if not self.context.is_main:
-            return
-        self.save_checkpoint(self.checkpoint_dir / f"epoch-{epoch}.ckpt")
-        keep = self.context.checkpoint.keep_last
-        old = sorted(
-            self.checkpoint_dir.glob("epoch-*.ckpt"), key=lambda p: int(p.stem.split("-")[1])
-        )
-        for path in old[: max(0, len(old) - keep)]:
-            path.unlink()
+    def write_checkpoint(self, validation_loss: float | None = None) -> Path | None:
+        """A step checkpoint of the whole run, written by all ranks together."""
+        if self.checkpoints is None:
+            return None
+        rank_state = {"rng": checkpoint.rng_state(), "sampler": self.sampler.state_dict()}
+        info = {"epoch": self.progress.epoch, "validation_loss": validation_loss}
+        path = self.checkpoints.save(self.progress.step, self.save_checkpoint, rank_state, info)
+        self.log.info(f"checkpoint {path}")
+        return path
+
+    def last_checkpoint(self) -> str:
+        latest = checkpoint.latest(self.checkpoints.root) if self.checkpoints else None
+        return str(latest) if latest else "none written yet"
 
     def validation_loss(self, metrics: dict[str, float]) -> float:
         """The training loss's weighting of the validation errors (MSE from RMSE)."""
@@ -388,10 +440,21 @@ class Engine:
             "ema": self.ema.state_dict() if self.ema is not None else None,
         }
 
+    def load_rank_state(self) -> None:
+        """This rank's RNG states and data cursor, when continuing from a step
+        checkpoint written with this rank (else the shared cursor is kept)."""
+        resume = self.context.resume_from
+        part = checkpoint.load_rank_state(resume, self.context.rank) if resume else None
+        if part is not None:
+            checkpoint.set_rng_state(part["rng"])
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.progress = Progress(**state["progress"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr.load_state_dict(state["learning_rate"])
+        if state.get("sampler") is None:  # written at an epoch end (format v1)
+            self.sampler.set_epoch(self.progress.epoch)
+            return
         try:
             self.sampler.load_state_dict(state["sampler"])
         except CheckpointError as error:

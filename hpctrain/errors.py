@@ -23,3 +23,15 @@ class LaunchError(HpctrainError):
 
 class CheckpointError(HpctrainError):
     """A checkpoint cannot be read or does not fit the run."""
+
+
+class Preempted(HpctrainError):
+    """A stop signal arrived; a checkpoint was written and the run can continue."""
+
+    exit_code = 75  # EX_TEMPFAIL: "try again", i.e. resume me
+
+
+class TrainingDiverged(HpctrainError):
+    """The loss became NaN or infinite; nothing of the broken state was saved."""
+
+    exit_code = 4

@@ -17,13 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__, launch, run
+from . import __version__, checkpoint, launch, run
 from .architecture import Architecture, DatasetInfo, choose_device_type, choose_dtype, resolve
 from .data import AtomisticDataset, read_dataset, split_indices
-from .errors import DataError, OptionsError
+from .errors import CheckpointError, DataError, OptionsError, Preempted
 from .evaluation import evaluate_model
 from .options import Options, load_options, write_resolved
 from .report import get_logger, setup_logging
+from .signals import StopRequest
 
 
 def new_run_dir(root: Path = Path("outputs")) -> Path:
@@ -118,10 +119,6 @@ def prepare(
     options = load_options(options_path)
     if continue_from is not None:
         options.continue_from = continue_from
-    if options.continue_from == "auto":
-        raise OptionsError(
-            "'continue_from: auto' is not available yet; give the path of a checkpoint"
-        )
     architecture = resolve(
         options.architecture.name, options.architecture.model, options.architecture.training, source
     )
@@ -151,27 +148,27 @@ def train(
     backend = launch.backend_for(device_type, options.distributed.backend)
 
     with launch.ProcessGroup(env, backend, options.distributed.timeout_s):
-        seed = options.seed
-        if seed is None:
-            seed = launch.broadcast_object(random.SystemRandom().randrange(2**31))
-        options.seed = seed
         run_dir = None
         if env.is_main:
             run_dir = Path(output_dir) if output_dir else new_run_dir()
             run_dir.mkdir(parents=True, exist_ok=True)
         run_dir = Path(launch.broadcast_object(str(run_dir) if run_dir else None)).resolve()
         log = setup_logging(env.rank, run_dir / "train.log" if env.is_main else None)
+        resume = resolve_continue(options.continue_from, run_dir, bool(output_dir))
+        resume = launch.broadcast_object(resume)
+        options.seed = choose_seed(options.seed, resume)
         run.set_current(
             run.RunContext(
                 rank=env.rank,
                 world_size=env.world_size,
-                seed=seed,
+                seed=options.seed,
                 run_dir=run_dir,
                 checkpoint=options.checkpoint,
                 logging=options.logging,
+                resume_from=Path(resume) if resume else None,
             )
         )
-        seed_everything(seed)
+        seed_everything(options.seed)
         resolved = run_dir / "options.resolved.yaml"
         if env.is_main:
             write_resolved(options, resolved)
@@ -195,14 +192,21 @@ def train(
             )
         )
 
-        model, trainer = build(architecture, info, options.continue_from)
-        trainer.train(
-            model=model,
-            devices=[device],
-            train_datasets=train_sets,
-            val_datasets=val_sets,
-            checkpoint_dir=str(run_dir),
-        )
+        model, trainer = build(architecture, info, resume)
+        with StopRequest() as stop:
+            run.current().stop = stop
+            try:
+                trainer.train(
+                    model=model,
+                    devices=[device],
+                    train_datasets=train_sets,
+                    val_datasets=val_sets,
+                    checkpoint_dir=str(run_dir),
+                )
+            except Preempted:
+                if options.checkpoint.requeue and env.is_main:
+                    launch.requeue_slurm_job(env)
+                raise
         if test_sets:
             report_test_metrics(model, info, test_sets, device, run_dir, env.is_main)
         if env.is_main:
@@ -212,6 +216,46 @@ def train(
         launch.barrier()
         log.info(f"done in {time.perf_counter() - started:.1f} s")
     return run_dir
+
+
+def resolve_continue(continue_from: str | None, run_dir: Path, fixed_dir: bool) -> str | None:
+    """The checkpoint to continue from: an explicit path, or for ``auto`` the newest
+    committed step checkpoint of the run directory (None: start afresh)."""
+    log = get_logger()
+    if continue_from is None:
+        return None
+    if continue_from != "auto":
+        if not Path(continue_from).exists():
+            raise CheckpointError(f"checkpoint {continue_from!r} (continue_from) does not exist")
+        return str(Path(continue_from).resolve())
+    found = checkpoint.latest(run_dir / "checkpoints")
+    if found is None:
+        if not fixed_dir:
+            log.warning(
+                "'continue_from: auto' without --output-dir: a new run directory never holds "
+                "a checkpoint; give --output-dir so that a restarted job finds its own"
+            )
+        log.info(f"continue_from auto: no checkpoint in {run_dir / 'checkpoints'}, starting")
+        return None
+    log.info(f"continue_from auto: newest committed checkpoint is {found}")
+    return str(found)
+
+
+def choose_seed(seed: int | None, resume: str | None) -> int:
+    """The options' seed; else the seed of the run being continued; else one drawn on
+    rank 0 and shared, so that splits and order are identical on every rank."""
+    if resume is not None:
+        saved = checkpoint.load(resume).get("seed")
+        if seed is None and saved is not None:
+            return int(saved)
+        if saved is not None and seed != saved:
+            get_logger().warning(
+                f"the options' seed {seed} differs from the checkpoint's {saved}: the data "
+                "split and order change"
+            )
+    if seed is None:
+        seed = launch.broadcast_object(random.SystemRandom().randrange(2**31))
+    return seed
 
 
 def build(
@@ -283,12 +327,16 @@ def main_guard(function, *args: Any, **kwargs: Any) -> int:
     try:
         function(*args, **kwargs)
         return 0
+    except Preempted as stop:
+        if launch.rank_hint() == 0:
+            print(f"hpctrain: {stop}", file=sys.stderr)
+        return stop.exit_code
     except HpctrainError as error:
         if launch.rank_hint() == 0:
             print(f"hpctrain: error: {error}", file=sys.stderr)
         else:
             print(f"[rank {launch.rank_hint()}] hpctrain: error: {error}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return getattr(error, "exit_code", EXIT_USER_ERROR)
     except RuntimeError as error:
         if not launch.is_communication_failure(error):
             raise

@@ -390,6 +390,24 @@ def barrier() -> None:
         dist.barrier()
 
 
+def requeue_slurm_job(env: LaunchEnv) -> None:
+    """``scontrol requeue`` this job, so that it starts again (and continues from its
+    checkpoint with ``continue_from: auto``). Needs ``#SBATCH --requeue``."""
+    from .report import get_logger
+
+    log = get_logger()
+    if not env.job_id or env.launcher not in ("slurm", "mpi"):
+        log.warning("checkpoint.requeue is set but this run is not a SLURM job; not requeued")
+        return
+    result = subprocess.run(
+        ["scontrol", "requeue", env.job_id], capture_output=True, text=True, timeout=60
+    )
+    if result.returncode != 0:
+        log.warning(f"scontrol requeue {env.job_id} failed: {result.stderr.strip()}")
+    else:
+        log.info(f"requeued SLURM job {env.job_id}")
+
+
 _COMMUNICATION_ERRORS = (
     "gloo",
     "NCCL",

@@ -143,7 +143,22 @@ class CheckpointOptions:
     """When checkpoints are written in the run directory."""
 
     every_n_epochs: int = option(1, doc="Write a checkpoint every N epochs (0: never).")
-    keep_last: int = option(3, doc="How many of the newest epoch checkpoints to keep.")
+    every_n_steps: int | None = option(
+        None, doc="Also write one every N optimizer steps (mid-epoch)."
+    )
+    every_minutes: float | None = option(
+        30.0, doc="Also write one when this many minutes passed since the last one."
+    )
+    keep_last: int = option(3, doc="How many of the newest checkpoints to keep.")
+    keep_best: bool = option(
+        True, doc="Also keep the checkpoint with the lowest validation loss."
+    )
+    requeue: bool = option(
+        False,
+        doc="On SIGUSR1/SIGUSR2/SIGTERM, after the checkpoint, requeue the SLURM job "
+        "(``scontrol requeue``) so that a plain ``srun python -m hpctrain`` job continues "
+        "by itself (with ``continue_from: auto`` and a fixed ``--output-dir``).",
+    )
 
 
 @dataclasses.dataclass
@@ -200,7 +215,11 @@ class Options:
         "auto",
         doc="``auto``: the architecture's most preferred device that the machine has.",
     )
-    continue_from: str | None = option(None, doc="Checkpoint to continue training from.")
+    continue_from: str | None = option(
+        None,
+        doc="Checkpoint (file or step directory) to continue from; ``auto``: the newest "
+        "committed checkpoint of the run directory, or a fresh start when there is none.",
+    )
     distributed: DistributedOptions = option(
         factory=DistributedOptions, doc="Collectives and threads."
     )

@@ -12,6 +12,7 @@ import dataclasses
 from pathlib import Path
 
 from .options import CheckpointOptions, LoggingOptions
+from .signals import StopRequest
 
 
 @dataclasses.dataclass
@@ -22,6 +23,8 @@ class RunContext:
     run_dir: Path | None = None
     checkpoint: CheckpointOptions = dataclasses.field(default_factory=CheckpointOptions)
     logging: LoggingOptions = dataclasses.field(default_factory=LoggingOptions)
+    stop: StopRequest | None = None  # set by the flow: signal handlers installed
+    resume_from: Path | None = None  # the checkpoint this run continues, if any
 
     @property
     def is_main(self) -> bool:

@@ -178,8 +178,3 @@ def test_malformed_options(case, write_options):
 def test_missing_options_file(tmp_path):
     with pytest.raises(HpctrainError, match="nothing.yaml' does not exist"):
         prepare(tmp_path / "nothing.yaml")
-
-
-def test_continue_auto_is_refused_until_supported(write_options):
-    with pytest.raises(HpctrainError, match="continue_from: auto"):
-        prepare(write_options(GOOD + "continue_from: auto\n"))

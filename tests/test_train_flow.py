@@ -34,7 +34,7 @@ distributed: {timeout_s: 60}
 """
 
 FILES = {"options.resolved.yaml", "train.log", "metrics.csv", "model.ckpt", "model.pt"}
-RUN_FILES = FILES | {"test_metrics.json", "extensions"}
+RUN_FILES = FILES | {"test_metrics.json", "extensions", "checkpoints"}
 
 
 def weights(run_dir):
@@ -60,8 +60,9 @@ def single_run(workdir):
 def test_single_process_writes_every_output(single_run):
     run_dir, result = single_run
     names = {p.name for p in run_dir.iterdir()}
-    # epoch checkpoints are removed when keep_last is exceeded; nothing else appears
-    assert names - {"epoch-1.ckpt"} == RUN_FILES, names
+    assert names == RUN_FILES, names
+    steps = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert steps == ["step-000000010", "step-000000020"]  # one per epoch (10 steps each)
     test = json.loads((run_dir / "test_metrics.json").read_text())
     assert set(test) == {
         "energy RMSE [eV/atom]",
@@ -128,7 +129,7 @@ def test_mpiexec_and_torchrun_train_the_same_model(workdir, single_run):
     for result, name in ((mpi, "mpi"), (torchrun, "torchrun")):
         # rank 0 alone reports: each epoch line printed once
         assert result.stdout.count("epoch    1/2") == 1, result.stdout
-        assert {p.name for p in (workdir / name).iterdir()} - {"epoch-1.ckpt"} == RUN_FILES
+        assert {p.name for p in (workdir / name).iterdir()} == RUN_FILES
     a, b = weights(workdir / "mpi"), weights(workdir / "torchrun")
     for key in a:
         assert torch.equal(a[key], b[key]), key

@@ -1,0 +1,118 @@
+"""Checkpoints: atomic files, commit markers, versions, retention."""
+
+import json
+import os
+import time
+
+import pytest
+import torch
+from conftest import ROOT
+
+from hpctrain import checkpoint
+from hpctrain.errors import CheckpointError
+
+FIXTURE_V1 = ROOT / "tests" / "fixtures" / "checkpoint-v1-mp_transformer.ckpt"
+
+
+def test_an_interrupted_write_leaves_the_old_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "model.ckpt"
+    checkpoint.save({"architecture": "a", "value": 1}, path)
+
+    def broken(data, file):
+        file.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save({"architecture": "a", "value": 2}, path)
+    monkeypatch.undo()
+    assert checkpoint.load(path)["value"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["model.ckpt"]  # no temporary left
+
+
+def test_version_1_checkpoints_are_upgraded(tmp_path):
+    raw = torch.load(FIXTURE_V1, weights_only=False)
+    assert raw["version"] == 1
+    upgraded = checkpoint.upgrade(raw)
+    assert raw["trainer_state"].get("scheduler") is not None  # the input is not modified
+    state = upgraded["trainer_state"]
+    assert upgraded["version"] == checkpoint.VERSION
+    assert state["learning_rate"]["step_count"] == raw["trainer_state"]["scheduler"]["last_epoch"]
+    assert state["sampler"] is None and "scheduler" not in state
+    from architectures.mp_transformer import __model__ as Model
+    from architectures.mp_transformer import __trainer__ as Trainer
+
+    model = Model.load_checkpoint(FIXTURE_V1)
+    torch.testing.assert_close(model.state_dict()["composition"], raw["model_state"]["composition"])
+    trainer = Trainer.load_checkpoint(FIXTURE_V1, {"num_epochs": 3, "batch_size": 8})
+    assert trainer._state["progress"]["epoch"] == 2
+
+
+def test_unreadable_and_incompatible_checkpoints_are_named(tmp_path):
+    newer = tmp_path / "newer.ckpt"
+    torch.save({"format": checkpoint.FORMAT, "version": checkpoint.VERSION + 1}, newer)
+    with pytest.raises(CheckpointError, match="newer than this hpctrain understands"):
+        checkpoint.load(newer)
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(CheckpointError, match="foreign.ckpt is not an hpctrain checkpoint"):
+        checkpoint.load(foreign)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(FIXTURE_V1.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="truncated.ckpt is not a readable checkpoint"):
+        checkpoint.load(truncated)
+    with pytest.raises(CheckpointError, match="written by architecture 'architectures.mp_trans"):
+        checkpoint.load(FIXTURE_V1, architecture="architectures.soap_bpnn")
+
+
+def manager(root, keep_last=2, keep_best=True):
+    return checkpoint.CheckpointManager(root, 0, 1, keep_last, keep_best, lambda: None)
+
+
+def write(m, step, loss=None):
+    return m.save(
+        step,
+        lambda path: checkpoint.save({"architecture": "a", "step": step}, path),
+        {"rng": checkpoint.rng_state()},
+        {"validation_loss": loss},
+    )
+
+
+def test_the_newest_committed_step_wins_not_the_newest_file(tmp_path):
+    m = manager(tmp_path, keep_last=5)
+    for step in (10, 20, 30):
+        write(m, step)
+    # an interrupted write of a later step: no commit marker
+    broken = tmp_path / "step-000000040"
+    broken.mkdir()
+    (broken / "replicated.pt").write_bytes(b"partial")
+    # the oldest one touched last: mtime must not matter
+    old = tmp_path / "step-000000010" / "COMMITTED"
+    os.utime(old, (time.time() + 100, time.time() + 100))
+    assert checkpoint.latest(tmp_path) == tmp_path / "step-000000030"
+    assert checkpoint.load(checkpoint.latest(tmp_path))["step"] == 30
+    with pytest.raises(CheckpointError, match="not a committed checkpoint"):
+        checkpoint.load(broken)
+    record = json.loads((tmp_path / "step-000000030" / "COMMITTED").read_text())
+    assert record["step"] == 30 and record["world_size"] == 1
+
+
+def test_retention_keeps_the_newest_and_the_best(tmp_path):
+    m = manager(tmp_path, keep_last=2)
+    losses = {10: 0.5, 20: 0.1, 30: 0.4, 40: None, 50: 0.3}
+    for step, loss in losses.items():
+        write(m, step, loss)
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    assert kept == ["step-000000020", "step-000000040", "step-000000050"]
+    assert m.best() == tmp_path / "step-000000020"
+
+
+def test_rank_parts_and_rng_states_round_trip(tmp_path):
+    m = manager(tmp_path)
+    torch.manual_seed(123)
+    path = write(m, 7)
+    expected = torch.rand(3)
+    torch.manual_seed(999)
+    checkpoint.set_rng_state(checkpoint.load_rank_state(path, 0)["rng"])
+    torch.testing.assert_close(torch.rand(3), expected)
+    assert checkpoint.load_rank_state(path, 1) is None  # a rank that did not exist
