@@ -42,7 +42,15 @@ REPLICATED = "replicated.pt"
 _STEP_DIR = re.compile(r"step-(\d+)$")
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+def _fsync_dir(path: Path) -> None:
+    dir_fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None], sync_dir: bool = True) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -57,18 +65,19 @@ def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    if sync_dir:
+        _fsync_dir(path.parent)
 
 
-def save(payload: dict[str, Any], path: Union[str, Path]) -> Path:
-    """Write ``payload`` (with format and version added) atomically to ``path``."""
+def save(payload: dict[str, Any], path: Union[str, Path], sync_dir: bool = True) -> Path:
+    """Write ``payload`` (with format and version added) atomically to ``path``.
+
+    :param sync_dir: also fsync the directory (a step checkpoint does it once, before
+        its commit marker)
+    """
     path = Path(path)
     data = {"format": FORMAT, "version": VERSION, **payload}
-    _atomic_write(path, lambda file: torch.save(data, file))
+    _atomic_write(path, lambda file: torch.save(data, file), sync_dir)
     return path
 
 
@@ -242,9 +251,10 @@ class CheckpointManager:
             shutil.rmtree(path)  # an interrupted write of this same step
         self.barrier()
         part = path / f"rank-{self.rank:05d}.pt"
-        _atomic_write(part, lambda file: torch.save(rank_state, file))
+        _atomic_write(part, lambda file: torch.save(rank_state, file), sync_dir=False)
         if self.rank == 0:
             write_replicated(path / REPLICATED)
+        _fsync_dir(path)  # every part's name is durable before the commit marker
         self.barrier()
         if self.rank == 0:
             record = {"step": step, "world_size": self.world_size, "time": time.time(), **info}

@@ -1,0 +1,110 @@
+"""Checkpoint write and load times against state size, next to a bare torch.save.
+
+    python benchmarks/checkpoint.py --sizes 1 10 100 --out checkpoint.json
+
+For each state size (MB of float32 weights, plus Adam's two moments: 3x), times
+(median of ``--repeat``) a bare ``torch.save`` to the same disk, the same followed by
+an fsync (what durability costs anyway), a step checkpoint
+written by hpctrain's CheckpointManager in one process (rank part, replicated part
+with fsync, commit marker), and loading it back. Target: the write within 1.2x of
+the bare ``torch.save``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from hpctrain import checkpoint
+
+
+def state_of(megabytes: float) -> dict:
+    n = int(megabytes * 2**20 / 4)
+    model = {"weights": torch.randn(n)}
+    optimizer = {"exp_avg": torch.randn(n), "exp_avg_sq": torch.rand(n)}
+    return {"architecture": "benchmark", "model_state": model, "trainer_state": optimizer}
+
+
+def timed(function, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(size: float, root: Path, manager, repeat: int) -> dict:
+    state = state_of(size)
+    bare = timed(lambda: torch.save(state, root / "bare.pt"), repeat)
+    synced = timed(lambda: save_and_fsync(state, root / "synced.pt"), repeat)
+    steps = iter(range(manager_step(manager), 10**9))
+    write = timed(
+        lambda: manager.save(
+            next(steps),
+            lambda path: checkpoint.save(state, path),
+            {"rng": checkpoint.rng_state()},
+            {},
+        ),
+        repeat,
+    )
+    latest = checkpoint.latest(manager.root)
+    load = timed(lambda: checkpoint.load(latest), repeat)
+    return {
+        "state_mb": 3 * size,
+        "bare_torch_save_s": bare,
+        "torch_save_fsync_s": synced,
+        "checkpoint_write_s": write,
+        "ratio": write / bare,
+        "ratio_to_fsynced": write / synced,
+        "checkpoint_load_s": load,
+    }
+
+
+def save_and_fsync(state: dict, path: Path) -> None:
+    with open(path, "wb") as file:
+        torch.save(state, file)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def manager_step(manager) -> int:
+    steps = checkpoint.committed_steps(manager.root)
+    return steps[-1][0] + 1 if steps else 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=float, nargs="+", default=[1, 10, 100])
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--dir", type=Path, default=None, help="disk to write to")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp(dir=args.dir, prefix="hpctrain-ckpt-"))
+    results = {
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d"),
+        },
+        "cases": [],
+    }
+    manager = checkpoint.CheckpointManager(root / "checkpoints", 0, 1, 2, False, lambda: None)
+    for size in args.sizes:
+        case = measure(size, root, manager, args.repeat)
+        print(json.dumps(case), flush=True)
+        results["cases"].append(case)
+    args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
