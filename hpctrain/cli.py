@@ -1,8 +1,12 @@
-"""The ``hpctrain`` command. ``python -m hpctrain options.yaml`` is ``hpctrain train``.
+"""The ``hpctrain`` command: ``train``, ``convert`` (to HDF5 shards) and ``inspect``.
+
+``python -m hpctrain options.yaml`` is ``hpctrain train``.
 
 Exit codes: 0 done; 2 a problem with the options, data, architecture or
 checkpoint (the message says which); 3 this rank lost contact with another rank
-(which died, was killed or hangs); 1 an unexpected error (a traceback follows).
+(which died, was killed or hangs); 4 the loss became NaN or infinite; 75 stopped by
+SIGUSR1/SIGUSR2/SIGTERM after a checkpoint (resume with --continue auto); 1 an
+unexpected error (a traceback follows).
 """
 
 from __future__ import annotations
@@ -47,15 +51,208 @@ def parser() -> argparse.ArgumentParser:
         "--continue",
         dest="continue_from",
         metavar="CHECKPOINT",
-        help="continue training from this checkpoint (overrides 'continue_from')",
+        help="continue from this checkpoint, or 'auto': the newest committed one of the "
+        "run directory, else start (overrides 'continue_from')",
     )
+    train.add_argument(
+        "--requeue-on-signal",
+        action="store_true",
+        help="after the checkpoint that SIGUSR1/SIGUSR2/SIGTERM cause, requeue this SLURM "
+        "job (sets checkpoint.requeue)",
+    )
+    add_convert(commands)
+    add_inspect(commands)
+    add_submit(commands)
     return main
+
+
+CONVERT_EXAMPLE = """example:
+  # extxyz with energy, forces and stress in the file's 'stress' entry, 50,000 per shard
+  hpctrain convert md-*.xyz -o shards/ --stress stress --shard-size 50000
+  # Hartree and bohr, converted to eV and angstrom; a second energy without gradients
+  hpctrain convert data.extxyz -o shards/ --energy-unit Hartree --length-unit bohr \\
+      --energy E_total --forces F --target dispersion:E_d3
+  # several input files spread over 8 MPI ranks (same bytes as one rank)
+  mpiexec -n 8 hpctrain convert part-*.xyz -o shards/ --compression gzip:4
+
+then point the options at the directory:
+  training_set:
+    systems: {read_from: shards/}
+    targets: {energy: {forces: true, stress: true}}
+"""
+
+INSPECT_EXAMPLE = """example:
+  hpctrain inspect shards/
+  hpctrain inspect shards/ --verify    # exit 0 and 'ok', or 2 naming the bad shard
+"""
+
+
+def add_convert(commands: argparse._SubParsersAction) -> None:
+    convert = commands.add_parser(
+        "convert",
+        help="convert ASE-readable files into a directory of HDF5 shards",
+        description="Stream structures with their energies, forces and stress from any "
+        "files ASE reads (extxyz, ASE db, ...) into HDF5 shards with a manifest.json, "
+        "in eV and angstrom. Runs under mpiexec to spread input files over ranks.",
+        epilog=CONVERT_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    convert.add_argument(
+        "inputs", nargs="+", metavar="INPUT", help="input files, converted in the order given"
+    )
+    convert.add_argument("-o", "--output", required=True, metavar="DIR", help="shard directory")
+    convert.add_argument(
+        "--shard-size",
+        type=int,
+        default=10000,
+        metavar="N",
+        help="structures per shard (default: 10000)",
+    )
+    convert.add_argument(
+        "--energy", default="energy", metavar="KEY", help="key of the energy (default: energy)"
+    )
+    convert.add_argument(
+        "--forces",
+        default="forces",
+        metavar="KEY|none",
+        help="key of the forces, or 'none' (default: forces)",
+    )
+    convert.add_argument(
+        "--stress", default="none", metavar="KEY|none", help="key of the stress (default: none)"
+    )
+    convert.add_argument(
+        "--virial", metavar="KEY", help="key of the virial (energy), stored as stress"
+    )
+    convert.add_argument(
+        "--energy-unit", default="eV", metavar="U", help="energy unit of the input (default: eV)"
+    )
+    convert.add_argument(
+        "--length-unit",
+        default="angstrom",
+        metavar="U",
+        help="length unit of the input (default: angstrom)",
+    )
+    convert.add_argument(
+        "--target",
+        action="append",
+        default=[],
+        metavar="NAME:KEY[:per-atom]",
+        help="another energy target to store (repeatable)",
+    )
+    convert.add_argument(
+        "--compression",
+        default="none",
+        metavar="gzip[:LEVEL]|lzf|none",
+        help="HDF5 compression of every dataset (default: none)",
+    )
+    convert.add_argument("--format", metavar="ASE_FORMAT", help="ASE format of the inputs")
+    convert.add_argument(
+        "--overwrite", action="store_true", help="replace the shards of a non-empty DIR"
+    )
+
+
+def add_inspect(commands: argparse._SubParsersAction) -> None:
+    inspect = commands.add_parser(
+        "inspect",
+        help="summarize (and verify) a shard directory",
+        description="Print the counts, elements, atoms per structure and target "
+        "statistics of a shard directory; with --verify, check every file's sha256, "
+        "offsets and values too.",
+        epilog=INSPECT_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    inspect.add_argument("directory", metavar="DIR", help="shard directory")
+    inspect.add_argument(
+        "--verify", action="store_true", help="check checksums and scan every value"
+    )
+
+
+def run_convert(args: argparse.Namespace) -> None:
+    from .data.convert import convert, spec_from_args
+
+    spec = spec_from_args(
+        energy=args.energy,
+        forces=args.forces,
+        stress=args.stress,
+        virial=args.virial,
+        energy_unit=args.energy_unit,
+        length_unit=args.length_unit,
+        targets=args.target,
+    )
+    convert(
+        args.inputs,
+        args.output,
+        spec,
+        units={"length_unit": args.length_unit, "energy_unit": args.energy_unit},
+        shard_size=args.shard_size,
+        compression=None if args.compression == "none" else args.compression,
+        reader=args.format,
+        overwrite=args.overwrite,
+    )
+
+
+SUBMIT_EXAMPLE = """example:
+  hpctrain submit options.yaml --nodes 2 --gpus-per-node 4 --time 12:00:00 \\
+      --partition gpu --account myproject
+  hpctrain submit options.yaml --dry-run          # print the sbatch script only
+  hpctrain submit options.yaml --output-dir runs/a --wait
+
+Every flag can also sit in the 'slurm:' section of options.yaml; flags win. The job
+checkpoints, requeues itself and continues when SLURM preempts it or its time runs
+out (up to --max-requeues times); submitting again with the same --output-dir
+continues a run that stopped for good.
+"""
+
+
+def add_submit(commands: argparse._SubParsersAction) -> None:
+    submit = commands.add_parser(
+        "submit",
+        help="train as a SLURM job (from a login node)",
+        description="Submit the training of options.yaml as a SLURM job through submitit: "
+        "one task per GPU (or --tasks-per-node on CPU nodes), each running the same code as "
+        "`srun python -m hpctrain options.yaml`, with continue_from: auto.",
+        epilog=SUBMIT_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    submit.add_argument("options", help="the options file (YAML)")
+    submit.add_argument("--nodes", type=int, help="number of nodes")
+    submit.add_argument("--gpus-per-node", type=int, help="GPUs per node (one rank each)")
+    submit.add_argument("--tasks-per-node", type=int, help="ranks per node on CPU nodes")
+    submit.add_argument("--cpus-per-task", type=int, help="CPU cores per rank")
+    submit.add_argument("--time", help="time limit of each job, e.g. 12:00:00")
+    submit.add_argument("--partition", help="SLURM partition")
+    submit.add_argument("--account", help="SLURM account")
+    submit.add_argument("--max-requeues", type=int, help="requeues allowed (default 10)")
+    submit.add_argument(
+        "--sbatch",
+        action="append",
+        metavar="OPTION",
+        help="extra sbatch option, e.g. --sbatch=--qos=long",
+    )
+    submit.add_argument("--job-name", default="hpctrain", help="SLURM job name")
+    submit.add_argument(
+        "-o", "--output-dir", help="run directory (default: outputs/YYYY-MM-DD/HH-MM-SS)"
+    )
+    submit.add_argument("--dry-run", action="store_true", help="print the sbatch script only")
+    submit.add_argument("--wait", action="store_true", help="follow the job until it ends")
+
+
+def run_inspect(args: argparse.Namespace) -> None:
+    from .data.inspection import summarize, verify
+
+    print(summarize(args.directory), flush=True)
+    if args.verify:
+        count = verify(args.directory)
+        print(f"ok: checksums, offsets and values of {count} structures", flush=True)
+
+
+COMMANDS = {"train", "convert", "inspect", "submit"}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # `hpctrain options.yaml` and `python -m hpctrain options.yaml` mean `train`
-    if argv and not argv[0].startswith("-") and argv[0] not in {"train"}:
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
         argv.insert(0, "train")
     args = parser().parse_args(argv)
     if args.command is None:
@@ -63,6 +260,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .flow import main_guard, train
 
+    if args.command == "convert":
+        return main_guard(run_convert, args)
+    if args.command == "inspect":
+        return main_guard(run_inspect, args)
+    if args.command == "submit":
+        from .submit import run_submit
+
+        return main_guard(run_submit, args)
     return main_guard(
-        train, args.options, output_dir=args.output_dir, continue_from=args.continue_from
+        train,
+        args.options,
+        output_dir=args.output_dir,
+        continue_from=args.continue_from,
+        requeue=args.requeue_on_signal,
     )

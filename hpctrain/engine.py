@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -177,13 +178,7 @@ class Engine:
             self.prepare_model()
         self.network: torch.nn.Module = EnergyModule(self.model, self.outputs)
         if launch.is_distributed():
-            # buffers (baseline, type map) are identical on all ranks by construction
-            self.network = torch.nn.parallel.DistributedDataParallel(
-                self.network,
-                device_ids=[device] if device.type == "cuda" else None,
-                broadcast_buffers=False,
-                gradient_as_bucket_view=True,
-            )
+            self.network = wrap_ddp(self.network, device)
         if hypers.mixed_precision and device.type != "cuda":
             raise OptionsError(
                 "'architecture.training.mixed_precision' needs a CUDA device; this run "
@@ -463,6 +458,28 @@ class Engine:
             self.sampler.set_epoch(self.progress.epoch)
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
+
+
+def wrap_ddp(network: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel without buffer syncs at each forward: the buffers
+    (baseline, type map) are identical on all ranks by construction."""
+    import inspect
+
+    ddp = torch.nn.parallel.DistributedDataParallel
+    no_sync = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
+        else {"broadcast_buffers": False}
+    )
+    # a [1, n] head (one target) gets a [1, 1]-strided gradient; DDP warns about the
+    # stride of a size-1 dimension, which changes no memory layout
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    return ddp(
+        network,
+        device_ids=[device] if device.type == "cuda" else None,
+        gradient_as_bucket_view=True,
+        **no_sync,
+    )
 
 
 def _format_row(row: dict[str, float], num_epochs: int, rate: float) -> str:

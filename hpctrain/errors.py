@@ -35,3 +35,9 @@ class TrainingDiverged(HpctrainError):
     """The loss became NaN or infinite; nothing of the broken state was saved."""
 
     exit_code = 4
+
+
+class JobFailed(HpctrainError):
+    """A submitted SLURM job ended without a trained model."""
+
+    exit_code = 1

@@ -111,7 +111,9 @@ def _check_supported(architecture: Architecture, info: DatasetInfo) -> None:
 
 
 def prepare(
-    options_path: str | Path, continue_from: str | None = None
+    options_path: str | Path,
+    continue_from: str | None = None,
+    cuda_available: bool | None = None,
 ) -> tuple[Options, Architecture, torch.dtype, str]:
     """Everything that can be checked before launching: options, architecture and its
     hypers, dtype and device type. Fails fast, with the key path, on every rank."""
@@ -125,9 +127,9 @@ def prepare(
     options.architecture.model = architecture.model_hypers
     options.architecture.training = architecture.training_hypers
     dtype = choose_dtype(architecture.model_class, options.base_precision)
-    device_type = choose_device_type(
-        architecture.model_class, options.device, torch.cuda.is_available()
-    )
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    device_type = choose_device_type(architecture.model_class, options.device, cuda_available)
     return options, architecture, dtype, device_type
 
 
@@ -135,11 +137,22 @@ def train(
     options_path: str | Path,
     output_dir: str | Path | None = None,
     continue_from: str | None = None,
+    requeue: bool = False,
+    max_requeues: int | None = None,
 ) -> Path:
-    """Run the whole flow; returns the run directory (on every rank)."""
+    """Run the whole flow; returns the run directory (on every rank).
+
+    :param requeue: requeue the SLURM job after a stop signal (overrides
+        ``checkpoint.requeue``), at most ``max_requeues`` times in all (overrides
+        ``slurm.max_requeues``)
+    """
     started = time.perf_counter()
     source = str(options_path)
     options, architecture, dtype, device_type = prepare(options_path, continue_from)
+    if requeue:
+        options.checkpoint.requeue = True
+    if max_requeues is not None:
+        options.slurm.max_requeues = max_requeues
     env = launch.detect()
     device = launch.device_for(env, device_type)
     if device.type == "cuda":
@@ -205,7 +218,7 @@ def train(
                 )
             except Preempted:
                 if options.checkpoint.requeue and env.is_main:
-                    launch.requeue_slurm_job(env)
+                    launch.requeue_slurm_job(env, options.slurm.max_requeues)
                 raise
         if test_sets:
             report_test_metrics(model, info, test_sets, device, run_dir, env.is_main)

@@ -53,6 +53,7 @@ class LaunchEnv:
     master_port: int = 29500
     cpus_per_task: int | None = None
     job_id: str | None = None
+    restart_count: int = 0  # how often SLURM restarted (requeued) this job
 
     @property
     def is_main(self) -> bool:
@@ -188,6 +189,7 @@ def _slurm(environ: Mapping[str, str]) -> LaunchEnv:
         ),
         cpus_per_task=int(cpus) if cpus and cpus.isdigit() else None,
         job_id=job_id,
+        restart_count=_int(environ, "SLURM_RESTART_COUNT", 0),
     )
 
 
@@ -390,14 +392,22 @@ def barrier() -> None:
         dist.barrier()
 
 
-def requeue_slurm_job(env: LaunchEnv) -> None:
+def requeue_slurm_job(env: LaunchEnv, max_requeues: int) -> None:
     """``scontrol requeue`` this job, so that it starts again (and continues from its
-    checkpoint with ``continue_from: auto``). Needs ``#SBATCH --requeue``."""
+    checkpoint with ``continue_from: auto``), unless it was requeued ``max_requeues``
+    times already. Needs ``#SBATCH --requeue``."""
     from .report import get_logger
 
     log = get_logger()
     if not env.job_id or env.launcher not in ("slurm", "mpi"):
         log.warning("checkpoint.requeue is set but this run is not a SLURM job; not requeued")
+        return
+    if env.restart_count >= max_requeues:
+        log.error(
+            f"SLURM job {env.job_id} was requeued {env.restart_count} times, the limit "
+            f"(slurm.max_requeues = {max_requeues}); not requeued again. Continue it with "
+            "--continue auto and the same --output-dir"
+        )
         return
     result = subprocess.run(
         ["scontrol", "requeue", env.job_id], capture_output=True, text=True, timeout=60

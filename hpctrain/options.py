@@ -79,8 +79,9 @@ class SystemsOptions:
     """Where the structures of a dataset come from."""
 
     read_from: str = option(
-        doc="Path of the structures: any file ASE reads (extxyz, ...). Relative paths "
-        "are taken from the directory of the options file."
+        doc="Path of the structures: any file ASE reads (extxyz, ...), or a directory "
+        "of HDF5 shards written by ``hpctrain convert`` (read lazily; see :doc:`shards`). "
+        "Relative paths are taken from the directory of the options file."
     )
     reader: str | None = option(
         None, doc="ASE format name, when it cannot be guessed from the file name."
@@ -150,9 +151,7 @@ class CheckpointOptions:
         30.0, doc="Also write one when this many minutes passed since the last one."
     )
     keep_last: int = option(3, doc="How many of the newest checkpoints to keep.")
-    keep_best: bool = option(
-        True, doc="Also keep the checkpoint with the lowest validation loss."
-    )
+    keep_best: bool = option(True, doc="Also keep the checkpoint with the lowest validation loss.")
     requeue: bool = option(
         False,
         doc="On SIGUSR1/SIGUSR2/SIGTERM, after the checkpoint, requeue the SLURM job "
@@ -243,7 +242,7 @@ def _dataset(value: Any, path: str, base: Path, source: str) -> DatasetOptions:
         read_from = base / read_from
     if not read_from.exists():
         raise OptionsError(
-            f"'{path}.systems.read_from' in {source}: file {str(read_from)!r} does not "
+            f"'{path}.systems.read_from' in {source}: {str(read_from)!r} does not "
             "exist (relative paths start at the options file's directory)"
         )
     dataset.systems.read_from = str(read_from.resolve())

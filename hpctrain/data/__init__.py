@@ -1,13 +1,15 @@
-"""Datasets of atomic structures, the rank-aware sampler, and batches."""
+"""Datasets of atomic structures (in memory or HDF5 shards), the sampler, and batches."""
 
 from .batch import Batch, collate
 from .dataset import AtomisticDataset, Structure, StructureDataset, Subset, read_dataset
 from .sampler import DistributedBatchSampler, split_indices
+from .shards import ShardDataset
 
 __all__ = [
     "AtomisticDataset",
     "Batch",
     "DistributedBatchSampler",
+    "ShardDataset",
     "Structure",
     "StructureDataset",
     "Subset",

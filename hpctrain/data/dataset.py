@@ -3,12 +3,18 @@
 Units are converted on reading to those hpctrain trains in: positions in angstrom,
 energies in eV, forces in eV/angstrom, stress in eV/angstrom^3 (ASE's sign).
 A virial is turned into a stress (``stress = -virial / volume``).
+
+:func:`extract_frame` is the one place where an ``ase.Atoms`` becomes arrays (keys,
+units, shape and NaN checks); :func:`read_dataset` and ``hpctrain convert`` both use
+it. :func:`read_dataset` also opens HDF5 shard directories (:mod:`.shards`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -149,6 +155,69 @@ class StructureDataset(AtomisticDataset):
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class TargetSpec:
+    """How one target and its gradients are read from ASE frames.
+
+    ``energy_factor`` converts the file's energies to eV. ``hints`` say, for messages,
+    where the user chose each key: ``"key"``, ``"forces"`` and ``"stress"`` map to a
+    phrase such as ``"at 'training_set.targets.energy.key'"`` or ``"set with --energy"``.
+    """
+
+    name: str
+    key: str
+    quantity: str = "energy"
+    per_atom: bool = False
+    forces_key: str | None = None
+    stress_key: str | None = None  # energy/length^3, ASE sign
+    virial_key: str | None = None  # energy; stored as stress = -virial / volume
+    energy_factor: float = 1.0
+    hints: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def gradients(self) -> list[str]:
+        """Gradient names as :class:`TargetInfo` spells them."""
+        strain = self.stress_key is not None or self.virial_key is not None
+        return (["positions"] if self.forces_key else []) + (["strain"] if strain else [])
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameSpec:
+    """Targets to read from each frame, and the factor that turns lengths into angstrom."""
+
+    targets: tuple[TargetSpec, ...]
+    length_factor: float = 1.0
+
+    def info(self, atomic_types: Sequence[int]) -> DatasetInfo:
+        """What the converted data holds (units eV and angstrom)."""
+        return DatasetInfo(
+            length_unit=LENGTH_UNIT,
+            atomic_types=sorted(int(z) for z in atomic_types),
+            targets={
+                t.name: TargetInfo(
+                    quantity=t.quantity,
+                    unit=ENERGY_UNIT,
+                    per_atom=t.per_atom,
+                    gradients=t.gradients,
+                )
+                for t in self.targets
+            },
+        )
+
+
+@dataclasses.dataclass
+class Frame:
+    """One structure as arrays in eV and angstrom, checked to be finite."""
+
+    numbers: np.ndarray  # [n_atoms] int32
+    positions: np.ndarray  # [n_atoms, 3] float64
+    cell: np.ndarray  # [3, 3], zero rows for non-periodic directions
+    pbc: np.ndarray  # [3] bool
+    targets: dict[str, np.ndarray]  # [1] or [n_atoms] per atom
+    forces: dict[str, np.ndarray]  # [n_atoms, 3]
+    stress: dict[str, np.ndarray]  # [3, 3]
+
+
 def _lookup(atoms, key: str):
     if key in atoms.info:
         return atoms.info[key]
@@ -170,15 +239,203 @@ def _full_3x3(value, what: str, where: str) -> np.ndarray:
     raise DataError(f"{where}: {what} must have 6 (Voigt) or 9 values, got shape {array.shape}")
 
 
-def _conversion(unit: str, to: str, key: str, source: str) -> float:
+def unit_factor(unit: str, to: str, where: str) -> float:
+    """The factor from ``unit`` to ``to``; ``where`` names the setting for messages."""
     from metatomic.torch import unit_conversion_factor
 
     try:
         return float(unit_conversion_factor(unit, to))
     except Exception as error:  # metatomic raises RuntimeError/ValueError on unknown units
-        raise DataError(
-            f"'{key}' in {source}: cannot convert unit {unit!r} to {to!r}: {error}"
-        ) from None
+        raise DataError(f"{where}: cannot convert unit {unit!r} to {to!r}: {error}") from None
+
+
+def extract_frame(atoms, spec: FrameSpec, where: str) -> Frame:
+    """The arrays and targets of one ``ase.Atoms``, converted to eV and angstrom.
+
+    Every reader of ASE data goes through here (:func:`read_dataset` and
+    ``hpctrain convert``), so that both see the same keys, units and checks.
+    ``where`` names the structure in messages (file and index).
+    """
+    length = spec.length_factor
+    n = len(atoms)
+    if n == 0:
+        raise DataError(f"{where} has no atoms")
+    cell = np.asarray(atoms.cell.array, dtype=np.float64) * length
+    pbc = np.asarray(atoms.pbc, dtype=bool)
+    cell[~pbc] = 0.0
+    frame = Frame(
+        numbers=atoms.numbers.astype(np.int32),
+        positions=np.asarray(atoms.positions, dtype=np.float64) * length,
+        cell=cell,
+        pbc=pbc,
+        targets={},
+        forces={},
+        stress={},
+    )
+    for target in spec.targets:
+        name, factor, hints = target.name, target.energy_factor, target.hints
+        value = _lookup(atoms, target.key)
+        if value is None:
+            raise DataError(
+                f"{where} has no '{target.key}' for target '{name}' ({hints.get('key', '')}); "
+                f"available keys: {sorted(_keys_of(atoms))}"
+            )
+        value = np.asarray(value, dtype=np.float64) * factor
+        if value.size != (n if target.per_atom else 1):
+            raise DataError(
+                f"{where}: target '{name}' has shape {value.shape}, expected "
+                f"{'one value per atom' if target.per_atom else 'one value'}"
+            )
+        frame.targets[name] = value.reshape(n if target.per_atom else 1)
+        if target.forces_key:
+            f = _lookup(atoms, target.forces_key)
+            if f is None:
+                raise DataError(
+                    f"{where} has no forces '{target.forces_key}' for target '{name}'; "
+                    f"{hints.get('forces', '')}"
+                )
+            f = np.asarray(f, dtype=np.float64)
+            if f.shape != (n, 3):
+                raise DataError(f"{where}: forces have shape {f.shape}, expected ({n}, 3)")
+            frame.forces[name] = f * factor / length
+        skey = target.stress_key or target.virial_key
+        if skey:
+            raw = _lookup(atoms, skey)
+            if raw is None:
+                raise DataError(
+                    f"{where} has no '{skey}' for target '{name}'; {hints.get('stress', '')}"
+                )
+            if not pbc.all():
+                raise DataError(
+                    f"{where}: stress/virial needs a periodic structure (pbc = T T T); "
+                    "this one is not"
+                )
+            s = _full_3x3(raw, skey, where)
+            if target.virial_key:
+                s = -s / abs(np.linalg.det(cell / length))
+            frame.stress[name] = s * factor / length**3
+    _check_finite(frame, where)
+    return frame
+
+
+def _keys_of(atoms) -> set[str]:
+    keys = set(atoms.info) | set(atoms.arrays)
+    if atoms.calc is not None:
+        keys |= set(getattr(atoms.calc, "results", {}))
+    return keys
+
+
+def _check_finite(frame: Frame, where: str) -> None:
+    arrays = {
+        "positions": frame.positions,
+        "cell": frame.cell,
+        **{f"target '{k}'": v for k, v in frame.targets.items()},
+        **{f"forces of '{k}'": v for k, v in frame.forces.items()},
+        **{f"stress of '{k}'": v for k, v in frame.stress.items()},
+    }
+    for what, array in arrays.items():
+        if not np.isfinite(array).all():
+            raise DataError(f"{where}: {what} holds NaN or inf values")
+
+
+def iter_frames(
+    path: str, spec: FrameSpec, reader: str | None = None, setting: str = ""
+) -> Iterator[Frame]:
+    """Stream the frames of one ASE-readable file through :func:`extract_frame`.
+
+    ``setting`` says where the path was given (e.g. ``"at 'training_set.systems.
+    read_from'"``), for messages. One frame is held at a time.
+    """
+    import ase.io
+
+    at = f" ({setting})" if setting else ""
+    count = 0
+    try:
+        # parallel=False: under MPI, ASE would otherwise read on rank 0 and broadcast,
+        # a collective that hangs when ranks read different files
+        for atoms in ase.io.iread(path, index=":", format=reader, parallel=False):
+            yield extract_frame(atoms, spec, f"{path}, structure {count}")
+            count += 1
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"{path} does not exist{at}") from None
+    except Exception as error:
+        after = f" after {count} structures" if count else ""
+        raise DataError(f"cannot read {path}{at}{after}: {error}") from error
+
+
+class FrameBuffer:
+    """Frames collected into columnar arrays (per-atom data concatenated, by offsets)."""
+
+    def __init__(self, spec: FrameSpec):
+        self.spec = spec
+        self.frames: list[Frame] = []
+        self.n_atoms = 0
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def append(self, frame: Frame) -> None:
+        self.frames.append(frame)
+        self.n_atoms += len(frame.numbers)
+
+    def clear(self) -> None:
+        self.frames.clear()
+        self.n_atoms = 0
+
+    def columns(self) -> dict[str, Any]:
+        """The arrays of :class:`StructureDataset` (and of a shard), by argument name."""
+        frames = self.frames
+        counts = [len(f.numbers) for f in frames]
+        names = [t.name for t in self.spec.targets]
+        return {
+            "numbers": np.concatenate([f.numbers for f in frames]),
+            "positions": np.concatenate([f.positions for f in frames]),
+            "offsets": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+            "cells": np.stack([f.cell for f in frames]),
+            "pbcs": np.stack([f.pbc for f in frames]),
+            "targets": {k: np.concatenate([f.targets[k] for f in frames]) for k in names},
+            "forces": {
+                k: np.concatenate([f.forces[k] for f in frames])
+                for k in names
+                if k in frames[0].forces
+            },
+            "stress": {
+                k: np.stack([f.stress[k] for f in frames]) for k in names if k in frames[0].stress
+            },
+        }
+
+
+def spec_from_options(options: DatasetOptions, path_in_options: str, source: str) -> FrameSpec:
+    """The :class:`FrameSpec` that a dataset section of the options file asks for."""
+    at = f"{path_in_options}.targets"
+    length = unit_factor(
+        options.systems.length_unit,
+        LENGTH_UNIT,
+        f"'{path_in_options}.systems.length_unit' in {source}",
+    )
+    targets = []
+    for name, t in options.targets.items():
+        targets.append(
+            TargetSpec(
+                name=name,
+                key=t.key or name,
+                quantity=t.quantity,
+                per_atom=t.per_atom,
+                forces_key=t.gradient_key("forces"),
+                stress_key=t.gradient_key("stress"),
+                virial_key=t.gradient_key("virial"),
+                energy_factor=unit_factor(t.unit, ENERGY_UNIT, f"'{at}.{name}.unit' in {source}"),
+                hints={
+                    "key": f"at '{at}.{name}.key'",
+                    "forces": f"set '{at}.{name}.forces: false' to learn energies only, "
+                    "or name the right key",
+                    "stress": f"remove '{at}.{name}.stress/virial' or name the key",
+                },
+            )
+        )
+    return FrameSpec(targets=tuple(targets), length_factor=length)
 
 
 def read_dataset(
@@ -186,151 +443,29 @@ def read_dataset(
     path_in_options: str,
     source: str,
     dtype: torch.dtype = torch.float64,
-) -> StructureDataset:
-    """Read every structure of ``options.systems.read_from`` with its targets.
+) -> AtomisticDataset:
+    """The dataset ``options.systems.read_from`` names, with the targets the options ask for.
+
+    A directory holding ``manifest.json`` is a shard directory (see
+    :mod:`hpctrain.data.shards`), read lazily; any other path is a file that ASE reads,
+    loaded into memory and converted to eV and angstrom.
 
     :param path_in_options: where ``options`` sits in the options file, for messages
     :param source: the options file, for messages
     """
-    import ase.io
-
     path = options.systems.read_from
-    length = _conversion(
-        options.systems.length_unit, LENGTH_UNIT, f"{path_in_options}.systems.length_unit", source
-    )
-    energy_factors = {
-        name: _conversion(t.unit, ENERGY_UNIT, f"{path_in_options}.targets.{name}.unit", source)
-        for name, t in options.targets.items()
-    }
-    numbers, positions, counts, cells, pbcs = [], [], [], [], []
-    targets: dict[str, list] = {name: [] for name in options.targets}
-    forces: dict[str, list] = {}
-    stress: dict[str, list] = {}
-    for name, target in options.targets.items():
-        if target.gradient_key("forces"):
-            forces[name] = []
-        if target.gradient_key("stress") or target.gradient_key("virial"):
-            stress[name] = []
+    if Path(path).is_dir():
+        from .shards import open_shards
 
-    try:
-        frames = ase.io.iread(path, index=":", format=options.systems.reader)
-        for index, atoms in enumerate(frames):
-            where = f"{path}, structure {index}"
-            n = len(atoms)
-            if n == 0:
-                raise DataError(f"{where} has no atoms")
-            numbers.append(atoms.numbers.astype(np.int32))
-            positions.append(atoms.positions * length)
-            counts.append(n)
-            cell = np.asarray(atoms.cell.array, dtype=np.float64) * length
-            pbc = np.asarray(atoms.pbc, dtype=bool)
-            cell[~pbc] = 0.0
-            cells.append(cell)
-            pbcs.append(pbc)
-            for name, target in options.targets.items():
-                factor = energy_factors[name]
-                key = target.key or name
-                value = _lookup(atoms, key)
-                if value is None:
-                    raise DataError(
-                        f"{where} has no '{key}' for target '{name}' "
-                        f"(at '{path_in_options}.targets.{name}.key'); "
-                        f"available keys: {sorted(set(atoms.info) | set(atoms.arrays))}"
-                    )
-                value = np.asarray(value, dtype=np.float64) * factor
-                expected = (n,) if target.per_atom else ()
-                if value.reshape(-1).shape != (int(np.prod(expected)) or 1,):
-                    raise DataError(
-                        f"{where}: target '{name}' has shape {value.shape}, expected "
-                        f"{'one value per atom' if target.per_atom else 'one value'}"
-                    )
-                targets[name].append(value.reshape(expected if target.per_atom else (1,)))
-                if name in forces:
-                    fkey = target.gradient_key("forces")
-                    f = _lookup(atoms, fkey)
-                    if f is None:
-                        raise DataError(
-                            f"{where} has no forces '{fkey}' for target '{name}'; set "
-                            f"'{path_in_options}.targets.{name}.forces: false' to learn "
-                            "energies only, or name the right key"
-                        )
-                    f = np.asarray(f, dtype=np.float64)
-                    if f.shape != (n, 3):
-                        raise DataError(f"{where}: forces have shape {f.shape}, expected ({n}, 3)")
-                    forces[name].append(f * factor / length)
-                if name in stress:
-                    skey = target.gradient_key("stress") or target.gradient_key("virial")
-                    raw = _lookup(atoms, skey)
-                    if raw is None:
-                        raise DataError(
-                            f"{where} has no '{skey}' for target '{name}'; remove "
-                            f"'{path_in_options}.targets.{name}.stress/virial' or name the key"
-                        )
-                    if not pbc.all():
-                        raise DataError(
-                            f"{where}: stress/virial needs a periodic structure "
-                            "(pbc = T T T); this one is not"
-                        )
-                    s = _full_3x3(raw, skey, where)
-                    if target.gradient_key("virial"):
-                        s = -s / abs(np.linalg.det(cell / length))
-                        s = s * factor / length**3
-                    else:
-                        s = s * factor / length**3
-                    stress[name].append(s)
-    except DataError:
-        raise
-    except FileNotFoundError:
-        raise DataError(
-            f"{path} does not exist (at '{path_in_options}.systems.read_from')"
-        ) from None
-    except Exception as error:
-        raise DataError(
-            f"cannot read {path} (at '{path_in_options}.systems.read_from'): {error}"
-        ) from error
-    if not counts:
+        return open_shards(options, path_in_options, source, dtype)
+    spec = spec_from_options(options, path_in_options, source)
+    buffer = FrameBuffer(spec)
+    for frame in iter_frames(
+        path, spec, options.systems.reader, f"at '{path_in_options}.systems.read_from'"
+    ):
+        buffer.append(frame)
+    if not buffer:
         raise DataError(f"{path} holds no structures (at '{path_in_options}.systems.read_from')")
-
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    arrays = {
-        "positions": np.concatenate(positions),
-        "cells": np.stack(cells),
-        **{f"target '{k}'": np.concatenate(v) for k, v in targets.items()},
-        **{f"forces of '{k}'": np.concatenate(v) for k, v in forces.items()},
-        **{f"stress of '{k}'": np.stack(v) for k, v in stress.items()},
-    }
-    for what, array in arrays.items():
-        bad = ~np.isfinite(array)
-        if bad.any():
-            row = int(np.argwhere(bad)[0][0])
-            per_atom = array.shape[0] == offsets[-1] and what != "cells"
-            structure = int(np.searchsorted(offsets, row, side="right") - 1) if per_atom else row
-            raise DataError(f"{path}, structure {structure}: {what} holds NaN or inf values")
-
-    info = DatasetInfo(
-        length_unit=LENGTH_UNIT,
-        atomic_types=sorted({int(z) for z in np.unique(np.concatenate(numbers))}),
-        targets={
-            name: TargetInfo(
-                quantity=t.quantity,
-                unit=ENERGY_UNIT,
-                per_atom=t.per_atom,
-                gradients=(["positions"] if name in forces else [])
-                + (["strain"] if name in stress else []),
-            )
-            for name, t in options.targets.items()
-        },
-    )
-    return StructureDataset(
-        numbers=np.concatenate(numbers),
-        positions=arrays["positions"],
-        offsets=offsets,
-        cells=arrays["cells"],
-        pbcs=np.stack(pbcs),
-        targets={k: np.concatenate(v) for k, v in targets.items()},
-        forces={k: np.concatenate(v) for k, v in forces.items()},
-        stress={k: np.stack(v) for k, v in stress.items()},
-        info=info,
-        name=path,
-        dtype=dtype,
-    )
+    columns = buffer.columns()
+    info = spec.info(np.unique(columns["numbers"]))
+    return StructureDataset(**columns, info=info, name=path, dtype=dtype)

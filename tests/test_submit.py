@@ -1,0 +1,268 @@
+"""`hpctrain submit`: the sbatch script (golden files), and real jobs on a real SLURM.
+
+The SLURM tests need a running cluster (`bash launch/slurm-dev-cluster.sh up 2`, then
+SLURM_CONF and PATH as it prints); CI starts one and sets HPCTRAIN_REQUIRE_SLURM=1,
+which turns their skip into a failure.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import BIN, EXAMPLE_XYZ, ROOT, run
+
+from hpctrain import checkpoint
+from hpctrain.errors import OptionsError
+from hpctrain.options import SlurmOptions
+from hpctrain.submit import JobRequest, minutes, sbatch_extras, sbatch_script
+
+GOLDEN = ROOT / "tests" / "golden"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("12:00:00", 720), ("1-00:00:00", 1440), ("90", 90), ("00:01:30", 2), ("2:30", 3)],
+)
+def test_time_limits(text, expected):
+    assert minutes(text) == expected
+
+
+def test_bad_time_and_sbatch_options_are_refused():
+    with pytest.raises(OptionsError, match="not a SLURM time limit"):
+        minutes("tomorrow")
+    with pytest.raises(OptionsError, match="must be a long sbatch option"):
+        sbatch_extras(["-q long"])
+    assert sbatch_extras(["--qos=long", "#SBATCH --exclusive"]) == {
+        "qos": "long",
+        "exclusive": True,
+    }
+
+
+@pytest.mark.parametrize(
+    "name, slurm",
+    [
+        (
+            "gpu-2x4",
+            SlurmOptions(
+                nodes=2,
+                gpus_per_node=4,
+                time="12:00:00",
+                partition="gpu",
+                account="X",
+                cpus_per_task=8,
+                sbatch=["--qos=long"],
+            ),
+        ),
+        ("cpu-1x2", SlurmOptions(nodes=1, tasks_per_node=2, time="00:30:00")),
+    ],
+)
+def test_dry_run_script_matches_the_golden_file(name, slurm):
+    script = sbatch_script(JobRequest(slurm), "/RUN/slurm")
+    golden = GOLDEN / f"submit-{name}.sh"
+    if os.environ.get("HPCTRAIN_UPDATE_GOLDEN"):
+        golden.write_text(script)
+    assert script == golden.read_text()
+
+
+# -- real SLURM --------------------------------------------------------------------------
+
+OPTIONS = """
+seed: 21
+base_precision: 64
+architecture:
+  name: mp_transformer
+  model: {d_model: 8, num_heads: 2, num_layers: 1, num_radial: 4, angular_channels: 2}
+  training: {num_epochs: EPOCHS, batch_size: 8, learning_rate: 0.005}
+training_set: ethanol.xyz
+validation_set: 0.1
+test_set: 0.1
+checkpoint: {every_n_steps: 5, keep_last: 2}
+slurm: {nodes: 2, tasks_per_node: 1, cpus_per_task: 1, time: "TIME"}
+"""
+LONG = 90  # epochs: about a minute of training on two ranks of a 2-core machine
+
+
+def slurm_available() -> bool:
+    if shutil.which("sbatch") is None:
+        return False
+    return subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0
+
+
+needs_slurm = pytest.mark.skipif(
+    not slurm_available() and not os.environ.get("HPCTRAIN_REQUIRE_SLURM"),
+    reason="no SLURM cluster (bash launch/slurm-dev-cluster.sh up 2)",
+)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("submit")
+    (path / "ethanol.xyz").symlink_to(EXAMPLE_XYZ)
+    return path
+
+
+def options(workdir, name, epochs, time_limit="00:10:00"):
+    text = OPTIONS.replace("EPOCHS", str(epochs)).replace("TIME", time_limit)
+    path = workdir / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+def submit(workdir, options_path, run_dir, *extra):
+    return run(
+        [str(BIN / "hpctrain"), "submit", str(options_path), "--output-dir", str(run_dir), *extra],
+        workdir,
+        timeout=900,
+    )
+
+
+def job_id(result) -> str:
+    assert result.returncode == 0, result.stdout + result.stderr
+    for line in result.stdout.splitlines():
+        if line.startswith("submitted job "):
+            return line.split()[2].rstrip(":")
+    raise AssertionError(result.stdout + result.stderr)
+
+
+def wait_for(predicate, timeout=600, what="a condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def job_state(job: str) -> str:
+    out = subprocess.run(
+        ["squeue", "-h", "-t", "all", "-j", job, "-o", "%T"], capture_output=True, text=True
+    )
+    return out.stdout.strip()
+
+
+def newest_step(run_dir) -> int:
+    steps = checkpoint.committed_steps(run_dir / "checkpoints")
+    return steps[-1][0] if steps else -1
+
+
+@pytest.fixture(scope="module")
+def reference(workdir):
+    """The same training on 2 ranks without any interruption (mpiexec)."""
+    path = options(workdir, "reference", LONG)
+    result = run(
+        [str(BIN / "mpiexec"), "-n", "2", sys.executable, "-m", "hpctrain", str(path)]
+        + ["-o", "reference"],
+        workdir,
+    )
+    assert result.returncode == 0, result.stderr
+    return torch.load(workdir / "reference" / "model.ckpt", weights_only=False)["model_state"]
+
+
+def assert_same_weights(run_dir, expected):
+    final = torch.load(run_dir / "model.ckpt", weights_only=False)["model_state"]
+    for key, value in expected.items():
+        assert torch.equal(final[key], value), key
+
+
+@pytest.mark.slow
+@needs_slurm
+def test_two_nodes_train_and_export_a_model_ase_can_run(workdir, tmp_path):
+    import ase.io
+
+    from hpctrain.testing import evaluate_exported
+
+    run_dir = workdir / "small"
+    result = submit(workdir, options(workdir, "small", 2), run_dir, "--wait")
+    job = job_id(result)
+    assert "scancel" in result.stdout and "done" not in result.stderr
+    assert "2 rank(s) via slurm" in (run_dir / "train.log").read_text()
+    # one task on each node, rank 0 on n1 and rank 1 on n2
+    assert {p.name for p in (run_dir / "slurm").glob(f"{job}_*_log.out")} == {
+        f"{job}_0_log.out",
+        f"{job}_1_log.out",
+    }
+    sample = tmp_path / "sample.xyz"
+    ase.io.write(sample, ase.io.read(EXAMPLE_XYZ, ":3"))
+    exported = evaluate_exported(run_dir / "model.pt", sample, run_dir / "extensions")
+    for structure in exported:
+        for _, _, finite_difference, force in structure["fd"]:
+            assert finite_difference == pytest.approx(force, abs=1e-6)
+
+
+@pytest.mark.slow
+@needs_slurm
+def test_preemption_and_time_limit_requeue_and_end_with_the_same_weights(workdir, reference):
+    run_dir = workdir / "interrupted"
+    job = job_id(submit(workdir, options(workdir, "interrupted", LONG, "00:01:00"), run_dir))
+    wait_for(lambda: newest_step(run_dir) >= 5, what="a first checkpoint")
+    # a job of the higher-priority partition that needs every core preempts ours
+    cpus = os.cpu_count()
+    high = subprocess.run(
+        ["sbatch", "-p", "high", "-N", "2", f"--ntasks-per-node={cpus}", "--wrap", "sleep 3"],
+        capture_output=True,
+        text=True,
+    )
+    assert high.returncode == 0, high.stderr
+    wait_for(lambda: (run_dir / "model.pt").exists(), what="the job to finish")
+    wait_for(lambda: job_state(job) == "COMPLETED", timeout=60, what="COMPLETED")
+    log = (run_dir / "train.log").read_text()
+    # started, preempted, cut by the time limit: three starts, two continuations
+    assert log.count("continue_from auto: newest committed checkpoint") >= 2, log
+    assert log.count("stopped by SIGUSR2") + log.count("checkpoint") > 0
+    assert_same_weights(run_dir, reference)
+
+
+@pytest.mark.slow
+@needs_slurm
+def test_external_requeue_and_a_killed_task_continue_from_the_last_checkpoint(workdir, reference):
+    path = options(workdir, "requeued", LONG)
+    run_dir = workdir / "requeued"
+    job = job_id(submit(workdir, path, run_dir))
+    wait_for(lambda: newest_step(run_dir) >= 5, what="a first checkpoint")
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    wait_for(
+        lambda: (run_dir / "train.log").read_text().count("newest committed checkpoint") >= 1,
+        what="the requeued job to continue",
+    )
+    before = newest_step(run_dir)
+    wait_for(lambda: newest_step(run_dir) > before, what="a checkpoint after the requeue")
+    # SIGKILL one task: the job fails (SLURM does not requeue a failure) ...
+    ranks = subprocess.run(
+        ["pgrep", "-f", f"submitit.core._submit {run_dir / 'slurm'}"],
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    assert ranks
+    os.kill(int(ranks[-1]), signal.SIGKILL)
+    wait_for(lambda: job_state(job) in {"FAILED", "CANCELLED", "COMPLETED"}, what="the end")
+    assert not (run_dir / "model.pt").exists()
+    # ... and submitting again continues from the last committed checkpoint
+    again = submit(workdir, path, run_dir, "--wait")
+    assert again.returncode == 0, again.stdout + again.stderr
+    log = (run_dir / "train.log").read_text()
+    assert log.count("newest committed checkpoint") >= 2
+    assert_same_weights(run_dir, reference)
+
+
+@pytest.mark.slow
+@needs_slurm
+def test_bad_requests_fail_before_anything_is_submitted(workdir):
+    path = options(workdir, "bad", 2)
+    unknown = submit(workdir, path, workdir / "bad1", "--partition", "nope")
+    assert unknown.returncode == 2
+    assert "unknown SLURM partition 'nope'; this cluster has: debug, high" in unknown.stderr
+    assert not (workdir / "bad1" / "slurm").exists()
+    impossible = submit(workdir, path, workdir / "bad2", "--nodes", "5", "--cpus-per-task", "64")
+    assert impossible.returncode == 2
+    assert "partition 'debug' can never run this job: it asks for 5 nodes, but it has 2" in (
+        impossible.stderr
+    )
+    assert "64 cores per node" in impossible.stderr
+    assert not (workdir / "bad2" / "slurm").exists()
+    missing = submit(workdir, workdir / "missing.yaml", workdir / "bad3")
+    assert missing.returncode == 2 and "missing.yaml' does not exist" in missing.stderr
