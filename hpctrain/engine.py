@@ -348,8 +348,10 @@ class Engine:
                         "with 'continue_from: auto' (or --continue auto) and the same "
                         "--output-dir"
                     )
-                if self.flags["due"] or (every_steps and self.progress.step % every_steps == 0):
-                    self.write_checkpoint()
+                epoch_done = self.sampler.consumed >= self.sampler.n_samples
+                periodic = every_steps and self.progress.step % every_steps == 0
+                if (self.flags["due"] or periodic) and not epoch_done:
+                    self.write_checkpoint()  # (the epoch's end writes its own)
             launch.all_reduce_sum(loss_sum)
             train_loss = loss_sum.item() / ctx.world_size / max(1, steps)
             self.progress.epoch = epoch + 1
