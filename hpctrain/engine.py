@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from metatomic.torch import ModelOutput
 
-from . import checkpoint, launch, run
+from . import checkpoint, launch, run, timing
 from .composition import fit_composition
 from .config import option
 from .data.batch import Batch, collate
@@ -274,14 +274,17 @@ class Engine:
         chunks = [c for c in np.array_split(local, hp.accumulation_steps) if len(c)]
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, chunk in enumerate(chunks):
-            batch = collate([self.train_set[int(j)] for j in chunk], self.device)
+            with timing.section("data"):
+                batch = collate([self.train_set[int(j)] for j in chunk], self.device)
             sync = i == len(chunks) - 1 or not hasattr(self.network, "no_sync")
             with contextlib.nullcontext() if sync else self.network.no_sync():
                 with self.autocast():
                     loss, _ = self.compute_loss(batch, n_structures, int(n_atoms))
-                loss.backward()
+                with timing.section("backward"):
+                    loss.backward()
             total += loss.detach().double()
-        self.flags = self.agree(nonfinite=not bool(torch.isfinite(total)))
+        with timing.section("agree"):
+            self.flags = self.agree(nonfinite=not bool(torch.isfinite(total)))
         if self.flags["nonfinite"]:
             raise TrainingDiverged(
                 f"the loss became NaN or infinite at step {self.progress.step + 1} (epoch "
@@ -289,12 +292,13 @@ class Engine:
                 f"of this state was written. Last good checkpoint: {self.last_checkpoint()}. "
                 "Lower the learning rate, set grad_clip, or check the data for outliers."
             )
-        if hp.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), hp.grad_clip)
-        self.optimizer.step()
-        self.lr.step()
-        if self.ema is not None:
-            self.ema.update()
+        with timing.section("optimizer"):
+            if hp.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), hp.grad_clip)
+            self.optimizer.step()
+            self.lr.step()
+            if self.ema is not None:
+                self.ema.update()
         self.progress.step += 1
         return total
 
@@ -384,6 +388,10 @@ class Engine:
         """A step checkpoint of the whole run, written by all ranks together."""
         if self.checkpoints is None:
             return None
+        with timing.section("checkpoint"):
+            return self._write_checkpoint(validation_loss)
+
+    def _write_checkpoint(self, validation_loss: float | None) -> Path:
         rank_state = {"rng": checkpoint.rng_state(), "sampler": self.sampler.state_dict()}
         info = {"epoch": self.progress.epoch, "validation_loss": validation_loss}
         path = self.checkpoints.save(self.progress.step, self.save_checkpoint, rank_state, info)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from metatomic.torch import ModelOutput
 
-from . import launch, run
+from . import launch, run, timing
 from .data.batch import Batch, collate
 from .data.dataset import AtomisticDataset
 from .data.sampler import shard_for_rank
@@ -40,21 +40,23 @@ def predict(
     batch has reference values for them."""
     forces = bool(batch.forces)
     stress = bool(batch.stress)
-    systems, positions, strain = make_systems(batch, neighbors, forces, stress)
-    energies = network(systems)
-    results = dict(energies)
-    inputs = (positions if forces else []) + ([strain] if stress else [])
-    for name, energy in energies.items():
-        if name not in batch.forces and name not in batch.stress:
-            continue
-        grads = torch.autograd.grad(
-            energy.sum(), inputs, create_graph=create_graph, retain_graph=True
-        )
-        if name in batch.forces:
-            results[f"{name} forces"] = -torch.cat(grads[: len(positions)])
-        if name in batch.stress:
-            volumes = torch.stack([torch.det(c).abs() for c in batch.cells])
-            results[f"{name} stress"] = grads[-1] / volumes[:, None, None]
+    with timing.section("systems"):
+        systems, positions, strain = make_systems(batch, neighbors, forces, stress)
+    with timing.section("forward"):  # the energies and their gradients
+        energies = network(systems)
+        results = dict(energies)
+        inputs = (positions if forces else []) + ([strain] if stress else [])
+        for name, energy in energies.items():
+            if name not in batch.forces and name not in batch.stress:
+                continue
+            grads = torch.autograd.grad(
+                energy.sum(), inputs, create_graph=create_graph, retain_graph=True
+            )
+            if name in batch.forces:
+                results[f"{name} forces"] = -torch.cat(grads[: len(positions)])
+            if name in batch.stress:
+                volumes = torch.stack([torch.det(c).abs() for c in batch.cells])
+                results[f"{name} stress"] = grads[-1] / volumes[:, None, None]
     return results
 
 
