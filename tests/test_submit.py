@@ -203,7 +203,8 @@ def test_preemption_and_time_limit_requeue_and_end_with_the_same_weights(workdir
     # a job of the higher-priority partition that needs every core preempts ours
     cpus = os.cpu_count()
     high = subprocess.run(
-        ["sbatch", "-p", "high", "-N", "2", f"--ntasks-per-node={cpus}", "--wrap", "sleep 3"],
+        ["sbatch", "-p", "high", "-N", "2", f"--ntasks-per-node={cpus}", "-o", "/dev/null"]
+        + ["--wrap", "sleep 3"],
         capture_output=True,
         text=True,
     )
