@@ -1,0 +1,143 @@
+"""SOAP-BPNN: its own checks (atom order, invariances, elements absent from a batch,
+precision, TorchScript), then the conformance suite every architecture passes."""
+
+from pathlib import Path
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+from metatomic.torch import ModelOutput, System
+
+from architectures.soap_bpnn import __model__ as SoapBpnn
+from hpctrain.architecture import DatasetInfo, TargetInfo
+from hpctrain.systems import NeighborLists
+from hpctrain.testing import ArchitectureTests
+
+ROOT = Path(__file__).resolve().parents[3]
+ETHANOL = ROOT / "examples" / "rmd17_ethanol_100.xyz"
+SMALL = {
+    "soap": {"cutoff": {"radius": 4.0, "width": 0.5}, "max_angular": 3, "max_radial": 3},
+    "bpnn": {"num_neurons_per_layer": 16},
+}
+ENERGY = {"energy": ModelOutput(unit="eV", sample_kind="system")}
+
+
+def make_model(types=(1, 6, 8), hypers=SMALL, dtype=torch.float64):
+    info = DatasetInfo(
+        atomic_types=list(types), targets={"energy": TargetInfo(gradients=["positions"])}
+    )
+    torch.manual_seed(0)
+    return SoapBpnn(hypers, info).to(dtype)
+
+
+def systems_of(model, frames, dtype=torch.float64):
+    systems = [
+        System(
+            types=torch.tensor(atoms.numbers, dtype=torch.int32),
+            positions=torch.tensor(atoms.positions, dtype=dtype),
+            cell=torch.tensor(atoms.cell.array, dtype=dtype),
+            pbc=torch.tensor(atoms.pbc),
+        )
+        for atoms in frames
+    ]
+    NeighborLists(model.requested_neighbor_lists()).add(systems)
+    return systems
+
+
+def energies(model, frames, dtype=torch.float64):
+    output = model(systems_of(model, frames, dtype), ENERGY, None)
+    return output["energy"].block().values.reshape(-1).detach()
+
+
+def test_forward_gives_one_energy_per_structure_and_atoms_in_order():
+    model = make_model()
+    frames = ase.io.read(ETHANOL, ":4")
+    systems = systems_of(model, frames)
+    both = {"energy": ModelOutput(unit="eV", sample_kind="atom")}
+    per_atom = model(systems, both, None)["energy"].block()
+    total = model(systems, ENERGY, None)["energy"].block().values.reshape(-1)
+    assert total.shape == (4,) and torch.isfinite(total).all()
+    assert per_atom.samples.values[:, 0].tolist() == [i for i in range(4) for _ in range(9)]
+    assert per_atom.samples.values[:, 1].tolist() == list(range(9)) * 4
+    torch.testing.assert_close(per_atom.values.reshape(4, 9).sum(1), total)
+    # structures are independent of their batch: each alone gives the same energy
+    alone = torch.cat([energies(model, [atoms]) for atoms in frames])
+    torch.testing.assert_close(alone, total.detach())
+
+
+def test_energy_is_invariant_under_rotation_and_permutation():
+    model = make_model()
+    frames = ase.io.read(ETHANOL, ":3")
+    reference = energies(model, frames)
+    rng = np.random.default_rng(0)
+    changed = []
+    for atoms in frames:
+        atoms = atoms.copy()
+        atoms.rotate(rng.uniform(0, 360), rng.normal(size=3), center="COM")
+        changed.append(atoms[rng.permutation(len(atoms))])
+    torch.testing.assert_close(energies(model, changed), reference, rtol=1e-10, atol=1e-10)
+    # per-atom energies follow their atoms through the permutation
+    atoms = frames[0]
+    order = rng.permutation(len(atoms))
+    per_atom = {"energy": ModelOutput(unit="eV", sample_kind="atom")}
+    a = model(systems_of(model, [atoms]), per_atom, None)["energy"].block().values
+    b = model(systems_of(model, [atoms[order]]), per_atom, None)["energy"].block().values
+    torch.testing.assert_close(b, a[torch.tensor(order)])
+
+
+def test_elements_absent_from_a_batch_still_take_part_in_the_graph():
+    """DDP needs every parameter in the graph of every step, on every rank."""
+    model = make_model(types=(1, 6, 8, 9))  # no fluorine in ethanol
+    systems = systems_of(model, ase.io.read(ETHANOL, ":2"))
+    model(systems, ENERGY, None)["energy"].block().values.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_float32_matches_float64():
+    frames = ase.io.read(ETHANOL, ":2")
+    double = energies(make_model(), frames)
+    single = energies(make_model(dtype=torch.float32), frames, torch.float32)
+    assert single.dtype == torch.float32
+    torch.testing.assert_close(single.double(), double, rtol=1e-5, atol=1e-5)
+
+
+def test_torchscript_and_export(tmp_path):
+    model = make_model()
+    frames = ase.io.read(ETHANOL, ":2")
+    scripted = torch.jit.script(model)
+    result = scripted(systems_of(model, frames), ENERGY, None)["energy"].block().values
+    torch.testing.assert_close(result.reshape(-1).detach(), energies(model, frames))
+    model.export().save(str(tmp_path / "model.pt"), collect_extensions=str(tmp_path / "ext"))
+    assert (tmp_path / "model.pt").stat().st_size > 0
+    assert any((tmp_path / "ext").rglob("*featomic*"))
+
+
+# -- real training through the CLI, then the exported model in a fresh process --------
+
+OPTIONS = """
+seed: 7
+base_precision: 64
+architecture:
+  name: soap_bpnn
+  model:
+    soap: {{cutoff: {{radius: 4.0, width: 0.5}}, max_angular: 3, max_radial: 3}}
+    bpnn: {{num_neurons_per_layer: 16}}
+  training: {{num_epochs: 2, batch_size: {batch}, learning_rate: 0.01}}
+training_set:
+  systems: {data}
+  targets:
+    energy: {{unit: eV, forces: true, stress: {stress}}}
+validation_set: 0.2
+test_set: 0.0
+"""
+
+
+@pytest.mark.slow
+class TestSoapBpnn(ArchitectureTests):
+    """The conformance suite: training, checkpoints, restart, export in a fresh process
+    (energies, forces, stress, finite differences), NVE energy conservation."""
+
+    architecture = "soap_bpnn"
+    model_hypers = SMALL
+    training_hypers = {"num_epochs": 3, "batch_size": 4, "learning_rate": 0.01}
