@@ -332,6 +332,11 @@ class Engine:
             f"epoch of global batch {hp.batch_size} on {ctx.world_size} rank(s), "
             f"{hp.num_epochs} epochs"
         )
+        if self.progress.step:
+            self.log.info(
+                f"resuming at step {self.progress.step} (epoch {self.progress.epoch + 1}, "
+                f"{self.sampler.consumed} structures of it done)"
+            )
         every_steps = ctx.checkpoint.every_n_steps
         for epoch in range(self.progress.epoch, hp.num_epochs):
             start = time.perf_counter()
@@ -345,6 +350,7 @@ class Engine:
                 )
                 steps += 1
                 if self.flags["stop"]:
+                    self.log.info(f"stop requested at step {self.progress.step}: checkpointing")
                     path = self.write_checkpoint()
                     raise Preempted(
                         f"stopped by {ctx.stop.received if ctx.stop else 'a signal'} on some "
