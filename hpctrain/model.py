@@ -6,7 +6,6 @@ A subclass declares ``__hypers__`` (a dataclass of its model hypers),
 per-atom value per target. Everything else lives here, once.
 """
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
@@ -17,7 +16,7 @@ from metatomic.torch import AtomisticModel, ModelMetadata, ModelOutput, System
 from . import checkpoint
 from .architecture import DatasetInfo, ModelInterface
 from .config import parse
-from .errors import CheckpointError
+from .errors import ArchitectureError, CheckpointError
 
 
 def architecture_of(cls: type) -> str:
@@ -161,25 +160,14 @@ class ReferenceModel(torch.nn.Module, ModelInterface):
                 f"the checkpoint's model does not know the elements {new_types} of the new "
                 "data; train a new model, or remove those structures"
             )
-        targets = dict(self.dataset_info.targets)
-        for name, target in dataset_info.targets.items():
-            mine = targets.get(name)
-            if mine is None:
-                targets[name] = target
-                continue
-            if (target.quantity, target.unit, target.per_atom) != (
-                mine.quantity,
-                mine.unit,
-                mine.per_atom,
-            ):
-                raise CheckpointError(
-                    f"target '{name}' differs from the checkpoint's ({mine} vs {target}); "
-                    "give the new target another name to learn it alongside"
-                )
-            gradients = sorted(set(mine.gradients) | set(target.gradients))
-            targets[name] = dataclasses.replace(mine, gradients=gradients)
-        info = dataclasses.replace(self.dataset_info, targets=targets)
-        if list(targets) == self.target_names:
+        try:
+            info = self.dataset_info.union(dataset_info)
+        except ArchitectureError as error:
+            raise CheckpointError(
+                f"the new data does not fit the checkpoint's model: {error}; give a new "
+                "target another name to learn it alongside"
+            ) from None
+        if list(info.targets) == self.target_names:
             self.dataset_info = info
             return self
         parameter = next(self.parameters())
