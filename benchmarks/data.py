@@ -1,7 +1,7 @@
 """Data loading benchmarks: loader throughput, peak memory, conversion speed (JSON + table).
 
-    python benchmarks/data.py --out benchmarks/results/data.json      # ~6 min on 2 cores
-    python benchmarks/data.py --quick --out /tmp/data-quick.json      # smoke test, < 30 s
+    python benchmarks/data.py --out benchmarks/results/data.json      # 5-6 min on 2 cores
+    python benchmarks/data.py --quick --out /tmp/data-quick.json      # smoke test, 20-35 s
 
 Three measurements, each against a target of ``docs/benchmarks.rst``:
 
@@ -17,10 +17,15 @@ Three measurements, each against a target of ``docs/benchmarks.rst``:
    epoch, for two sizes (default 10,000 and 200,000 structures of 32 atoms); target:
    within 10% of each other. The shard sets are written directly with the shard
    writer from a pool of the EMT structures, each copy with small random
-   displacements (labels copied unchanged: fine for I/O, not for training).
+   displacements (labels copied unchanged: fine for I/O, not for training). An extra
+   epoch over the largest set runs with a larger block cache and more open files
+   (``--tuned``), to show what the reader's defaults cost.
 3. **Conversion**: ``hpctrain convert`` (one process) of the EMT extxyz, against
    ``ase.io.read(path, ":")`` of the same file; target: conversion time <= 1.3x the
-   parse time. ``cProfile`` names the hot functions of conversion and of the loader.
+   parse time. Between the two: ``extract_frame`` alone, ``iter_frames`` (parsing and
+   extraction as conversion does them), and the same calls extracting 256 parsed
+   frames at a time (a candidate change). ``cProfile`` names the hot functions of
+   conversion and of the loader.
 
 Everything is written in a temporary directory that is removed at the end (unless
 ``--keep``). The machine is described in the JSON, with load averages: on a shared
@@ -457,6 +462,26 @@ def breakdown(profile: cProfile.Profile) -> dict[str, float]:
     return shares
 
 
+CHUNK = 256
+
+
+def extract_in_chunks(xyz: Path, spec, chunk: int):
+    """What ``iter_frames`` yields, but parsing ``chunk`` frames before extracting them:
+    a candidate change, measured next to ``iter_frames``."""
+    import itertools
+
+    import ase.io
+
+    from hpctrain.data.dataset import extract_frame
+
+    frames = ase.io.iread(str(xyz), index=":", parallel=False)
+    count = 0
+    while batch := list(itertools.islice(frames, chunk)):
+        for atoms in batch:
+            yield extract_frame(atoms, spec, f"{xyz}, structure {count}")
+            count += 1
+
+
 def conversion(xyz: Path, output: Path, repeats: int) -> dict:
     """``ase.io.read(xyz, ":")`` and ``convert()`` of the same file in this process (both
     warm: modules imported), and ``hpctrain convert`` as a user runs it, interleaved so
@@ -470,7 +495,7 @@ def conversion(xyz: Path, output: Path, repeats: int) -> dict:
     from hpctrain.data.dataset import extract_frame, iter_frames
 
     spec = spec_from_args(stress="stress")
-    walls, printed, warm, parses, frames, extracts = [], [], [], [], [], []
+    walls, printed, warm, parses, frames, extracts, chunked = [], [], [], [], [], [], []
     n = 0
     for i in range(repeats):
         start = time.perf_counter()
@@ -486,6 +511,10 @@ def conversion(xyz: Path, output: Path, repeats: int) -> dict:
         for _ in iter_frames(str(xyz), spec):
             pass
         frames.append(time.perf_counter() - start)
+        start = time.perf_counter()  # the same, extracting 256 parsed frames at a time
+        for _ in extract_in_chunks(xyz, spec, CHUNK):
+            pass
+        chunked.append(time.perf_counter() - start)
         warm.append(convert_in_process(xyz, scratch))
         if i >= 3:
             continue  # the CLI costs seconds of imports each time: 3 runs are enough
@@ -510,6 +539,8 @@ def conversion(xyz: Path, output: Path, repeats: int) -> dict:
         "parse_s": parses,
         "extract_frame_s": extracts,
         "iter_frames_s": frames,
+        "chunked_s": chunked,
+        "chunk": CHUNK,
         "convert_warm_s": warm,
         "convert_printed_s": printed,
         "convert_wall_s": walls,
@@ -517,6 +548,7 @@ def conversion(xyz: Path, output: Path, repeats: int) -> dict:
         "best_parse_s": parse_s,
         "best_extract_frame_s": min(extracts),
         "best_iter_frames_s": min(frames),
+        "best_chunked_s": min(chunked),
         "best_convert_warm_s": min(warm),
         "best_convert_printed_s": min(printed),
         "best_convert_wall_s": min(walls),
@@ -644,6 +676,9 @@ def table(results: dict) -> str:
         f"  iter_frames() (parse + extract)      {c['best_iter_frames_s']:7.2f} s "
         f"{c['n_structures'] / c['best_iter_frames_s']:7.0f} structures/s  "
         f"{c['best_iter_frames_s'] / c['best_parse_s']:.2f}x",
+        f"  {'the same, ' + str(c['chunk']) + ' frames at a time':<37}{c['best_chunked_s']:7.2f} s "
+        f"{c['n_structures'] / c['best_chunked_s']:7.0f} structures/s  "
+        f"{c['best_chunked_s'] / c['best_parse_s']:.2f}x",
         f"  convert(), warm                      {c['best_convert_warm_s']:7.2f} s "
         f"{c['convert_warm_structures_per_s']:7.0f} structures/s  {c['ratio']:.2f}x",
         f"  hpctrain convert, time it prints     {c['best_convert_printed_s']:7.2f} s "
