@@ -340,8 +340,8 @@ class ArchitectureTests:
         module, _ = self.module()
         loaded = module.__model__.load_checkpoint(path)
         assert self.energies(loaded, data["crystals"]) == self.energies(model, data["crystals"])
-        again = module.__trainer__.load_checkpoint(path, self.module()[1].training_hypers)
-        assert again is not None
+        # the trainer part loads too (it raises on a checkpoint it cannot use)
+        module.__trainer__.load_checkpoint(path, self.module()[1].training_hypers)
 
     def test_restart_for_fine_tuning_and_for_new_targets(self, datasets, data, tmp_path):
         import dataclasses

@@ -214,7 +214,7 @@ def test_preemption_and_time_limit_requeue_and_end_with_the_same_weights(workdir
     log = (run_dir / "train.log").read_text()
     # started, preempted, cut by the time limit: three starts, two continuations
     assert log.count("continue_from auto: newest committed checkpoint") >= 2, log
-    assert log.count("stopped by SIGUSR2") + log.count("checkpoint") > 0
+    assert "stop requested at step" in log  # the ranks checkpointed on the signal
     assert_same_weights(run_dir, reference)
 
 
