@@ -1,0 +1,729 @@
+"""Strong and weak scaling of hpctrain over ranks, with a breakdown of the step.
+
+    python benchmarks/scaling.py --ranks 1 2 4 --architectures mp_transformer soap_bpnn \
+        --structures 256 --atoms 32 --out scaling.json        # also writes scaling.png
+
+Each measurement is a multi-process training run started by a launcher (``srun``
+inside a SLURM allocation, else ``mpiexec`` when there is one, else ``torchrun``;
+``--launcher`` chooses). Every rank runs this file with ``--worker``: it goes through
+hpctrain's own launch detection, thread and device choice, process group, options,
+datasets, model and trainer, builds the architecture's engine (DDP across ranks)
+and calls ``Engine.train_step`` (plus step checkpoints with ``--checkpoint-every``)
+on the sampler's global batches, as ``Engine.train`` does. After ``--warmup`` steps
+it enables :mod:`hpctrain.timing` and times ``--steps`` steps.
+
+*Strong scaling* keeps the global batch (``--batch-size``) fixed:
+efficiency ``T_1 / (N T_N)`` with ``T`` the time per step. *Weak scaling* keeps the
+batch per rank fixed (global batch ``N * --batch-size``): efficiency
+``throughput_N / (N throughput_1)``. With ``--ranks`` not starting at 1, the
+smallest count is the reference.
+
+The breakdown of a step, per rank, in seconds per step: ``data`` (reading and
+collating this rank's structures: waiting for data, as the engine reads them in
+the training loop), ``systems`` (metatomic systems and neighbour lists),
+``forward`` (energies, and forces/stress by autograd), ``backward`` (gradient
+computation not overlapped with communication), ``allreduce`` (gradient all-reduce
+not hidden behind backward: from the moment DDP hands the last gradient bucket to
+the all-reduce until backward returns, timed by a DDP communication hook, see
+:mod:`hpctrain.timing`), ``agree`` (the small per-step all-reduce of stop and NaN
+flags), ``optimizer`` (clipping, Adam, schedule, EMA), ``checkpoint`` and ``other``
+(the rest of the step). The full duration of each bucket's all-reduce, overlapped
+or not, is reported apart as ``allreduce_busy_s`` (CPU/gloo only).
+
+Output: a JSON file (machine, command, load averages, per-rank data and a
+summary per measurement), a table on stdout, and a PNG plot (efficiency against
+ranks; breakdown) beside the JSON. ``--quick`` is a tiny CPU configuration for
+smoke tests (about half a minute per launch on two cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCHITECTURES = ("mp_transformer", "soap_bpnn")
+PARTS = (
+    "data",
+    "systems",
+    "forward",
+    "backward",
+    "allreduce",
+    "agree",
+    "optimizer",
+    "checkpoint",
+    "other",
+)
+# tiny models for --quick: the same code paths in a fraction of the time
+QUICK_HYPERS: dict[str, dict[str, Any]] = {
+    "mp_transformer": {"d_model": 16, "num_heads": 2, "num_layers": 1, "cutoff": 4.0},
+    "soap_bpnn": {
+        "soap": {"max_angular": 2, "max_radial": 2, "cutoff": {"radius": 4.0}},
+        "bpnn": {"num_neurons_per_layer": 8, "num_hidden_layers": 1},
+    },
+}
+SCALING_DEFAULTS = {"structures": 128, "atoms": 16, "batch_size": 8, "steps": 12, "warmup": 3}
+QUICK_DEFAULTS = {"structures": 24, "atoms": 8, "batch_size": 4, "steps": 4, "warmup": 2}
+
+
+class BenchmarkError(Exception):
+    """A problem with the arguments or a failed run; printed without a traceback."""
+
+
+# -- machine -------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info: dict[str, Any] = {
+        "hostname": socket.gethostname(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cores_available": cores,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_nodelist": os.environ.get("SLURM_JOB_NODELIST"),
+    }
+    with contextlib.suppress(OSError, ValueError):
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        info["memory_gib"] = round(pages / 2**30, 1)
+    return info
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+# -- launching -----------------------------------------------------------------------
+
+
+def find_mpiexec() -> str | None:
+    beside = Path(sys.executable).parent / "mpiexec"
+    return str(beside) if beside.exists() else shutil.which("mpiexec")
+
+
+def choose_launcher(requested: str) -> str:
+    """``auto``: srun inside a SLURM allocation, else mpiexec if there is one, else
+    torchrun."""
+    if requested != "auto":
+        if requested == "srun" and not shutil.which("srun"):
+            raise BenchmarkError("--launcher srun: srun is not on PATH")
+        if requested == "mpiexec" and not find_mpiexec():
+            raise BenchmarkError("--launcher mpiexec: no mpiexec beside python or on PATH")
+        return requested
+    if os.environ.get("SLURM_JOB_ID") and shutil.which("srun"):
+        return "srun"
+    if find_mpiexec():
+        return "mpiexec"
+    return "torchrun"
+
+
+def launch_command(launcher: str, ranks: int, threads: int, extra: list[str]) -> list[str]:
+    """The command prefix that starts ``ranks`` copies of a Python program."""
+    if launcher == "srun":
+        return [
+            "srun",
+            f"--ntasks={ranks}",
+            f"--cpus-per-task={threads}",
+            "--kill-on-bad-exit=1",
+            *extra,
+            sys.executable,
+        ]
+    if launcher == "mpiexec":
+        return [find_mpiexec() or "mpiexec", "-n", str(ranks), *extra, sys.executable]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={ranks}",
+        *extra,
+    ]
+
+
+def launch_env(launcher: str, threads: int) -> dict[str, str]:
+    """The environment of the ranks: the launcher variables of an enclosing job step
+    removed (srun keeps the allocation's), one thread count for every library."""
+    drop = ("PMI_", "PMIX_", "OMPI_", "MV2_", "TORCHELASTIC_")
+    if launcher != "srun":
+        drop += ("SLURM_",)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR"):
+        env.pop(key, None)
+    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[key] = str(threads)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+# -- one measurement -----------------------------------------------------------------
+
+
+def options_for(args: argparse.Namespace, architecture: str, global_batch: int) -> dict:
+    model = dict(QUICK_HYPERS[architecture]) if args.quick else {}
+    model.update(args.model_hypers.get(architecture, {}))
+    training: dict[str, Any] = {"batch_size": global_batch, "num_epochs": 1}
+    if args.mixed_precision:
+        training["mixed_precision"] = True
+    return {
+        "seed": 0,
+        "device": args.device,
+        "base_precision": args.precision,
+        "architecture": {"name": architecture, "model": model, "training": training},
+        "training_set": {
+            "systems": str(args.data.resolve()),
+            "targets": {"energy": {"forces": True, "stress": args.stress}},
+        },
+        # one structure, only because the options require a validation set
+        "validation_set": 1.0 / args.n_structures,
+        "test_set": 0.0,
+        "distributed": {"threads_per_rank": args.threads_per_rank},
+        "checkpoint": {"every_n_epochs": 0, "every_minutes": None, "keep_last": 2},
+    }
+
+
+def measure(
+    args: argparse.Namespace,
+    launcher: str,
+    architecture: str,
+    ranks: int,
+    global_batch: int,
+    workdir: Path,
+) -> dict[str, Any]:
+    """Launch one training run on ``ranks`` ranks; its results (rank 0's JSON)."""
+    import yaml
+
+    name = f"{architecture}-n{ranks}-b{global_batch}"
+    run_dir = workdir / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    options_path = run_dir / "options.yaml"
+    options_path.write_text(yaml.safe_dump(options_for(args, architecture, global_batch)))
+    out = run_dir / "result.json"
+    config = {
+        "options": str(options_path),
+        "run_dir": str(run_dir),
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "checkpoint_every": args.checkpoint_every,
+        "out": str(out),
+    }
+    config_path = run_dir / "worker.json"
+    config_path.write_text(json.dumps(config))
+    command = launch_command(launcher, ranks, args.threads_per_rank, args.launcher_args) + [
+        str(Path(__file__).resolve()),
+        "--worker",
+        str(config_path),
+    ]
+    print(f"  {name}: {shlex.join(command[:6])} ...", flush=True)
+    before = load_average()
+    start = time.perf_counter()
+    try:
+        result = subprocess.run(
+            command,
+            env=launch_env(launcher, args.threads_per_rank),
+            cwd=run_dir,
+            capture_output=True,
+            text=True,
+            timeout=args.timeout,
+        )
+    except subprocess.TimeoutExpired as error:
+        raise BenchmarkError(
+            f"{name}: no result after {args.timeout:.0f} s (--timeout); output so far:\n"
+            f"{(error.stderr or b'')[-3000:]!r}"
+        ) from None
+    wall = time.perf_counter() - start
+    (run_dir / "stdout.txt").write_text(result.stdout)
+    (run_dir / "stderr.txt").write_text(result.stderr)
+    if result.returncode != 0 or not out.exists():
+        raise BenchmarkError(
+            f"{name}: the launch exited with status {result.returncode} (command: "
+            f"{shlex.join(command)}); its output ends with:\n{result.stderr[-3000:]}"
+        )
+    data = json.loads(out.read_text())
+    data.update(
+        name=name,
+        command=shlex.join(command),
+        launch_wall_s=round(wall, 2),
+        load_average_before=before,
+        load_average_after=load_average(),
+    )
+    return summarise(data)
+
+
+def summarise(data: dict[str, Any]) -> dict[str, Any]:
+    """Throughput and the mean breakdown over ranks from the per-rank results."""
+    ranks = data["ranks"]
+    steps = data["steps"]
+    wall = max(r["measured_s"] for r in ranks)  # ranks meet at every step
+    per_rank = []
+    for r in ranks:
+        step = r["measured_s"] / steps
+        parts = {p: r["sections"].get(p, 0.0) / steps for p in PARTS if p != "other"}
+        parts["other"] = step - sum(parts.values())
+        per_rank.append({"step_s": step, **parts})
+    breakdown = {p: sum(r[p] for r in per_rank) / len(per_rank) for p in PARTS}
+    step_s = wall / steps
+    model_work = sum(breakdown[p] for p in ("forward", "backward", "allreduce", "optimizer"))
+    mean_step = sum(r["step_s"] for r in per_rank) / len(per_rank)
+    busy = [r["comm"].get("busy_s") for r in ranks if "busy_s" in r["comm"]]
+    data["summary"] = {
+        "world_size": data["world_size"],
+        "global_batch": data["global_batch"],
+        "step_s": step_s,
+        "median_step_s": sorted(r["median_step_s"] for r in ranks)[len(ranks) // 2],
+        "structures_per_s": data["structures"] / wall,
+        "atoms_per_s": data["atoms"] / wall,
+        "breakdown_s": breakdown,
+        "breakdown_fraction": {p: v / mean_step for p, v in breakdown.items()},
+        "per_rank_breakdown_s": per_rank,
+        "data_fraction": breakdown["data"] / mean_step,
+        "framework_overhead": 1 - model_work / mean_step,
+        "allreduce_buckets_per_step": ranks[0]["comm"].get("buckets", 0) / steps,
+        "allreduce_bytes_per_step": ranks[0]["comm"].get("bytes", 0) / steps,
+        "allreduce_busy_s": sum(busy) / len(busy) / steps if busy else None,
+    }
+    return data
+
+
+def efficiencies(results: list[dict[str, Any]]) -> None:
+    """Strong: T_ref N_ref / (N T_N); weak: thr_N N_ref / (N thr_ref), in place."""
+    for entry in results:
+        base = min(
+            (
+                r
+                for r in results
+                if (r["architecture"], r["mode"]) == (entry["architecture"], entry["mode"])
+            ),
+            key=lambda r: r["ranks"],
+        )
+        n, n0 = entry["ranks"], base["ranks"]
+        if entry["mode"] == "strong":
+            value = base["step_s"] * n0 / (n * entry["step_s"])
+        else:
+            value = entry["structures_per_s"] * n0 / (n * base["structures_per_s"])
+        entry["efficiency"] = value
+        entry["speedup"] = value * n / n0
+
+
+# -- worker (one rank) ---------------------------------------------------------------
+
+
+def worker(config_path: Path) -> None:
+    import numpy as np
+    import torch
+
+    from hpctrain import flow, launch, run, timing
+
+    config = json.loads(config_path.read_text())
+    options, architecture, dtype, device_type = flow.prepare(config["options"])
+    env = launch.detect()
+    device = launch.device_for(env, device_type)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.set_num_threads(launch.threads_per_rank(env, options.distributed.threads_per_rank))
+    backend = launch.backend_for(device_type, options.distributed.backend)
+    with launch.ProcessGroup(env, backend, options.distributed.timeout_s):
+        run_dir = Path(config["run_dir"])
+        run.set_current(
+            run.RunContext(
+                rank=env.rank,
+                world_size=env.world_size,
+                seed=options.seed,
+                run_dir=run_dir,
+                checkpoint=options.checkpoint,
+                logging=options.logging,
+            )
+        )
+        flow.seed_everything(options.seed)
+        train_sets, val_sets, _ = flow.load_datasets(options, dtype, config["options"])
+        info = flow.dataset_info_of(train_sets)
+        model, trainer = flow.build(architecture, info, None)
+        with warnings.catch_warnings():
+            # soap_bpnn: featomic has no second derivatives w.r.t. positions (not needed)
+            warnings.filterwarnings("ignore", "second derivatives with respect to positions")
+            engine = trainer.engine_class(
+                trainer.hypers,
+                model,
+                device,
+                train_sets,
+                val_sets,
+                run_dir,
+                save_checkpoint=trainer.save_checkpoint,
+            )
+            trainer.model, trainer.engine = model, engine
+            hooked = timing.TIMER.attach(engine.network)
+            n_atoms = engine.train_set.n_atoms
+            sampler = engine.sampler
+
+            def batches():
+                epoch = 0
+                while True:
+                    sampler.set_epoch(epoch)
+                    yield from sampler
+                    epoch += 1
+
+            warmup, steps, every = config["warmup"], config["steps"], config["checkpoint_every"]
+            times, structures, atoms, local_atoms = [], 0, 0, 0
+            start = 0.0
+            for i, step in zip(range(warmup + steps), batches()):
+                if i == warmup:
+                    launch.barrier()
+                    timing.TIMER.enable(device)
+                    start = time.perf_counter()
+                t0 = time.perf_counter()
+                n_step_atoms = int(n_atoms[step.global_].sum())
+                engine.train_step(step.local, len(step.global_), n_step_atoms)
+                if i >= warmup and every and (i - warmup + 1) % every == 0:
+                    engine.write_checkpoint()
+                if i >= warmup:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    times.append(time.perf_counter() - t0)
+                    structures += len(step.global_)
+                    atoms += n_step_atoms
+                    local_atoms += int(n_atoms[step.local].sum())
+            measured = time.perf_counter() - start
+            timing.TIMER.disable()
+        mine = {
+            "rank": env.rank,
+            "host": socket.gethostname(),
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "measured_s": measured,
+            "median_step_s": float(np.median(times)),
+            "step_times_s": times,
+            "sections": timing.TIMER.snapshot(),
+            "comm": dict(timing.TIMER.comm),
+            "local_atoms": local_atoms,
+        }
+        gathered = launch.all_gather_object(mine)
+        if env.is_main:
+            result = {
+                "architecture": architecture.name,
+                "launcher": env.launcher,
+                "backend": backend if env.distributed else None,
+                "world_size": env.world_size,
+                "global_batch": trainer.hypers.batch_size,
+                "mixed_precision": trainer.hypers.mixed_precision,
+                "dtype": str(dtype).replace("torch.", ""),
+                "warmup": warmup,
+                "steps": steps,
+                "checkpoint_every": every,
+                "comm_hook": hooked,
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "structures": structures,
+                "atoms": atoms,
+                "ranks": gathered,
+            }
+            Path(config["out"]).write_text(json.dumps(result, indent=1))
+        launch.barrier()
+
+
+# -- report --------------------------------------------------------------------------
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    header = (
+        f"{'architecture':<15}{'mode':<7}{'ranks':>5}{'batch':>6}{'step ms':>9}"
+        f"{'struct/s':>10}{'atoms/s':>9}{'eff':>6}  "
+        + "".join(f"{p[:7]:>8}" for p in PARTS)
+        + "   load before/after"
+    )
+    lines = [header, "-" * len(header)]
+    for r in results:
+        frac = r["breakdown_fraction"]
+        lines.append(
+            f"{r['architecture']:<15}{r['mode']:<7}{r['ranks']:>5}{r['global_batch']:>6}"
+            f"{1000 * r['step_s']:>9.1f}{r['structures_per_s']:>10.1f}{r['atoms_per_s']:>9.0f}"
+            f"{r['efficiency']:>6.2f}  "
+            + "".join(f"{100 * frac[p]:>7.1f}%" for p in PARTS)
+            + f"   {r['load_average_before'][0]:.1f}/{r['load_average_after'][0]:.1f}"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    series: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in results:
+        series.setdefault((r["architecture"], r["mode"]), []).append(r)
+    all_ranks = sorted({r["ranks"] for r in results})
+    for (arch, mode), rows in series.items():
+        rows = sorted(rows, key=lambda r: r["ranks"])
+        left.plot(
+            [r["ranks"] for r in rows],
+            [r["efficiency"] for r in rows],
+            marker="o",
+            linestyle="-" if mode == "weak" else "--",
+            label=f"{arch} ({mode})",
+        )
+    left.axhline(1.0, color="grey", linewidth=0.8)
+    left.axhline(0.9, color="grey", linewidth=0.8, linestyle=":")
+    left.set_xscale("log", base=2)
+    left.set_xticks(all_ranks, [str(n) for n in all_ranks])
+    left.set_xlabel("ranks")
+    left.set_ylabel("parallel efficiency")
+    left.set_ylim(0, 1.15)
+    left.legend(fontsize=8)
+    left.set_title("efficiency (weak: throughput; strong: time per step)", fontsize=9)
+    labels = [f"{r['architecture'][:8]} {r['mode'][0]} N={r['ranks']}" for r in results]
+    bottom = [0.0] * len(results)
+    for part in PARTS:
+        values = [r["breakdown_fraction"][part] for r in results]
+        right.bar(range(len(results)), values, bottom=bottom, label=part)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    right.set_xticks(range(len(results)), labels, rotation=60, ha="right", fontsize=7)
+    right.set_ylabel("fraction of the step (mean over ranks)")
+    right.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
+    right.set_title("where a step's time goes", fontsize=9)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- main ----------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--mode", nargs="+", choices=["weak", "strong"], default=["weak", "strong"])
+    parser.add_argument("--architectures", nargs="+", default=list(ARCHITECTURES), metavar="NAME")
+    parser.add_argument(
+        "--launcher", choices=["auto", "srun", "mpiexec", "torchrun"], default="auto"
+    )
+    parser.add_argument(
+        "--launcher-args",
+        default="",
+        help="extra arguments of the launcher, one string (e.g. '--gpus-per-task=1')",
+    )
+    parser.add_argument("--threads-per-rank", type=int, default=1)
+    parser.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
+    parser.add_argument("--precision", type=int, choices=[32, 64], default=32)
+    parser.add_argument("--mixed-precision", action="store_true", help="bf16 autocast (CUDA)")
+    parser.add_argument("--data", type=Path, help="training data (default: generated EMT)")
+    parser.add_argument("--structures", type=int, help="EMT structures to generate")
+    parser.add_argument("--atoms", type=int, help="atoms per generated EMT structure")
+    parser.add_argument(
+        "--no-stress", dest="stress", action="store_false", help="learn energies and forces only"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        help="strong scaling: the global batch; weak scaling: the batch of each rank",
+    )
+    parser.add_argument("--steps", type=int, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, help="untimed steps before them")
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        help="write a step checkpoint every N timed steps (0: never)",
+    )
+    parser.add_argument(
+        "--model-hypers",
+        type=json.loads,
+        default={},
+        help='JSON: model hypers per architecture, e.g. \'{"mp_transformer": {"d_model": 32}}\'',
+    )
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per launch")
+    parser.add_argument("--quick", action="store_true", help="tiny models and data (smoke test)")
+    parser.add_argument("--workdir", type=Path, help="keep run directories here")
+    parser.add_argument("--plot", type=Path, help="PNG path (default: --out with .png)")
+    parser.add_argument("--out", type=Path, help="JSON result path")
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return args
+    if args.out is None:
+        parser.error("--out is required")
+    defaults = QUICK_DEFAULTS if args.quick else SCALING_DEFAULTS
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.launcher_args = shlex.split(args.launcher_args)
+    problems = []
+    if min(args.ranks) < 1:
+        problems.append("--ranks must be positive")
+    if args.batch_size < 1 or args.steps < 1 or args.warmup < 0 or args.threads_per_rank < 1:
+        problems.append(
+            "--batch-size, --steps and --threads-per-rank must be at least 1, --warmup at least 0"
+        )
+    if "strong" in args.mode and args.batch_size < max(args.ranks):
+        problems.append(
+            f"strong scaling splits the global batch --batch-size {args.batch_size} between "
+            f"up to {max(args.ranks)} ranks: give at least one structure per rank"
+        )
+    for name in args.architectures:
+        if name not in ARCHITECTURES and "." not in name:
+            problems.append(f"unknown architecture {name!r}; reference ones: {ARCHITECTURES}")
+    if not isinstance(args.model_hypers, dict):
+        problems.append("--model-hypers must be a JSON object keyed by architecture")
+    if args.data is not None and not args.data.exists():
+        problems.append(f"--data {args.data} does not exist")
+    if args.mixed_precision and args.device == "cpu":
+        problems.append("--mixed-precision needs --device cuda")
+    if problems:
+        parser.error("; ".join(problems))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        worker(args.worker)
+        return 0
+    launcher = choose_launcher(args.launcher)
+    started = datetime.datetime.now().astimezone()
+    info = {
+        "machine": machine(),
+        "date": started.isoformat(timespec="seconds"),
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "launcher": launcher,
+        "load_average_before": load_average(),
+    }
+    print(
+        f"{info['machine']['cpu_model']}, {info['machine']['cores_available']} cores, torch "
+        f"{info['machine']['torch']}, launcher {launcher}, load {info['load_average_before']}",
+        flush=True,
+    )
+    with contextlib.ExitStack() as stack:
+        if args.workdir:
+            workdir = args.workdir.resolve()
+            workdir.mkdir(parents=True, exist_ok=True)
+        else:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="scaling-")))
+        if args.data is None:
+            args.data = workdir / f"emt-{args.structures}x{args.atoms}.xyz"
+            if not args.data.exists():
+                subprocess.run(
+                    [
+                        sys.executable,
+                        str(ROOT / "benchmarks" / "make_emt_dataset.py"),
+                        "-n",
+                        str(args.structures),
+                        "--atoms",
+                        str(args.atoms),
+                        "-o",
+                        str(args.data),
+                    ],
+                    check=True,
+                )
+            dataset = {
+                "generated": "make_emt_dataset.py",
+                "structures": args.structures,
+                "atoms": args.atoms,
+            }
+        else:
+            dataset = {"path": str(args.data)}
+        import ase.io
+
+        args.n_structures = sum(1 for _ in ase.io.iread(str(args.data), ":"))
+        dataset["n_structures"] = args.n_structures
+        cache: dict[tuple[str, int, int], dict[str, Any]] = {}
+        results = []
+        for architecture in args.architectures:
+            for mode in args.mode:
+                for ranks in sorted(set(args.ranks)):
+                    batch = args.batch_size if mode == "strong" else args.batch_size * ranks
+                    if batch + 1 > args.n_structures:
+                        raise BenchmarkError(
+                            f"a global batch of {batch} needs more than {args.n_structures} "
+                            "structures (one is kept for validation): raise --structures"
+                        )
+                    key = (architecture, ranks, batch)
+                    if key not in cache:
+                        cache[key] = measure(args, launcher, architecture, ranks, batch, workdir)
+                    data = cache[key]
+                    results.append(
+                        {
+                            "architecture": architecture,
+                            "mode": mode,
+                            "ranks": ranks,
+                            "run": data["name"],
+                            **{k: data["summary"][k] for k in data["summary"]},
+                            "load_average_before": data["load_average_before"],
+                            "load_average_after": data["load_average_after"],
+                        }
+                    )
+        efficiencies(results)
+    info["load_average_after"] = load_average()
+    report = {
+        **info,
+        "settings": {
+            "ranks": sorted(set(args.ranks)),
+            "modes": args.mode,
+            "threads_per_rank": args.threads_per_rank,
+            "device": args.device,
+            "precision": args.precision,
+            "mixed_precision": args.mixed_precision,
+            "batch_size": args.batch_size,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "checkpoint_every": args.checkpoint_every,
+            "stress": args.stress,
+            "quick": args.quick,
+            "dataset": dataset,
+        },
+        "results": results,
+        "runs": list(cache.values()),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(table(results))
+    png = args.plot or args.out.with_suffix(".png")
+    plot(
+        results,
+        png,
+        f"{info['machine']['cpu_model']} ({info['machine']['cores_available']} cores), "
+        f"{args.threads_per_rank} thread(s)/rank, {launcher}, {info['date']}",
+    )
+    print(f"wrote {args.out} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchmarkError as error:
+        print(f"scaling.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
