@@ -32,7 +32,8 @@ from .data.sampler import DistributedBatchSampler
 from .errors import CheckpointError, DataError, OptionsError, Preempted, TrainingDiverged
 from .evaluation import EnergyModule, evaluate, predict, split_key
 from .optim import ExponentialMovingAverage, LearningRate
-from .report import MetricsCSV, get_logger
+from .progress import ProgressMeter
+from .report import MetricsLog, get_logger
 from .systems import NeighborLists
 
 
@@ -326,11 +327,13 @@ class Engine:
         ctx = self.context
         hp = self.hypers
         n_atoms_all = self.train_set.n_atoms
-        csv = MetricsCSV(ctx.run_dir / "metrics.csv") if ctx.is_main and ctx.run_dir else None
+        metrics = None
+        if ctx.is_main and ctx.run_dir:
+            metrics = MetricsLog(ctx.run_dir, ctx.logging.tensorboard, self.progress.step)
+        meter = ProgressMeter(ctx.logging, ctx.is_main)
         self.log.info(
-            f"training: {len(self.train_set)} structures, {self.steps_per_epoch} steps per "
-            f"epoch of global batch {hp.batch_size} on {ctx.world_size} rank(s), "
-            f"{hp.num_epochs} epochs"
+            f"training: {hp.num_epochs} epochs of {self.steps_per_epoch} steps, global batch "
+            f"{hp.batch_size} on {ctx.world_size} rank(s)"
         )
         if self.progress.step:
             self.log.info(
@@ -342,6 +345,9 @@ class Engine:
             start = time.perf_counter()
             self.model.train()
             self.sampler.set_epoch(epoch)
+            meter.start_epoch(
+                epoch + 1, hp.num_epochs, self.steps_per_epoch, self.sampler.remaining_steps()
+            )
             loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
             steps = 0
             for step in self.sampler:
@@ -349,6 +355,7 @@ class Engine:
                     step.local, len(step.global_), n_atoms_all[step.global_].sum()
                 )
                 steps += 1
+                meter.step(len(step.global_), loss_sum)
                 if self.flags["stop"]:
                     self.log.info(f"stop requested at step {self.progress.step}: checkpointing")
                     path = self.write_checkpoint()
@@ -362,15 +369,17 @@ class Engine:
                 periodic = every_steps and self.progress.step % every_steps == 0
                 if (self.flags["due"] or periodic) and not epoch_done:
                     self.write_checkpoint()  # (the epoch's end writes its own)
+            last = epoch + 1 == hp.num_epochs
+            validating = (epoch + 1) % max(1, ctx.logging.every_n_epochs) == 0 or last
+            trained, _ = meter.end_epoch(validating)
             launch.all_reduce_sum(loss_sum)
             train_loss = loss_sum.item() / ctx.world_size / max(1, steps)
             self.progress.epoch = epoch + 1
             elapsed = time.perf_counter() - start
-            last = epoch + 1 == hp.num_epochs
             val_loss = None
-            if (epoch + 1) % max(1, ctx.logging.every_n_epochs) == 0 or last:
-                metrics = self.validate()
-                val_loss = self.validation_loss(metrics)
+            if validating:
+                errors = self.validate()
+                val_loss = self.validation_loss(errors)
                 self.lr.observe(val_loss)
                 self.progress.best_metric = min(self.progress.best_metric, val_loss)
                 row = {
@@ -378,17 +387,20 @@ class Engine:
                     "step": self.progress.step,
                     "learning_rate": self.optimizer.param_groups[0]["lr"],
                     "train_loss": train_loss,
-                    **{f"val {k}": v for k, v in metrics.items()},
+                    **{f"val {k}": v for k, v in errors.items()},
+                    "val_loss": val_loss,
                     "epoch_time_s": elapsed,
                 }
-                self.log.info(_format_row(row, hp.num_epochs, len(self.train_set) / elapsed))
-                if csv is not None:
-                    csv.write(row)
+                self.log.info(_format_row(row, hp.num_epochs, trained / elapsed))
+                if metrics is not None:
+                    metrics.write(row)
             every = ctx.checkpoint.every_n_epochs
             if last or (every and (epoch + 1) % every == 0):
                 self.write_checkpoint(val_loss)
         if self.ema is not None:
             self.ema.copy_to_model()
+        if metrics is not None:
+            metrics.close()
 
     def write_checkpoint(self, validation_loss: float | None = None) -> Path | None:
         """A step checkpoint of the whole run, written by all ranks together."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import json
 import random
+import socket
 import sys
 import time
 from pathlib import Path
@@ -17,13 +18,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__, checkpoint, launch, run
+from . import __version__, checkpoint, launch, progress, run
 from .architecture import Architecture, DatasetInfo, choose_device_type, choose_dtype, resolve
 from .data import AtomisticDataset, read_dataset, split_indices
 from .errors import CheckpointError, DataError, OptionsError, Preempted
 from .evaluation import evaluate_model
 from .options import Options, load_options, write_resolved
-from .report import get_logger, setup_logging
+from .report import (
+    best_and_final,
+    block,
+    end_status_line,
+    get_logger,
+    read_metrics,
+    setup_logging,
+    validation_errors,
+)
 from .signals import StopRequest
 
 
@@ -147,6 +156,7 @@ def train(
         ``slurm.max_requeues``)
     """
     started = time.perf_counter()
+    progress.TOTALS.reset()
     source = str(options_path)
     options, architecture, dtype, device_type = prepare(options_path, continue_from)
     if requeue:
@@ -185,25 +195,13 @@ def train(
         resolved = run_dir / "options.resolved.yaml"
         if env.is_main:
             write_resolved(options, resolved)
-        group = backend if env.distributed else "no process group"
-        log.info(
-            f"hpctrain {__version__}: architecture {architecture.name}, {env.world_size} "
-            f"rank(s) via {env.launcher}, device {device_type} ({group}), "
-            f"{str(dtype).replace('torch.', '')}, {torch.get_num_threads()} thread(s) per rank"
-        )
-        log.info(f"run directory: {run_dir}")
-        log.info(f"resolved options: {resolved}")
 
         train_sets, val_sets, test_sets = load_datasets(options, dtype, source)
         info = dataset_info_of(train_sets)
         _check_supported(architecture, info)
-        log.info(
-            f"data: {sum(map(len, train_sets))} training, {sum(map(len, val_sets))} validation, "
-            f"{sum(map(len, test_sets))} test structures; elements {info.atomic_types}; targets "
-            + ", ".join(
-                f"{k} ({'+'.join(['energy', *v.gradients])})" for k, v in info.targets.items()
-            )
-        )
+        devices = launch.all_gather_object((socket.gethostname(), describe_device(device)))
+        sizes = [sum(map(len, sets)) for sets in (train_sets, val_sets, test_sets)]
+        log.info(banner(architecture.name, env, backend, devices, dtype, info, sizes, run_dir))
 
         model, trainer = build(architecture, info, resume)
         with StopRequest() as stop:
@@ -225,10 +223,91 @@ def train(
         if env.is_main:
             save_final_checkpoint(trainer, model, run_dir / "model.ckpt")
             export_model(model, run_dir)
-            log.info(f"wrote {run_dir / 'model.ckpt'} and {run_dir / 'model.pt'}")
         launch.barrier()
-        log.info(f"done in {time.perf_counter() - started:.1f} s")
+        if env.is_main:
+            log.info(summary(run_dir, time.perf_counter() - started))
     return run_dir
+
+
+def describe_device(device: torch.device) -> str:
+    """``cpu`` or ``cuda:0 (NVIDIA H100 80GB HBM3)``."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def banner(
+    architecture: str,
+    env: launch.LaunchEnv,
+    backend: str,
+    devices: list[tuple[str, str]],
+    dtype: torch.dtype,
+    info: DatasetInfo,
+    sizes: list[int],
+    run_dir: Path,
+) -> str:
+    """The start-up block: what trains, where, on what, and where its outputs go.
+
+    :param devices: (host, device) of every rank
+    :param sizes: structures in the training, validation and test sets
+    """
+    hosts = sorted({host for host, _ in devices})
+    counts: dict[str, int] = {}
+    for _, device in devices:
+        counts[device] = counts.get(device, 0) + 1
+    on = ", ".join(f"{n} x {d}" if n > 1 else d for d, n in counts.items())
+    group = f", {backend}" if env.distributed else ""
+    targets = ", ".join(
+        f"{k} ({'+'.join(['energy', *v.gradients])})" for k, v in info.targets.items()
+    )
+    return block(
+        f"hpctrain {__version__}, architecture {architecture}",
+        [
+            (
+                "ranks",
+                f"{env.world_size} rank(s) via {env.launcher}{group}, "
+                f"{torch.get_num_threads()} thread(s) per rank",
+            ),
+            ("devices", f"{on} on {len(hosts)} node(s)" if len(hosts) > 1 else on),
+            ("dtype", str(dtype).replace("torch.", "")),
+            ("data", f"{sizes[0]} training, {sizes[1]} validation, {sizes[2]} test structures"),
+            ("elements", str(info.atomic_types)),
+            ("targets", targets),
+            ("run directory", str(run_dir)),
+            ("resolved options", str(run_dir / "options.resolved.yaml")),
+        ],
+    )
+
+
+def summary(run_dir: Path, wall_s: float) -> str:
+    """The end-of-run block: best and final validation errors (from ``metrics.csv``,
+    over every restart of the run), time, throughput and where the model is."""
+    best, final = best_and_final(read_metrics(run_dir / "metrics.csv"))
+    rows = []
+    if best is not None:
+        step = int(best["step"])
+        kept = dict(checkpoint.committed_steps(run_dir / "checkpoints")).get(step)
+        where = f"; checkpoint {kept}" if kept is not None else ""
+        rows.append(
+            (
+                "best epoch",
+                f"{int(best['epoch'])} (step {step}, validation loss "
+                f"{best['val_loss']:.4g}): {validation_errors(best)}{where}",
+            )
+        )
+    if final is not None:
+        rows.append(("final epoch", f"{int(final['epoch'])}: {validation_errors(final)}"))
+    totals = progress.TOTALS
+    rows.append(
+        (
+            "time",
+            f"{wall_s:.1f} s in all, {totals.seconds:.1f} s in training steps "
+            f"({totals.structures} structures, {totals.rate:.1f} structures/s)",
+        )
+    )
+    rows.append(("model", f"{run_dir / 'model.pt'} (extensions in {run_dir / 'extensions'})"))
+    rows.append(("checkpoint", str(run_dir / "model.ckpt")))
+    return block("training finished", rows)
 
 
 def resolve_continue(continue_from: str | None, run_dir: Path, fixed_dir: bool) -> str | None:
@@ -321,10 +400,13 @@ def save_final_checkpoint(trainer: Any, model: Any, path: Path) -> None:
         model.save_checkpoint(path)
 
 
-def export_model(model: Any, run_dir: Path) -> Path:
-    """``model.pt`` and the TorchScript extensions it needs, in ``run_dir``."""
-    path = run_dir / "model.pt"
-    atomistic = model.export()
+def export_model(model: Any, run_dir: Path, metadata: Any = None, name: str = "model.pt") -> Path:
+    """``model.pt`` (or ``name``) and the TorchScript extensions it needs, in
+    ``run_dir``; ``metadata``: a metatomic ``ModelMetadata`` to carry."""
+    from .export import with_metadata
+
+    path = run_dir / name
+    atomistic = model.export() if metadata is None else with_metadata(model, metadata)
     atomistic.save(str(path), collect_extensions=str(run_dir / "extensions"))
     return path
 
@@ -338,7 +420,10 @@ def main_guard(function, *args: Any, **kwargs: Any) -> int:
     from .errors import HpctrainError
 
     try:
-        function(*args, **kwargs)
+        try:
+            function(*args, **kwargs)
+        finally:
+            end_status_line()  # a progress bar on screen ends before any message
         return 0
     except Preempted as stop:
         if launch.rank_hint() == 0:

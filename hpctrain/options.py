@@ -165,6 +165,38 @@ class LoggingOptions:
     """What the run reports while training."""
 
     every_n_epochs: int = option(1, doc="Print and record validation metrics every N epochs.")
+    progress: Literal["auto", "bar", "lines", "off"] = option(
+        "auto",
+        doc="Progress within an epoch, printed by rank 0: ``bar`` redraws one line in "
+        "place (rate, ETA, loss); ``lines`` prints a plain line every "
+        "``progress_every_seconds`` (for SLURM output files and pipes); ``auto`` is "
+        "``bar`` when standard output is a terminal, else ``lines``.",
+    )
+    progress_every_seconds: float = option(
+        60.0, doc="Seconds between two progress lines (``lines`` mode)."
+    )
+    progress_every_n_steps: int | None = option(
+        None, doc="Also print a progress line every N optimizer steps (``lines`` mode)."
+    )
+    tensorboard: bool = option(
+        True,
+        doc="Also write the metrics of ``metrics.csv`` as TensorBoard scalars to "
+        "``tensorboard/`` in the run directory, when the ``tensorboard`` package is "
+        "installed (``pip install hpctrain[tensorboard]``); without it, a note is printed.",
+    )
+
+    def validate(self, path: str, source: str) -> None:
+        if self.every_n_epochs < 1:
+            raise OptionsError(f"'{path}.every_n_epochs' in {source} must be at least 1")
+        if not self.progress_every_seconds > 0:
+            raise OptionsError(
+                f"'{path}.progress_every_seconds' in {source} must be positive, got "
+                f"{self.progress_every_seconds}"
+            )
+        if self.progress_every_n_steps is not None and self.progress_every_n_steps < 1:
+            raise OptionsError(
+                f"'{path}.progress_every_n_steps' in {source} must be at least 1 (or null)"
+            )
 
 
 @dataclasses.dataclass
