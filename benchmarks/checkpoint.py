@@ -33,9 +33,11 @@ def state_of(megabytes: float) -> dict:
     return {"architecture": "benchmark", "model_state": model, "trainer_state": optimizer}
 
 
-def timed(function, repeat: int) -> float:
+def timed(function, repeat: int, before=lambda: None) -> float:
+    """Median wall time of ``function``; ``before`` runs untimed ahead of each call."""
     times = []
     for _ in range(repeat):
+        before()
         start = time.perf_counter()
         function()
         times.append(time.perf_counter() - start)
@@ -44,8 +46,17 @@ def timed(function, repeat: int) -> float:
 
 def measure(size: float, root: Path, manager, repeat: int) -> dict:
     state = state_of(size)
-    bare = timed(lambda: torch.save(state, root / "bare.pt"), repeat)
-    synced = timed(lambda: save_and_fsync(state, root / "synced.pt"), repeat)
+    # each write goes to a new file, as a checkpoint does (overwriting would add the
+    # cost of freeing the old file's pages to the bare save)
+    bare_path, synced_path = root / "bare.pt", root / "synced.pt"
+    bare = timed(
+        lambda: torch.save(state, bare_path), repeat, lambda: bare_path.unlink(missing_ok=True)
+    )
+    synced = timed(
+        lambda: save_and_fsync(state, synced_path),
+        repeat,
+        lambda: synced_path.unlink(missing_ok=True),
+    )
     steps = iter(range(manager_step(manager), 10**9))
     write = timed(
         lambda: manager.save(
@@ -55,6 +66,9 @@ def measure(size: float, root: Path, manager, repeat: int) -> dict:
             {},
         ),
         repeat,
+        # old checkpoints are removed in the background while training goes on; here
+        # nothing else runs, so wait for that untimed, as a training step would
+        manager.wait,
     )
     latest = checkpoint.latest(manager.root)
     load = timed(lambda: checkpoint.load(latest), repeat)

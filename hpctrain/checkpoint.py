@@ -18,6 +18,8 @@ functions, one version at a time.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -25,8 +27,9 @@ import random
 import re
 import shutil
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Union
 
@@ -50,14 +53,30 @@ def _fsync_dir(path: Path) -> None:
         os.close(dir_fd)
 
 
+_SYNC_IN_PLACE = threading.local()
+
+
+@contextlib.contextmanager
+def _deferred_sync() -> Iterator[None]:
+    """Within: atomic writes skip their fsyncs; the caller syncs the files later
+    (the parts of a step checkpoint, made visible only by their commit marker)."""
+    _SYNC_IN_PLACE.deferred = True
+    try:
+        yield
+    finally:
+        _SYNC_IN_PLACE.deferred = False
+
+
 def _atomic_write(path: Path, write: Callable[[Any], None], sync_dir: bool = True) -> None:
+    deferred = getattr(_SYNC_IN_PLACE, "deferred", False)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as file:
             write(file)
-            file.flush()
-            os.fsync(file.fileno())
+            if not deferred:
+                file.flush()
+                os.fsync(file.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
@@ -65,8 +84,17 @@ def _atomic_write(path: Path, write: Callable[[Any], None], sync_dir: bool = Tru
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    if sync_dir:
+    if sync_dir and not deferred:
         _fsync_dir(path.parent)
+
+
+def _fsync_files(paths: list[Path]) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def save(payload: dict[str, Any], path: Union[str, Path], sync_dir: bool = True) -> Path:
@@ -210,8 +238,27 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # -- writing during training ------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class _Pending:
+    """A step checkpoint whose files are written but not yet committed."""
+
+    step: int
+    path: Path
+    info: dict[str, Any]
+    flush: threading.Thread = dataclasses.field(init=False)
+    error: BaseException | None = None
+
+
 class CheckpointManager:
     """Step checkpoints of one run, written by all ranks together.
+
+    A write has two halves. :meth:`start` writes every rank's files (to the page
+    cache: as fast as a bare ``torch.save``) and starts a background thread that
+    fsyncs them. :meth:`commit`, called by all ranks once they agree that every
+    rank's files are on disk (the engine piggybacks this on its per-step
+    all-reduce), writes the commit marker. Until then the directory is an
+    interrupted write, never picked. :meth:`save` does both at once, for the
+    checkpoints that must be visible before the process goes on (a stop, the end).
 
     :param root: the run's ``checkpoints/`` directory
     :param barrier: waits for all ranks (a no-op in one process)
@@ -233,6 +280,9 @@ class CheckpointManager:
         self.keep_best = keep_best
         self.barrier = barrier
         self.last_time = time.monotonic()
+        self.pending: _Pending | None = None
+        self._housekeeping: threading.Thread | None = None
+        self._commit_error: tuple[Path, BaseException] | None = None
 
     def path(self, step: int) -> Path:
         return self.root / f"step-{step:09d}"
@@ -244,25 +294,114 @@ class CheckpointManager:
         rank_state: dict[str, Any],
         info: dict[str, Any],
     ) -> Path:
-        """Write step ``step``: every rank its part, rank 0 the shared part and then,
-        once all ranks are done, the commit marker. Called by every rank."""
+        """Write and commit step ``step`` (every rank its part, rank 0 the shared
+        part); returns once it is committed. Called by every rank."""
+        self.start(step, write_replicated, rank_state, info)
+        path = self.finish()
+        assert path is not None
+        return path
+
+    def start(
+        self,
+        step: int,
+        write_replicated: Callable[[Path], None],
+        rank_state: dict[str, Any],
+        info: dict[str, Any],
+    ) -> Path:
+        """Write this rank's files of step ``step`` and start syncing them to disk in
+        the background; a pending earlier checkpoint is finished first. Called by
+        every rank."""
+        self.finish()
         path = self.path(step)
         if self.rank == 0 and path.exists():
             shutil.rmtree(path)  # an interrupted write of this same step
         self.barrier()
         part = path / f"rank-{self.rank:05d}.pt"
-        _atomic_write(part, lambda file: torch.save(rank_state, file), sync_dir=False)
-        if self.rank == 0:
-            write_replicated(path / REPLICATED)
-        _fsync_dir(path)  # every part's name is durable before the commit marker
-        self.barrier()
-        if self.rank == 0:
-            record = {"step": step, "world_size": self.world_size, "time": time.time(), **info}
-            _atomic_write(path / COMMITTED, lambda file: file.write(json.dumps(record).encode()))
-            self.prune()
-        self.barrier()
+        with _deferred_sync():
+            _atomic_write(part, lambda file: torch.save(rank_state, file))
+            if self.rank == 0:
+                write_replicated(path / REPLICATED)
+        own = [part]
+        if self.rank == 0:  # the shared part: whatever the trainer wrote
+            own += [p for p in path.iterdir() if p.is_file() and not p.name.startswith("rank-")]
+        pending = _Pending(step, path, info)
+        pending.flush = threading.Thread(
+            target=self._flush, args=(pending, own), name="checkpoint-sync"
+        )
+        pending.flush.start()
+        self.pending = pending
         self.last_time = time.monotonic()
         return path
+
+    @staticmethod
+    def _flush(pending: _Pending, files: list[Path]) -> None:
+        try:
+            _fsync_files(files)
+            _fsync_dir(pending.path)  # every part's name is durable before the marker
+        except BaseException as error:  # reported by commit()
+            pending.error = error
+
+    def flushed(self) -> bool:
+        """Whether this rank's files of the pending checkpoint are on disk."""
+        return self.pending is not None and not self.pending.flush.is_alive()
+
+    def commit(self) -> Path:
+        """Make the pending checkpoint visible; call on every rank once all ranks'
+        files are on disk. Rank 0 writes the marker and then removes old
+        checkpoints, in the background (:meth:`wait` waits for both)."""
+        pending = self.pending
+        assert pending is not None, "no checkpoint to commit"
+        self.pending = None
+        pending.flush.join()
+        if pending.error is not None:
+            raise CheckpointError(
+                f"could not write checkpoint {pending.path} to disk: {pending.error}"
+            ) from pending.error
+        if self.rank == 0:
+            self.wait()
+            record = {
+                "step": pending.step,
+                "world_size": self.world_size,
+                "time": time.time(),
+                **pending.info,
+            }
+            self._housekeeping = threading.Thread(
+                target=self._mark_and_prune, args=(pending.path, record), name="checkpoint-commit"
+            )
+            self._housekeeping.start()
+        return pending.path
+
+    def _mark_and_prune(self, path: Path, record: dict[str, Any]) -> None:
+        try:
+            _atomic_write(path / COMMITTED, lambda file: file.write(json.dumps(record).encode()))
+        except BaseException as error:  # reported by wait()
+            self._commit_error = (path, error)
+            return
+        self.prune()
+
+    def finish(self) -> Path | None:
+        """Commit the pending checkpoint now, if any (all ranks, together), and
+        return once every commit marker is on disk."""
+        if self.pending is None:
+            self.wait()
+            return None
+        self.pending.flush.join()
+        self.barrier()
+        path = self.commit()
+        self.wait()
+        self.barrier()
+        return path
+
+    def wait(self) -> None:
+        """Until the commit marker and the removal of old checkpoints started by the
+        last :meth:`commit` are done."""
+        if self._housekeeping is not None:
+            self._housekeeping.join()
+            self._housekeeping = None
+        if self._commit_error is not None:
+            path, error = self._commit_error
+            self._commit_error = None
+            raise CheckpointError(f"could not commit checkpoint {path}: {error}") from error
 
     def prune(self) -> None:
         """Keep the newest ``keep_last`` committed steps and the best one; remove
@@ -280,13 +419,18 @@ class CheckpointManager:
                 continue
             committed = (path / COMMITTED).is_file()
             if committed or int(match.group(1)) < newest:
+                # uncommit first: a removal cut short never leaves a committed remnant
+                (path / COMMITTED).unlink(missing_ok=True)
                 shutil.rmtree(path, ignore_errors=True)
 
     def best(self) -> Path | None:
         """The committed step with the lowest validation loss, if any recorded one."""
         scored = []
         for _, path in committed_steps(self.root):
-            record = json.loads((path / COMMITTED).read_text())
+            try:
+                record = json.loads((path / COMMITTED).read_text())
+            except FileNotFoundError:  # removed meanwhile
+                continue
             if record.get("validation_loss") is not None:
                 scored.append((record["validation_loss"], record["step"], path))
         return min(scored)[2] if scored else None

@@ -287,6 +287,8 @@ class Engine:
         with timing.section("agree"):
             self.flags = self.agree(nonfinite=not bool(torch.isfinite(total)))
         if self.flags["nonfinite"]:
+            if self.checkpoints is not None:
+                self.checkpoints.finish()  # a pending checkpoint holds a good state
             raise TrainingDiverged(
                 f"the loss became NaN or infinite at step {self.progress.step + 1} (epoch "
                 f"{self.progress.epoch + 1}); the weights were not updated and no checkpoint "
@@ -313,9 +315,13 @@ class Engine:
             and time.monotonic() - self.checkpoints.last_time > 60 * every_minutes
         )
         stop = ctx.stop is not None and ctx.stop.received is not None
-        flags = torch.tensor([nonfinite, stop, due], dtype=torch.int32)
+        pending = self.checkpoints is not None and self.checkpoints.pending is not None
+        flushed = pending and self.checkpoints.flushed()
+        flags = torch.tensor([nonfinite, stop, due, flushed], dtype=torch.int32)
         if ctx.world_size > 1:
             launch.all_reduce_sum(flags)
+        if pending and int(flags[3]) == ctx.world_size:
+            self.checkpoints.commit()  # every rank's files of it are on disk
         return {"nonfinite": bool(flags[0]), "stop": bool(flags[1]), "due": bool(flags[2])}
 
     def autocast(self):
@@ -358,7 +364,7 @@ class Engine:
                 meter.step(len(step.global_), loss_sum)
                 if self.flags["stop"]:
                     self.log.info(f"stop requested at step {self.progress.step}: checkpointing")
-                    path = self.write_checkpoint()
+                    path = self.write_checkpoint(wait=True)
                     raise Preempted(
                         f"stopped by {ctx.stop.received if ctx.stop else 'a signal'} on some "
                         f"rank at step {self.progress.step}; checkpoint {path}. Continue "
@@ -396,24 +402,36 @@ class Engine:
                     metrics.write(row)
             every = ctx.checkpoint.every_n_epochs
             if last or (every and (epoch + 1) % every == 0):
-                self.write_checkpoint(val_loss)
+                self.write_checkpoint(val_loss, wait=last)
         if self.ema is not None:
             self.ema.copy_to_model()
         if metrics is not None:
             metrics.close()
 
-    def write_checkpoint(self, validation_loss: float | None = None) -> Path | None:
-        """A step checkpoint of the whole run, written by all ranks together."""
+    def write_checkpoint(
+        self, validation_loss: float | None = None, wait: bool = False
+    ) -> Path | None:
+        """A step checkpoint of the whole run, written by all ranks together.
+
+        :param wait: return once it is committed; otherwise it is committed at a
+            later step, once every rank's files are on disk (see
+            :class:`~hpctrain.checkpoint.CheckpointManager`)
+        """
         if self.checkpoints is None:
             return None
         with timing.section("checkpoint"):
-            return self._write_checkpoint(validation_loss)
+            return self._write_checkpoint(validation_loss, wait)
 
-    def _write_checkpoint(self, validation_loss: float | None) -> Path:
+    def _write_checkpoint(self, validation_loss: float | None, wait: bool) -> Path:
         rank_state = {"rng": checkpoint.rng_state(), "sampler": self.sampler.state_dict()}
         info = {"epoch": self.progress.epoch, "validation_loss": validation_loss}
-        path = self.checkpoints.save(self.progress.step, self.save_checkpoint, rank_state, info)
-        self.log.info(f"checkpoint {path}")
+        step = self.progress.step
+        if wait:
+            path = self.checkpoints.save(step, self.save_checkpoint, rank_state, info)
+            self.log.info(f"checkpoint {path}")
+        else:
+            path = self.checkpoints.start(step, self.save_checkpoint, rank_state, info)
+            self.log.info(f"checkpoint {path} (committed once on disk)")
         return path
 
     def last_checkpoint(self) -> str:

@@ -116,3 +116,56 @@ def test_rank_parts_and_rng_states_round_trip(tmp_path):
     checkpoint.set_rng_state(checkpoint.load_rank_state(path, 0)["rng"])
     torch.testing.assert_close(torch.rand(3), expected)
     assert checkpoint.load_rank_state(path, 1) is None  # a rank that did not exist
+
+
+DRIVERS = ROOT / "tests" / "drivers"
+
+
+def check_checkpoint(path, step):
+    """A whole checkpoint of ``step``: both parts present and of that same write."""
+    data = checkpoint.load(path)
+    assert data["step"] == step
+    assert torch.equal(data["weights"], torch.full_like(data["weights"], float(step)))
+    assert checkpoint.load_rank_state(path, 0) == {"step": step}
+
+
+@pytest.mark.slow
+def test_killed_at_random_moments_of_writes_the_newest_committed_always_loads(tmp_path):
+    """SIGKILL lands at random points of back-to-back checkpoint writes (files,
+    syncs, commit markers, removal of old ones); after every kill the newest
+    committed checkpoint loads whole, is no older than the last one reported on
+    disk, and the next writer continues after it."""
+    import random
+    import signal
+    import subprocess
+    import sys
+
+    rng = random.Random(5)
+    root, log = tmp_path / "checkpoints", tmp_path / "writer.log"
+    newest_seen, kills_mid_write = 0, 0
+    for trial in range(30):
+        log.write_text("")
+        proc = subprocess.Popen(
+            [sys.executable, str(DRIVERS / "checkpoint_writer.py"), str(root), str(log)]
+        )
+        deadline = time.monotonic() + 120
+        while "ready" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, "the writer died"
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.05, 0.6))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        lines = log.read_text().splitlines()
+        durable = [int(line.split()[1]) for line in lines if line.startswith("durable")]
+        steps = checkpoint.committed_steps(root)
+        newest = checkpoint.latest(root)
+        assert newest is not None and newest == steps[-1][1]
+        step = steps[-1][0]
+        assert step >= max(durable, default=0) and step >= newest_seen, (trial, step)
+        for committed_step, path in steps:  # every committed one, not only the newest
+            check_checkpoint(path, committed_step)
+        dirs = {p.name for p in root.iterdir()}
+        kills_mid_write += any(name > newest.name for name in dirs)
+        newest_seen = step
+    # the kills fell inside writes, not only between them
+    assert kills_mid_write >= 3, kills_mid_write
