@@ -415,6 +415,9 @@ def worker(config_path: Path) -> None:
                     local_atoms += int(n_atoms[step.local].sum())
             measured = time.perf_counter() - start
             timing.TIMER.disable()
+            finish = getattr(engine.checkpoints, "finish", None)
+            if finish is not None:  # a checkpoint written in the background, if any
+                finish()
         mine = {
             "rank": env.rank,
             "host": socket.gethostname(),

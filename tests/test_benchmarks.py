@@ -1,0 +1,178 @@
+"""The scaling benchmark and the GPU check script in their tiny CPU modes, with real
+launchers (mpiexec, torchrun) and real training steps; and the section timer."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import BIN, ROOT, clean_env
+
+from hpctrain import timing
+
+SCALING = ROOT / "benchmarks" / "scaling.py"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_timer_is_a_shared_no_op_until_enabled():
+    timer = timing.SectionTimer()
+    assert timer.section("forward") is timer.section("backward")  # nothing allocated
+    with timer.section("forward"):
+        time.sleep(0.01)
+    assert timer.snapshot() == {}
+    timer.enable(torch.device("cpu"))
+    try:
+        with timer.section("forward"):
+            time.sleep(0.02)
+        with timer.section("forward"):
+            pass
+    finally:
+        timer.disable()
+    with timer.section("forward"):
+        time.sleep(0.02)
+    totals = timer.snapshot()
+    assert set(totals) == {"forward"}
+    assert 0.02 <= totals["forward"] < 0.5
+    assert not timer.attach(torch.nn.Linear(2, 2))  # no DDP module: no hook
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--ranks", "0"], "--ranks must be positive"),
+        (["--mode", "strong", "--ranks", "1", "8", "--batch-size", "4"], "at least one"),
+        (["--data", "missing.xyz"], "missing.xyz does not exist"),
+        (["--architectures", "nope"], "unknown architecture 'nope'"),
+    ],
+)
+def test_scaling_rejects_bad_arguments(tmp_path, args, message):
+    result = subprocess.run(
+        [sys.executable, str(SCALING), "--out", str(tmp_path / "s.json"), *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert not (tmp_path / "s.json").exists()
+
+
+def _check_run_breakdown(entry: dict, ranks: int) -> None:
+    summary = entry["summary"]
+    parts = summary["breakdown_s"]
+    per_rank = summary["per_rank_breakdown_s"]
+    mean_step = sum(r["step_s"] for r in per_rank) / len(per_rank)
+    assert sum(parts.values()) == pytest.approx(mean_step, rel=1e-6)
+    assert mean_step == pytest.approx(summary["step_s"], rel=0.1)  # ranks meet every step
+    assert all(v >= 0 for v in parts.values()), parts
+    # the timed sections cover the step: the untimed rest is small
+    assert parts["other"] < 0.25 * mean_step, parts
+    for part in ("data", "systems", "forward", "backward", "optimizer"):
+        assert parts[part] > 0, part
+    assert parts["checkpoint"] > 0  # --checkpoint-every 2
+    assert len(entry["ranks"]) == ranks
+    assert sorted(r["rank"] for r in entry["ranks"]) == list(range(ranks))
+    assert all(r["threads"] == 1 for r in entry["ranks"])
+    assert all(len(r["step_times_s"]) == entry["steps"] for r in entry["ranks"])
+    if ranks > 1:
+        assert entry["backend"] == "gloo" and entry["comm_hook"]
+        assert summary["allreduce_buckets_per_step"] >= 1
+        assert summary["allreduce_bytes_per_step"] >= 4 * entry["parameters"]
+        assert parts["allreduce"] > 0
+        assert 0 < summary["allreduce_busy_s"] < mean_step
+    else:
+        assert not entry["comm_hook"] and parts["allreduce"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+def test_scaling_quick_with_mpiexec(tmp_path):
+    if not (BIN / "mpiexec").exists():
+        pytest.skip("no mpiexec beside python")
+    out = tmp_path / "scaling.json"
+    command = [
+        sys.executable,
+        str(SCALING),
+        "--quick",
+        "--architectures",
+        "mp_transformer",
+        "--ranks",
+        "1",
+        "2",
+        "--launcher",
+        "mpiexec",
+        "--checkpoint-every",
+        "2",
+        "--workdir",
+        str(tmp_path / "work"),
+        "--out",
+        str(out),
+    ]
+    result = subprocess.run(
+        command, cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mp_transformer weak" in result.stdout  # the table
+    data = json.loads(out.read_text())
+    machine = data["machine"]
+    for key in ("hostname", "cpu_model", "cores_available", "torch", "cuda_devices"):
+        assert key in machine
+    assert machine["torch"] == torch.__version__
+    assert data["launcher"] == "mpiexec" and "--quick" in data["command"]
+    assert len(data["load_average_before"]) == len(data["load_average_after"]) == 3
+    assert data["settings"]["dataset"]["n_structures"] == 24
+
+    results = {(r["mode"], r["ranks"]): r for r in data["results"]}
+    assert set(results) == {("weak", 1), ("weak", 2), ("strong", 1), ("strong", 2)}
+    assert results["weak", 2]["global_batch"] == 8 and results["strong", 2]["global_batch"] == 4
+    for (mode, ranks), r in results.items():
+        assert 0 < r["efficiency"] < 1.5, (mode, ranks, r["efficiency"])
+        if ranks == 1:
+            assert r["efficiency"] == 1.0
+        assert r["structures_per_s"] > 0
+        assert r["atoms_per_s"] == pytest.approx(8 * r["structures_per_s"])  # 8 atoms each
+        assert sum(r["breakdown_fraction"].values()) == pytest.approx(1.0, abs=1e-6)
+    # the formulas: strong from the time per step, weak from the throughput
+    s1, s2 = results["strong", 1], results["strong", 2]
+    assert s2["efficiency"] == pytest.approx(s1["step_s"] / (2 * s2["step_s"]))
+    w1, w2 = results["weak", 1], results["weak", 2]
+    assert w2["efficiency"] == pytest.approx(w2["structures_per_s"] / (2 * w1["structures_per_s"]))
+
+    runs = {r["world_size"]: r for r in data["runs"] if r["global_batch"] in (4, 8)}
+    assert len(data["runs"]) == 3  # the one-rank run serves both modes
+    for entry in data["runs"]:
+        _check_run_breakdown(entry, entry["world_size"])
+        assert entry["launcher"] == "mpi"
+    assert runs[2]["ranks"][0]["local_atoms"] > 0
+
+    png = out.with_suffix(".png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 10_000
+
+
+@pytest.mark.slow
+def test_gpu_script_cpu_quick_mode(tmp_path):
+    out = tmp_path / "out"
+    env = clean_env(DEVICE="cpu", QUICK="1", PYTHON=sys.executable)
+    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
+    result = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu.sh"), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((out / "gpu.json").read_text())
+    assert summary["failed"] == [] and summary["device"] == "cpu" and summary["ranks"] == 2
+    rows = summary["scaling"]
+    assert {r["architecture"] for r in rows} == {"mp_transformer", "soap_bpnn"}
+    for row in rows:
+        assert row["ranks"] == 2 and row["backend"] == "gloo"
+        assert row["structures_per_s"] > 0
+        assert sum(row["breakdown_fraction"].values()) == pytest.approx(1.0, abs=1e-6)
+    assert summary["amp_run"]["ok"] and summary["amp_run"]["model_pt"]
+    assert summary["amp_run"]["test_metrics"]
