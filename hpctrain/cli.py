@@ -1,4 +1,5 @@
-"""The ``hpctrain`` command: ``train``, ``convert`` (to HDF5 shards) and ``inspect``.
+"""The ``hpctrain`` command: ``train``, ``convert`` (to HDF5 shards), ``inspect``,
+``submit``, and for trained models ``eval``, ``export`` and ``plot``.
 
 ``python -m hpctrain options.yaml`` is ``hpctrain train``.
 
@@ -63,6 +64,9 @@ def parser() -> argparse.ArgumentParser:
     add_convert(commands)
     add_inspect(commands)
     add_submit(commands)
+    add_eval(commands)
+    add_export(commands)
+    add_plot(commands)
     return main
 
 
@@ -246,7 +250,151 @@ def run_inspect(args: argparse.Namespace) -> None:
         print(f"ok: checksums, offsets and values of {count} structures", flush=True)
 
 
-COMMANDS = {"train", "convert", "inspect", "submit"}
+EVAL_EXAMPLE = """example:
+  hpctrain eval outputs/ethanol/model.pt test.xyz -o predictions.xyz --plot parity.png
+  hpctrain eval model.pt shards/ --batch-size 64           # an HDF5 shard directory
+  hpctrain eval model.pt data.extxyz --energy E_dft --forces F --stress none
+  mpiexec -n 4 hpctrain eval model.pt shards/ -o predictions.xyz   # or srun, torchrun
+
+prints, for energy per atom and per structure, forces and stress:
+  target                        MAE          RMSE
+  energy [eV/atom]       0.00143672    0.00181545
+  energy [eV]             0.0129305     0.0163391
+  energy forces [eV/A]     0.121852      0.164623
+
+predictions.xyz holds the reference values as energy, forces and stress (ASE reads
+them as the calculator's results) and the model's as predicted_energy,
+predicted_forces and predicted_stress, in the order of the data.
+"""
+
+EXPORT_EXAMPLE = """example:
+  hpctrain export outputs/ethanol/model.ckpt -o ethanol.pt --name "ethanol MLIP" \\
+      --author "A. Person" --reference "https://doi.org/10.xxxx/yyyy" \\
+      --description "mp_transformer trained on 1000 rMD17 ethanol structures"
+  hpctrain export outputs/ethanol/checkpoints/step-000004000 -o best.pt
+
+writes the model and the TorchScript extensions it needs, in extensions/ next to it;
+use them with metatomic_ase.MetatomicCalculator(model, extensions_directory=...)
+"""
+
+PLOT_EXAMPLE = """example:
+  hpctrain plot outputs/2025-01-31/10-00-00            # writes .../learning_curves.png
+  hpctrain plot runs/ethanol -o ethanol-curves.png
+"""
+
+
+def add_eval(commands: argparse._SubParsersAction) -> None:
+    evaluate = commands.add_parser(
+        "eval",
+        help="errors of an exported model on a dataset",
+        description="Load an exported model.pt as an MD engine does (metatomic, with its "
+        "TorchScript extensions), predict energies, forces and stress for a dataset (a file "
+        "ASE reads, or an HDF5 shard directory), print MAE and RMSE per target and "
+        "optionally write the predictions and parity plots. Runs under mpiexec, srun or "
+        "torchrun with each rank evaluating its share; the metrics are exact.",
+        epilog=EVAL_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    evaluate.add_argument("model", help="the exported model (model.pt)")
+    evaluate.add_argument("data", help="structures: a file ASE reads, or a shard directory")
+    evaluate.add_argument(
+        "-o", "--output", metavar="FILE.xyz", help="write reference and predicted values here"
+    )
+    evaluate.add_argument("--plot", metavar="FILE.png", help="write parity plots here")
+    evaluate.add_argument(
+        "--batch-size", type=int, default=16, metavar="N", help="structures per batch (16)"
+    )
+    evaluate.add_argument(
+        "--extensions-directory",
+        metavar="DIR",
+        help="TorchScript extensions of the model (default: extensions/ next to it)",
+    )
+    evaluate.add_argument(
+        "--energy", default="energy", metavar="KEY", help="key of the energy (default: energy)"
+    )
+    evaluate.add_argument(
+        "--forces",
+        default="auto",
+        metavar="KEY|none|auto",
+        help="key of the forces; auto: 'forces' when the data has it (default)",
+    )
+    evaluate.add_argument(
+        "--stress",
+        default="auto",
+        metavar="KEY|none|auto",
+        help="key of the stress; auto: 'stress' when the data has it and is periodic (default)",
+    )
+    evaluate.add_argument(
+        "--energy-unit", default="eV", metavar="U", help="energy unit of the data (default: eV)"
+    )
+    evaluate.add_argument(
+        "--length-unit",
+        default="angstrom",
+        metavar="U",
+        help="length unit of the data (default: angstrom)",
+    )
+    evaluate.add_argument("--format", metavar="ASE_FORMAT", help="ASE format of the data")
+    evaluate.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto"
+    )
+    evaluate.add_argument(
+        "--timeout",
+        type=float,
+        default=1800.0,
+        metavar="S",
+        help="seconds a rank waits for the others (default: 1800)",
+    )
+
+
+def add_export(commands: argparse._SubParsersAction) -> None:
+    export = commands.add_parser(
+        "export",
+        help="export a checkpoint to a metatomic model",
+        description="Export a checkpoint of a run (model.ckpt, or a step directory "
+        "checkpoints/step-N/) to a metatomic model for MD engines, with the TorchScript "
+        "extensions it needs. The architecture is read from the checkpoint.",
+        epilog=EXPORT_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    export.add_argument("checkpoint", help="model.ckpt or checkpoints/step-N/")
+    export.add_argument("-o", "--output", required=True, metavar="FILE.pt", help="the model")
+    export.add_argument("--name", help="name of the model")
+    export.add_argument(
+        "--author", action="append", default=[], metavar="A", help="an author (repeatable)"
+    )
+    export.add_argument(
+        "--reference",
+        action="append",
+        default=[],
+        metavar="R",
+        help="a reference to cite for the model, e.g. a DOI (repeatable)",
+    )
+    export.add_argument("--description", help="what the model is, and what it was trained on")
+
+
+def add_plot(commands: argparse._SubParsersAction) -> None:
+    plot = commands.add_parser(
+        "plot",
+        help="learning curves of a run as a PNG",
+        description="Plot a run's metrics.csv: the training loss, each validation RMSE "
+        "(and MAE) per target, and the learning rate, against the epoch, as one PNG.",
+        epilog=PLOT_EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    plot.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of hpctrain train")
+    plot.add_argument(
+        "-o", "--output", metavar="FILE.png", help="default: RUN_DIR/learning_curves.png"
+    )
+
+
+def run_plot(args: argparse.Namespace) -> None:
+    from .plots import learning_curves
+
+    path = learning_curves(args.run_dir, args.output)
+    print(f"wrote {path}", flush=True)
+
+
+COMMANDS = {"train", "convert", "inspect", "submit", "eval", "export", "plot"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,6 +416,16 @@ def main(argv: list[str] | None = None) -> int:
         from .submit import run_submit
 
         return main_guard(run_submit, args)
+    if args.command == "eval":
+        from .eval_command import run_eval
+
+        return main_guard(run_eval, args)
+    if args.command == "export":
+        from .export_command import run_export
+
+        return main_guard(run_export, args)
+    if args.command == "plot":
+        return main_guard(run_plot, args)
     return main_guard(
         train,
         args.options,

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
-from metatomic.torch import ModelOutput
+from metatomic.torch import AtomisticModel, ModelEvaluationOptions, ModelOutput
 
 from . import launch, run, timing
 from .data.batch import Batch, collate
@@ -60,6 +62,59 @@ def predict(
     return results
 
 
+class ErrorSums:
+    """Squared and absolute errors of predictions, summed per metric on this rank.
+
+    :meth:`metrics` all-reduces the sums, so that every rank gets the exact metrics
+    of all structures. Energies count per atom (``energy RMSE [eV/atom]``) and, with
+    ``totals``, per structure as well (``energy RMSE [eV]``).
+    """
+
+    def __init__(self, targets: dict[str, Any], device: torch.device, totals: bool = False):
+        self.targets = targets
+        self.device = device
+        self.totals = totals
+        self.sums: dict[tuple[str, bool], torch.Tensor] = {}
+
+    def _add(self, key: str, total: bool, error: torch.Tensor) -> None:
+        error = error.detach().double().reshape(-1)
+        acc = self.sums.get((key, total))
+        if acc is None:
+            acc = torch.zeros(3, dtype=torch.float64, device=self.device)
+            self.sums[(key, total)] = acc
+        acc[0] += (error**2).sum()
+        acc[1] += error.abs().sum()
+        acc[2] += error.numel()
+
+    def add(self, batch: Batch, predictions: dict[str, torch.Tensor]) -> None:
+        """Errors of ``predictions`` (as :func:`predict` returns them) on ``batch``."""
+        for key, value in predictions.items():
+            error = value.detach() - reference_of(batch, key)
+            if key in self.targets:
+                if self.totals:
+                    self._add(key, True, error)
+                error = error / batch.n_atoms
+            self._add(key, False, error)
+
+    def metrics(self) -> dict[str, float]:
+        """RMSE and MAE of everything added on any rank (a collective: every rank calls)."""
+        # a rank may have had no structure at all: agree on the keys first
+        keys = sorted(set().union(*map(tuple, launch.all_gather_object(sorted(self.sums)))))
+        metrics = {}
+        for key, total in keys:
+            sums = self.sums.get(
+                (key, total), torch.zeros(3, dtype=torch.float64, device=self.device)
+            )
+            launch.all_reduce_sum(sums)
+            label = metric_label(key, self.targets, total)
+            metrics[label.format("RMSE")] = math.sqrt(sums[0].item() / sums[2].item())
+            metrics[label.format("MAE")] = sums[1].item() / sums[2].item()
+        return metrics
+
+
+BatchCallback = Callable[[int, np.ndarray, Batch, dict[str, torch.Tensor]], None]
+
+
 @torch.no_grad()
 def evaluate(
     predict_batch: Callable[[Batch], dict[str, torch.Tensor]],
@@ -68,35 +123,28 @@ def evaluate(
     batch_size: int,
     device: torch.device,
     ctx: run.RunContext,
+    totals: bool = False,
+    on_batch: BatchCallback | None = None,
 ) -> dict[str, float]:
     """RMSE and MAE of every prediction over ``datasets``; each structure is seen by
-    exactly one rank and the sums are all-reduced, so the metrics are exact."""
-    sums: dict[str, torch.Tensor] = {}
-    for dataset in datasets:
+    exactly one rank and the sums are all-reduced, so the metrics are exact.
+
+    :param totals: also report energies per structure, not only per atom
+    :param on_batch: called as ``on_batch(dataset_index, indices, batch, predictions)``
+        after each batch of this rank (``indices``: positions in that dataset)
+    """
+    errors = ErrorSums(targets, device, totals)
+    for number, dataset in enumerate(datasets):
         indices = shard_for_rank(len(dataset), ctx.rank, ctx.world_size)
         for i in range(0, len(indices), batch_size):
-            batch = collate([dataset[int(j)] for j in indices[i : i + batch_size]], device)
+            chunk = indices[i : i + batch_size]
+            batch = collate([dataset[int(j)] for j in chunk], device)
             with torch.enable_grad():
                 predictions = predict_batch(batch)
-            for key, value in predictions.items():
-                reference = _reference(batch, key)
-                if key in targets:
-                    value, reference = value / batch.n_atoms, reference / batch.n_atoms
-                error = (value.detach() - reference).double().reshape(-1)
-                acc = sums.setdefault(key, torch.zeros(3, dtype=torch.float64, device=device))
-                acc[0] += (error**2).sum()
-                acc[1] += error.abs().sum()
-                acc[2] += error.numel()
-    # a rank may have had no structure at all: agree on the keys first
-    keys = sorted(set().union(*launch.all_gather_object(sorted(sums))))
-    metrics = {}
-    for key in keys:
-        total = sums.get(key, torch.zeros(3, dtype=torch.float64, device=device))
-        launch.all_reduce_sum(total)
-        label = metric_label(key, targets)
-        metrics[label.format("RMSE")] = math.sqrt(total[0].item() / total[2].item())
-        metrics[label.format("MAE")] = total[1].item() / total[2].item()
-    return metrics
+            errors.add(batch, predictions)
+            if on_batch is not None:
+                on_batch(number, chunk, batch, predictions)
+    return errors.metrics()
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -109,11 +157,12 @@ def split_key(key: str) -> tuple[str, str]:
     return name, gradient
 
 
-def metric_label(key: str, targets: dict[str, Any]) -> str:
-    """``energy {} [eV/atom]``, ``energy forces {} [eV/A]``, ... with units."""
+def metric_label(key: str, targets: dict[str, Any], total: bool = False) -> str:
+    """``energy {} [eV/atom]``, ``energy forces {} [eV/A]``, ... with units;
+    ``energy {} [eV]`` for the energy per structure (``total``)."""
     name, gradient = split_key(key)
     unit = targets[name].unit
-    suffix = {"": "/atom", "forces": "/A", "stress": "/A^3"}[gradient]
+    suffix = "" if total else {"": "/atom", "forces": "/A", "stress": "/A^3"}[gradient]
     return f"{key} {{}} [{unit}{suffix}]"
 
 
@@ -141,7 +190,67 @@ def evaluate_model(
     )
 
 
-def _reference(batch: Batch, key: str) -> torch.Tensor:
+def evaluate_exported_model(
+    model: AtomisticModel,
+    targets: dict[str, Any],
+    datasets: Sequence[AtomisticDataset],
+    device: torch.device,
+    batch_size: int = 16,
+    totals: bool = True,
+    on_batch: BatchCallback | None = None,
+) -> dict[str, float]:
+    """Metrics of an exported model (``model.pt``, loaded with metatomic) on
+    ``datasets``, distributed over the ranks of :func:`run.current`.
+
+    The model runs as an MD engine runs it: through ``AtomisticModel.forward`` with
+    positions in angstrom, in the model's dtype, forces and stress by autograd. The
+    reference values stay in the datasets' dtype.
+    """
+    model = model.to(device).eval()
+    dtype = DTYPES[model.capabilities().dtype]
+    options = ModelEvaluationOptions(
+        length_unit="angstrom",
+        outputs={
+            name: ModelOutput(unit=t.unit, sample_kind="system") for name, t in targets.items()
+        },
+    )
+    neighbors = NeighborLists(model.requested_neighbor_lists())
+
+    def network(systems):
+        results = model(systems, options, check_consistency=False)
+        return {name: results[name].block().values.reshape(-1) for name in targets}
+
+    return evaluate(
+        lambda batch: predict(cast_batch(batch, dtype), network, neighbors, False),
+        datasets,
+        targets,
+        batch_size,
+        device,
+        run.current(),
+        totals=totals,
+        on_batch=on_batch,
+    )
+
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16}
+
+
+def cast_batch(batch: Batch, dtype: torch.dtype) -> Batch:
+    """``batch`` with positions, cells and references in ``dtype`` (a copy if needed)."""
+    if batch.positions[0].dtype == dtype:
+        return batch
+    return dataclasses.replace(
+        batch,
+        positions=[p.to(dtype) for p in batch.positions],
+        cells=[c.to(dtype) for c in batch.cells],
+        targets={k: v.to(dtype) for k, v in batch.targets.items()},
+        forces={k: v.to(dtype) for k, v in batch.forces.items()},
+        stress={k: v.to(dtype) for k, v in batch.stress.items()},
+    )
+
+
+def reference_of(batch: Batch, key: str) -> torch.Tensor:
+    """The reference values in ``batch`` of a prediction key (``energy forces``, ...)."""
     name, gradient = split_key(key)
     if gradient == "forces":
         return batch.forces[name]

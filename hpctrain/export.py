@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 import torch
 from metatomic.torch import AtomisticModel, ModelCapabilities, ModelMetadata, ModelOutput
 
@@ -43,6 +46,30 @@ def export(
     dtype = next(module.parameters()).dtype
     return AtomisticModel(
         module,
-        metadata or ModelMetadata(),
+        metadata if metadata is not None else ModelMetadata(),
         capabilities(dataset_info, interaction_range, supported_devices, dtype),
     )
+
+
+def with_metadata(model: Any, metadata: ModelMetadata) -> AtomisticModel:
+    """``model.export()`` carrying ``metadata`` (name, authors, references, description).
+
+    The architecture API's ``export()`` takes no argument; hpctrain's models accept
+    ``export(metadata: Optional[ModelMetadata])``. For the others, ``metadata`` is
+    merged into what their export wrote: given fields replace, authors and
+    references add up.
+    """
+    if "metadata" in inspect.signature(model.export).parameters:
+        return model.export(metadata=metadata)
+    exported = model.export()
+    own = exported.metadata()
+    references = {k: list(v) for k, v in own.references.items()}
+    for kind, entries in metadata.references.items():
+        references.setdefault(kind, []).extend(e for e in entries if e not in references[kind])
+    merged = ModelMetadata(
+        name=metadata.name or own.name,
+        description=metadata.description or own.description,
+        authors=list(own.authors) + [a for a in metadata.authors if a not in own.authors],
+        references=references,
+    )
+    return AtomisticModel(exported.module, merged, exported.capabilities())
