@@ -1,19 +1,24 @@
 """A Behler-Parrinello network on SOAP power spectra.
 
-Each atom is described by its SOAP power spectrum, computed by featomic
-(``featomic.torch.SoapPowerSpectrum``) inside the model's ``forward``, so that the
-exported model computes it too. The spectra of all neighbour-type pairs are
-concatenated into one fixed-size vector per atom, which a small network of the
-atom's own element (one MLP per element) maps to an atomic energy; the composition
-baseline is added on top. Forces and stress come from autograd through featomic,
-in training and in the exported model alike. Defaults follow metatrain's
-``soap_bpnn``.
+Each atom is described by its SOAP power spectrum (the one of featomic's
+``SoapPowerSpectrum`` with the same hypers, to the accuracy of a spline), computed in
+plain torch inside the model's ``forward`` from the neighbour list: the radial
+integral of a Gaussian density on the orthonormalised GTO basis is tabulated once
+(closed form) and evaluated by a cubic Hermite spline, multiplied by the cutoff
+function, the radial scaling and real spherical harmonics, summed over the
+neighbours of each type, and contracted over ``m``. The spectra of all
+neighbour-type pairs form one fixed-size vector per atom, which a small network of
+the atom's own element (one MLP per element) maps to an atomic energy; the
+composition baseline is added on top. Forces and stress come from autograd, in
+training and in the exported model alike, which needs no extension. Defaults
+follow metatrain's ``soap_bpnn``.
 """
 
 import dataclasses
-from typing import Any, Dict, List
+import math
+from typing import Any, Dict, List, Tuple
 
-import featomic.torch
+import numpy as np
 import torch
 from metatensor.torch import Labels
 from metatomic.torch import NeighborListOptions, System
@@ -122,11 +127,126 @@ def element_network(n_features: int, hypers: BpnnHypers, n_outputs: int) -> torc
     return torch.nn.Sequential(*layers)
 
 
+# Spacing (angstrom) of the radial spline: its error is far below featomic's own
+# spline accuracy (1e-8) for the default hypers
+SPLINE_STEP = 0.005
+
+
+def radial_spline(soap: SoapHypers, step: float = SPLINE_STEP) -> Tuple[np.ndarray, np.ndarray]:
+    """Values and derivatives ``[points, max_angular + 1, max_radial + 1]`` of the
+    radial integral on a grid of spacing ``step`` from 0 to the cutoff.
+
+    The integral of a Gaussian density (width ``sigma``) at distance ``r`` with the
+    GTO ``r^n exp(-b_n r^2)`` and a modified spherical Bessel function ``i_l`` has a
+    closed form in the confluent hypergeometric function ``1F1`` (used through Kummer's
+    transformation, so that nothing overflows); the GTOs are then orthonormalised as
+    featomic does (Loewdin, from the analytic Gram matrix).
+    """
+    from scipy.special import gamma, hyp1f1
+
+    n_radial = soap.max_radial + 1
+    radius = soap.cutoff.radius
+    sigmas = radius / n_radial * np.sqrt(np.maximum(np.arange(n_radial), 1.0))
+    b = 1.0 / (2.0 * sigmas**2)
+    a = 1.0 / (2.0 * soap.density_width**2)
+
+    n = np.arange(n_radial)
+    power = (n[:, None] + n[None, :] + 3) / 2.0
+    gram = gamma(power) / (2.0 * (b[:, None] + b[None, :]) ** power)
+    norms = 1.0 / np.sqrt(np.diag(gram))
+    eigenvalues, eigenvectors = np.linalg.eigh(gram * norms[:, None] * norms[None, :])
+    ortho = eigenvectors @ np.diag(eigenvalues**-0.5) @ eigenvectors.T * norms[None, :]
+
+    r = np.arange(0.0, radius + step / 2, step)
+    if r[-1] < radius:
+        r = np.append(r, r[-1] + step)
+    prefactor = 4.0 * np.pi / (np.pi * soap.density_width**2) ** 0.75 * np.sqrt(np.pi)
+    values = np.zeros((len(r), soap.max_angular + 1, n_radial))
+    derivatives = np.zeros_like(values)
+    for ell in range(soap.max_angular + 1):
+        primitive = np.zeros((n_radial, len(r)))
+        derivative = np.zeros_like(primitive)
+        for i in range(n_radial):
+            alpha = a + b[i]
+            big_a, big_b = (i + ell + 3) / 2.0, ell + 1.5
+            constant = prefactor * gamma(big_a) / (2.0 ** (ell + 2) * alpha**big_a * gamma(big_b))
+            c = 2.0 * a * r
+            z = a * a * r * r / alpha
+            envelope = np.exp(-a * b[i] * r * r / alpha)
+            kummer = hyp1f1(big_b - big_a, big_b, -z)
+            d_kummer = -(big_b - big_a) / big_b * hyp1f1(big_b - big_a + 1, big_b + 1, -z)
+            c_l = c**ell
+            d_c_l = ell * 2.0 * a * c ** (ell - 1) if ell > 0 else np.zeros_like(r)
+            primitive[i] = constant * c_l * envelope * kummer
+            derivative[i] = constant * (
+                d_c_l * envelope * kummer
+                + c_l
+                * envelope
+                * (-2.0 * a * b[i] * r / alpha * kummer + d_kummer * 2.0 * a * a * r / alpha)
+            )
+        values[:, ell, :] = (ortho @ primitive).T
+        derivatives[:, ell, :] = (ortho @ derivative).T
+    return values, derivatives
+
+
+def harmonics_constants(max_angular: int) -> List[float]:
+    """Normalisation of the real spherical harmonics, ``sqrt((2l+1)/4pi (l-m)!/(l+m)!)``
+    for ``m = 0..l``, times ``sqrt(2)`` for ``m > 0`` and ``(2m-1)!!``, flattened by
+    ``l``."""
+    constants: List[float] = []
+    for ell in range(max_angular + 1):
+        for m in range(ell + 1):
+            value = (
+                (2 * ell + 1) / (4 * math.pi) * math.factorial(ell - m) / math.factorial(ell + m)
+            )
+            # (2m-1)!!: the recursion below starts from 1 instead
+            double_factorial = math.prod(range(2 * m - 1, 0, -2))
+            constants.append(
+                math.sqrt(value) * (math.sqrt(2.0) if m > 0 else 1.0) * double_factorial
+            )
+    return constants
+
+
+def spherical_harmonics(
+    unit: torch.Tensor, max_angular: int, constants: List[float]
+) -> torch.Tensor:
+    """Real spherical harmonics ``[n, (max_angular + 1)^2]`` of unit vectors, ordered by
+    ``l`` then ``m = -l..l``; orthonormal on the sphere, twice differentiable."""
+    x, y, z = unit[:, 0], unit[:, 1], unit[:, 2]
+    # cos(m phi) sin^m(theta) and sin(m phi) sin^m(theta)
+    cosines = [torch.ones_like(x)]
+    sines = [torch.zeros_like(x)]
+    for m in range(1, max_angular + 1):
+        cosines.append(x * cosines[m - 1] - y * sines[m - 1])
+        sines.append(x * sines[m - 1] + y * cosines[m - 1])
+    # associated Legendre polynomials divided by sin^m(theta) and (2m-1)!!, by (l, m)
+    legendre: List[torch.Tensor] = []
+    for ell in range(max_angular + 1):
+        for m in range(ell + 1):
+            if m == ell:
+                value = torch.ones_like(z)
+            elif m == ell - 1:
+                value = (2 * m + 1) * z * legendre[ell * (ell - 1) // 2 + m]
+            else:
+                value = (
+                    (2 * ell - 1) * z * legendre[ell * (ell - 1) // 2 + m]
+                    - (ell + m - 1) * legendre[(ell - 1) * (ell - 2) // 2 + m]
+                ) / (ell - m)
+            legendre.append(value)
+    columns: List[torch.Tensor] = []
+    for ell in range(max_angular + 1):
+        first = ell * (ell + 1) // 2
+        for m in range(-ell, ell + 1):
+            k = m if m >= 0 else -m
+            angle = cosines[k] if m >= 0 else sines[k]
+            columns.append(constants[first + k] * legendre[first + k] * angle)
+    return torch.stack(columns, dim=1)
+
+
 class SoapBpnn(ReferenceModel):
     """See the module doc. Hypers: :class:`ModelHypers`."""
 
     __hypers__ = ModelHypers
-    # featomic computes on the CPU; it moves CUDA systems there and back itself
     __supported_devices__ = ["cuda", "cpu"]
     __supported_dtypes__ = [torch.float64, torch.float32]
 
@@ -134,17 +254,67 @@ class SoapBpnn(ReferenceModel):
         super().__init__(hypers, dataset_info)
         soap = self.config.soap
         self.cutoff = float(soap.cutoff.radius)
-        self.calculator = featomic.torch.SoapPowerSpectrum(**soap.featomic())
-        types = torch.tensor(self.atomic_types, dtype=torch.int32)
-        # every pair of neighbour types, so that the feature size does not depend on
-        # which elements a batch happens to hold
+        self.cutoff_width = float(soap.cutoff.width)
+        self.scaling_rate = float(soap.scaling.rate)
+        self.scaling_scale = float(soap.scaling.scale)
+        self.scaling_exponent = float(soap.scaling.exponent)
+        self.max_angular = int(soap.max_angular)
+        self.n_radial = int(soap.max_radial) + 1
+        self.n_types = len(self.atomic_types)
+        self.neighbor_options = NeighborListOptions(
+            cutoff=self.cutoff, full_list=False, strict=True
+        )
+        # the tables below follow from the hypers: not part of the state, so that
+        # checkpoints hold the weights alone
+        values, derivatives = radial_spline(soap)
+        self.spline_step = SPLINE_STEP
+        self.register_buffer("spline_values", torch.from_numpy(values), persistent=False)
+        self.register_buffer(
+            "spline_derivatives", torch.from_numpy(derivatives * SPLINE_STEP), persistent=False
+        )
+        self.harmonics = harmonics_constants(self.max_angular)
+        # the central atom's own Gaussian: l = 0 only, Y_00 = 1/sqrt(4 pi)
+        center = np.zeros(((self.max_angular + 1) ** 2, self.n_radial))
+        center[0] = values[0, 0] * soap.center_atom_weight / math.sqrt(4 * math.pi)
+        self.register_buffer("center_density", torch.from_numpy(center), persistent=False)
+        degrees = [ell for ell in range(self.max_angular + 1) for _ in range(2 * ell + 1)]
+        self.register_buffer("lm_degree", torch.tensor(degrees), persistent=False)
+        self.register_buffer(
+            "lm_parity", torch.tensor([(-1.0) ** ell for ell in degrees]), persistent=False
+        )
+        # for each l, its 2l+1 values of m, then the zero row (index (max_angular+1)^2)
+        # up to 2 max_angular + 1
+        n_m = 2 * self.max_angular + 1
+        padding = [
+            ell * ell + m if m < 2 * ell + 1 else (self.max_angular + 1) ** 2
+            for ell in range(self.max_angular + 1)
+            for m in range(n_m)
+        ]
+        self.register_buffer("lm_padding", torch.tensor(padding), persistent=False)
+        # features in featomic's order after keys_to_properties: neighbour-type pairs
+        # (t1 <= t2), then l, n1, n2; a pair of different types counts twice (sqrt(2)),
+        # and each l is scaled by (-1)^l/sqrt(2l+1)
         self.neighbor_pairs = Labels(
             ["neighbor_1_type", "neighbor_2_type"],
-            torch.combinations(types, with_replacement=True),
+            torch.combinations(
+                torch.tensor(self.atomic_types, dtype=torch.int32), with_replacement=True
+            ),
         )
-        self.n_features = (
-            len(self.neighbor_pairs) * (soap.max_radial + 1) ** 2 * (soap.max_angular + 1)
-        )
+        t, n, n_l = self.n_types, self.n_radial, self.max_angular + 1
+        index, scale = [], []
+        for t1 in range(t):
+            for t2 in range(t1, t):
+                for ell in range(n_l):
+                    weight = (
+                        (math.sqrt(2.0) if t1 != t2 else 1.0) * (-1) ** ell / math.sqrt(2 * ell + 1)
+                    )
+                    for n1 in range(n):
+                        for n2 in range(n):
+                            index.append((((ell * t + t1) * n + n1) * t + t2) * n + n2)
+                            scale.append(weight)
+        self.register_buffer("feature_index", torch.tensor(index), persistent=False)
+        self.register_buffer("feature_scale", torch.tensor(scale), persistent=False)
+        self.n_features = len(index)
         self.networks = torch.nn.ModuleList(
             [
                 element_network(self.n_features, self.config.bpnn, len(self.target_names))
@@ -158,26 +328,100 @@ class SoapBpnn(ReferenceModel):
         return self.cutoff
 
     def requested_neighbor_lists(self) -> List[NeighborListOptions]:
-        return self.calculator.requested_neighbor_lists()
+        return [self.neighbor_options]
+
+    def radial(self, distances: torch.Tensor) -> torch.Tensor:
+        """``[pairs, l, n]``: the splined radial integral times cutoff and scaling."""
+        x = distances / self.spline_step
+        k = torch.clamp(x.detach().floor().long(), 0, self.spline_values.shape[0] - 2)
+        t = (x - k.to(x.dtype)).unsqueeze(1).unsqueeze(2)
+        t2 = t * t
+        t3 = t2 * t
+        values = self.spline_values.index_select(0, k)
+        slopes = self.spline_derivatives.index_select(0, k)
+        values_1 = self.spline_values.index_select(0, k + 1)
+        slopes_1 = self.spline_derivatives.index_select(0, k + 1)
+        spline = (
+            (2 * t3 - 3 * t2 + 1) * values
+            + (t3 - 2 * t2 + t) * slopes
+            + (3 * t2 - 2 * t3) * values_1
+            + (t3 - t2) * slopes_1
+        )
+        start = self.cutoff - self.cutoff_width
+        switch = 0.5 * (1.0 + torch.cos(math.pi * (distances - start) / self.cutoff_width))
+        cutoff = torch.where(
+            distances <= start,
+            torch.ones_like(distances),
+            torch.where(distances >= self.cutoff, torch.zeros_like(distances), switch),
+        )
+        scaled = torch.pow(distances / self.scaling_scale, self.scaling_exponent)
+        if self.scaling_rate > 0:
+            scaling = self.scaling_rate / (self.scaling_rate + scaled)
+        else:
+            scaling = 1.0 / scaled
+        return spline * (cutoff * scaling).unsqueeze(1).unsqueeze(2)
+
+    def power_spectrum(
+        self, systems: List[System]
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[int]]:
+        """SOAP power spectra ``[atoms, features]`` of all atoms of ``systems``, sorted
+        by element (stably); the rank of each atom (in system order) in that order; the
+        element index of each atom (system order); and the atoms of each element."""
+        types, centers, neighbors, vectors = [], [], [], []
+        n_atoms = 0
+        for system in systems:
+            pairs = system.get_neighbor_list(self.neighbor_options)
+            samples = pairs.samples.values
+            types.append(system.types)
+            centers.append(samples[:, 0].long() + n_atoms)
+            neighbors.append(samples[:, 1].long() + n_atoms)
+            vectors.append(pairs.values.reshape(-1, 3))
+            n_atoms += len(system)
+        type_index = self.type_map[torch.cat(types).long()]
+        first = torch.cat(centers)
+        second = torch.cat(neighbors)
+        vector = torch.cat(vectors)
+        device = vector.device
+        # atoms sorted by element, so that each element's network gets a contiguous slice
+        order = torch.argsort(type_index, stable=True)
+        rank = torch.empty_like(order).index_copy_(0, order, torch.arange(n_atoms, device=device))
+        counts: List[int] = torch.bincount(type_index, minlength=self.n_types).tolist()
+
+        distances = torch.linalg.vector_norm(vector, dim=1)
+        harmonics = spherical_harmonics(
+            vector / distances.unsqueeze(1), self.max_angular, self.harmonics
+        )
+        radial = self.radial(distances).index_select(1, self.lm_degree)
+        # [pairs, lm, n]: the second atom seen from the first; the first seen from the
+        # second is its mirror image, (-1)^l times the same (the list is a half list)
+        density = harmonics.unsqueeze(2) * radial
+        t, n, n_l = self.n_types, self.n_radial, self.max_angular + 1
+        n_lm = n_l * n_l
+        expansion = torch.zeros(n_atoms * t, n_lm, n, dtype=vector.dtype, device=device)
+        expansion = expansion.index_add(0, rank[first] * t + type_index[second], density)
+        expansion = expansion.index_add(
+            0, rank[second] * t + type_index[first], density * self.lm_parity.unsqueeze(1)
+        )
+        # the central atom's own Gaussian, at l = 0 of its own type
+        own = self.center_density.unsqueeze(0).expand(n_atoms, -1, -1)
+        own_rows = torch.arange(n_atoms, device=device) * t + type_index[order]
+        expansion = expansion.index_add(0, own_rows, own)
+        # every l padded to 2 max_angular + 1 values of m (zeros), so that one batched
+        # product over (atom, l) gives all the sums over m: [atoms * l, m, (type, n)]
+        padded = torch.nn.functional.pad(expansion.reshape(n_atoms, t, n_lm, n), (0, 0, 0, 1))
+        padded = padded.index_select(2, self.lm_padding).transpose(1, 2)
+        padded = padded.reshape(n_atoms * n_l, 2 * self.max_angular + 1, t * n)
+        # [atoms, l, t1, n1, t2, n2] -> the features, in featomic's order
+        gram = torch.bmm(padded.transpose(1, 2), padded).reshape(n_atoms, -1)
+        features = gram.index_select(1, self.feature_index) * self.feature_scale
+        return features, rank, type_index, counts
 
     def atomic_outputs(self, systems: List[System]) -> torch.Tensor:
-        dtype = systems[0].positions.dtype
-        device = systems[0].positions.device
-        spectrum = self.calculator(systems).keys_to_properties(self.neighbor_pairs.to(device))
-        sizes = torch.tensor([len(s) for s in systems], dtype=torch.long, device=device)
-        first_atom = torch.cumsum(sizes, 0) - sizes
-        center_types = spectrum.keys.column("center_type")
-        outputs = torch.zeros(int(sizes.sum()), len(self.target_names), dtype=dtype, device=device)
+        features, rank, _, counts = self.power_spectrum(systems)
+        outputs: List[torch.Tensor] = []
+        # an element absent from the batch still runs (on no atoms), so that every
+        # parameter takes part in the graph as DDP expects
+        chunks = torch.split(features, counts)
         for i, network in enumerate(self.networks):
-            # an element absent from the batch still runs (on no atoms), so that every
-            # parameter takes part in the graph as DDP expects
-            features = torch.zeros(0, self.n_features, dtype=dtype, device=device)
-            rows = torch.zeros(0, dtype=torch.long, device=device)
-            found = torch.nonzero(center_types == self.atomic_types[i])
-            if found.shape[0] > 0:
-                block = spectrum.block_by_id(int(found[0, 0]))
-                samples = block.samples.values.to(torch.long)
-                features = block.values
-                rows = first_atom[samples[:, 0]] + samples[:, 1]
-            outputs = outputs.index_copy(0, rows, network(features))
-        return outputs
+            outputs.append(network(chunks[i]))
+        return torch.cat(outputs).index_select(0, rank)
