@@ -1,0 +1,274 @@
+"""hpctrain eval, export and plot, as real processes on a tiny trained run."""
+
+import json
+import re
+
+import ase.io
+import numpy as np
+import pytest
+from conftest import BIN, EXAMPLE_XYZ, run
+
+from hpctrain import cli
+from hpctrain.data import split_indices
+from hpctrain.testing import evaluate_exported, predict_in_memory
+
+OPTIONS = """
+seed: 1234
+base_precision: 64
+architecture:
+  name: mp_transformer
+  model: {d_model: 16, num_heads: 2, num_layers: 1, num_radial: 4, angular_channels: 4}
+  training: {num_epochs: 3, batch_size: 10}
+training_set:
+  systems: {read_from: ethanol.xyz, length_unit: angstrom}
+  targets:
+    energy: {key: energy, unit: eV, forces: true}
+validation_set: 0.1
+test_set: 0.1
+distributed: {timeout_s: 60}
+"""
+SEED = 1234
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+HPCTRAIN = str(BIN / "hpctrain")
+
+
+def table(stdout: str) -> dict[str, float]:
+    """``{"energy RMSE [eV/atom]": ..., ...}`` from the table that eval prints."""
+    metrics = {}
+    for line in stdout.splitlines():
+        match = re.match(r"^(.+?) \[(.+)\]\s+(\S+)\s+(\S+)$", line)
+        if match:
+            name, unit, mae, rmse = match.groups()
+            metrics[f"{name} MAE [{unit}]"] = float(mae)
+            metrics[f"{name} RMSE [{unit}]"] = float(rmse)
+    return metrics
+
+
+def assert_png(path):
+    import matplotlib.image
+
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, path
+    image = matplotlib.image.imread(path)
+    assert image.shape[0] > 200 and image.shape[1] > 200
+    assert image.std() > 0  # not a blank canvas
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny training; its test set written out as test.xyz."""
+    path = tmp_path_factory.mktemp("cli")
+    (path / "ethanol.xyz").symlink_to(EXAMPLE_XYZ)
+    (path / "options.yaml").write_text(OPTIONS)
+    result = run([HPCTRAIN, "train", "options.yaml", "-o", "run"], path)
+    assert result.returncode == 0, result.stderr
+    frames = ase.io.read(EXAMPLE_XYZ, ":")
+    _, test, _ = split_indices(len(frames), [0.1, 0.1], SEED)
+    ase.io.write(path / "test.xyz", [frames[i] for i in test])
+    return path
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained):
+    """`hpctrain eval` of the exported model on the test set, with -o and --plot."""
+    result = run(
+        [HPCTRAIN, "eval", "run/model.pt", "test.xyz", "-o", "predictions.xyz"]
+        + ["--plot", "parity.png", "--batch-size", "3"],
+        trained,
+    )
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.mark.slow
+def test_eval_table_matches_the_test_metrics_of_training(trained, evaluated):
+    printed = table(evaluated.stdout)
+    expected = json.loads((trained / "run" / "test_metrics.json").read_text())
+    assert set(expected) < set(printed)
+    for label, value in expected.items():
+        assert printed[label] == pytest.approx(value, rel=1e-5), label
+    assert {"energy RMSE [eV]", "energy MAE [eV]"} < set(printed)  # totals too
+    assert "10 structures (energy, forces)" in evaluated.stdout
+
+
+@pytest.mark.slow
+def test_eval_writes_predictions_in_order_with_references(trained, evaluated):
+    from architectures.mp_transformer import __model__ as Model
+
+    written = ase.io.read(trained / "predictions.xyz", ":")
+    original = ase.io.read(trained / "test.xyz", ":")
+    model = Model.load_checkpoint(trained / "run" / "model.ckpt")
+    expected = predict_in_memory(model, trained / "test.xyz")
+    assert len(written) == len(original) == len(expected) == 10
+    for atoms, source, mine in zip(written, original, expected):
+        np.testing.assert_array_equal(atoms.numbers, source.numbers)
+        np.testing.assert_allclose(atoms.positions, source.positions, atol=1e-8)
+        assert atoms.get_potential_energy() == pytest.approx(source.get_potential_energy())
+        np.testing.assert_allclose(atoms.get_forces(), source.get_forces(), atol=1e-8)
+        assert atoms.info["predicted_energy"] == pytest.approx(mine["energy"], rel=1e-10)
+        np.testing.assert_allclose(atoms.arrays["predicted_forces"], mine["forces"], atol=1e-8)
+    # the printed total-energy errors are those of the written predictions
+    errors = np.array([a.info["predicted_energy"] - a.get_potential_energy() for a in written])
+    printed = table(evaluated.stdout)
+    assert printed["energy RMSE [eV]"] == pytest.approx(np.sqrt(np.mean(errors**2)), rel=1e-5)
+    assert printed["energy MAE [eV]"] == pytest.approx(np.abs(errors).mean(), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_eval_on_a_shard_directory_gives_the_same_metrics(trained, evaluated):
+    converted = run([HPCTRAIN, "convert", "test.xyz", "-o", "shards", "--shard-size", "4"], trained)
+    assert converted.returncode == 0, converted.stderr
+    result = run([HPCTRAIN, "eval", "run/model.pt", "shards"], trained)
+    assert result.returncode == 0, result.stderr
+    from_shards, from_xyz = table(result.stdout), table(evaluated.stdout)
+    assert from_shards.keys() == from_xyz.keys()
+    for label, value in from_xyz.items():
+        assert from_shards[label] == pytest.approx(value, rel=1e-9), label
+
+
+@pytest.mark.slow
+def test_eval_under_mpiexec_matches_one_process(trained, evaluated):
+    result = run(
+        [str(BIN / "mpiexec"), "-n", "2", HPCTRAIN, "eval", "run/model.pt", "test.xyz"]
+        + ["-o", "predictions-mpi.xyz", "--batch-size", "3"],
+        trained,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "2 rank(s)" in result.stdout
+    assert result.stdout.count("target") == 1  # rank 0 alone prints
+    mpi, single = table(result.stdout), table(evaluated.stdout)
+    assert mpi.keys() == single.keys()
+    for label, value in single.items():
+        assert mpi[label] == pytest.approx(value, rel=1e-9), label
+    one = ase.io.read(trained / "predictions.xyz", ":")
+    two = ase.io.read(trained / "predictions-mpi.xyz", ":")
+    assert len(two) == len(one) == 10
+    for a, b in zip(one, two):  # the original order, not rank by rank
+        np.testing.assert_array_equal(a.positions, b.positions)
+        assert b.info["predicted_energy"] == pytest.approx(a.info["predicted_energy"], rel=1e-12)
+        np.testing.assert_allclose(b.arrays["predicted_forces"], a.arrays["predicted_forces"])
+
+
+@pytest.mark.slow
+def test_parity_and_learning_curve_plots_are_pngs(trained, evaluated):
+    assert_png(trained / "parity.png")
+    result = run([HPCTRAIN, "plot", "run"], trained)
+    assert result.returncode == 0, result.stderr
+    assert_png(trained / "run" / "learning_curves.png")
+    result = run([HPCTRAIN, "plot", "run", "-o", "plots/curves.png"], trained)
+    assert result.returncode == 0, result.stderr
+    assert_png(trained / "plots" / "curves.png")
+
+
+def best_step(run_dir):
+    records = [
+        json.loads((step / "COMMITTED").read_text()) for step in (run_dir / "checkpoints").iterdir()
+    ]
+    best = min(records, key=lambda r: r["validation_loss"])
+    last = max(r["step"] for r in records)
+    return run_dir / "checkpoints" / f"step-{best['step']:09d}", best["step"] == last
+
+
+@pytest.mark.slow
+def test_export_of_model_ckpt_predicts_like_the_runs_model_and_has_metadata(trained):
+    import metatomic.torch
+
+    result = run(
+        [HPCTRAIN, "export", "run/model.ckpt", "-o", "exported/ethanol.pt"]
+        + ["--name", "ethanol test", "--author", "A. Person", "--author", "B. Person"]
+        + ["--reference", "https://doi.org/10.1/x", "--description", "a tiny model"],
+        trained,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (trained / "exported" / "extensions").is_dir()
+    metadata = metatomic.torch.read_model_metadata(str(trained / "exported" / "ethanol.pt"))
+    assert metadata.name == "ethanol test"
+    assert metadata.authors == ["A. Person", "B. Person"]
+    assert metadata.references == {"model": ["https://doi.org/10.1/x"]}
+    assert metadata.description == "a tiny model"
+    sample = trained / "test.xyz"
+    exported = evaluate_exported(
+        trained / "exported" / "ethanol.pt", sample, trained / "exported" / "extensions"
+    )
+    original = evaluate_exported(
+        trained / "run" / "model.pt", sample, trained / "run" / "extensions"
+    )
+    for mine, theirs in zip(exported, original):
+        assert mine["energy"] == pytest.approx(theirs["energy"], rel=1e-12)
+        np.testing.assert_allclose(mine["forces"], theirs["forces"], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_export_of_the_best_step_directory(trained):
+    from architectures.mp_transformer import __model__ as Model
+
+    step_dir, is_last = best_step(trained / "run")
+    result = run([HPCTRAIN, "export", str(step_dir), "-o", "best/model.pt"], trained)
+    assert result.returncode == 0, result.stderr
+    sample = trained / "test.xyz"
+    exported = evaluate_exported(
+        trained / "best" / "model.pt", sample, trained / "best" / "extensions"
+    )
+    expected = predict_in_memory(Model.load_checkpoint(step_dir), sample)
+    final = predict_in_memory(Model.load_checkpoint(trained / "run" / "model.ckpt"), sample)
+    for mine, theirs in zip(expected, exported):
+        assert theirs["energy"] == pytest.approx(mine["energy"], rel=1e-12)
+    if not is_last:  # the best step is not the last: its model differs from the final one
+        assert exported[0]["energy"] != pytest.approx(final[0]["energy"], rel=1e-9)
+    # and eval reads it as it reads any exported model
+    result = run([HPCTRAIN, "eval", "best/model.pt", "test.xyz"], trained)
+    assert result.returncode == 0, result.stderr
+    assert "energy [eV/atom]" in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["eval", "missing.pt", "test.xyz"], "missing.pt"),
+        (["eval", "run/model.pt", "missing.xyz"], "missing.xyz"),
+        (["eval", "run/model.ckpt", "test.xyz"], "run/model.ckpt"),
+        (["eval", "run/model.pt", "options.yaml"], "options.yaml"),
+        (["eval", "run/model.pt", "test.xyz", "--energy", "E_dft"], "E_dft"),
+        (["export", "missing.ckpt", "-o", "x.pt"], "missing.ckpt"),
+        (["export", "run/model.pt", "-o", "x.pt"], "run/model.pt"),
+        (["export", "run", "-o", "x.pt"], "run/model.ckpt"),
+        (["plot", "run/checkpoints"], "run/checkpoints/metrics.csv"),
+        (["plot", "missing-run"], "missing-run"),
+    ],
+)
+def test_bad_inputs_exit_2_naming_the_file(trained, args, named):
+    result = run([HPCTRAIN, *args], trained)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert "hpctrain: error:" in result.stderr
+    assert named in result.stderr
+    assert not (trained / "x.pt").exists()
+
+
+@pytest.mark.parametrize(
+    "command", ["train", "convert", "inspect", "submit", "eval", "export", "plot"]
+)
+def test_every_command_help_shows_an_example(command, capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.parser().parse_args([command, "--help"])
+    assert exit.value.code == 0
+    text = capsys.readouterr().out
+    example = text.split("example:", 1)[1]
+    assert f"hpctrain {command} " in example
+
+
+def test_learning_curves_keep_the_latest_row_of_a_repeated_epoch(tmp_path):
+    from hpctrain.plots import learning_curves, read_metrics_csv
+
+    (tmp_path / "metrics.csv").write_text(
+        "epoch,step,learning_rate,train_loss,val energy RMSE [eV/atom],epoch_time_s\n"
+        "1,10,0.003,1.5,0.02,1.0\n"
+        "2,20,0.002,1.2,0.015,1.0\n"
+        "2,20,0.002,1.1,0.014,1.0\n"  # a restart repeated epoch 2
+        "3,30,0.001,0.9,0.010,1.0\n"
+    )
+    rows = read_metrics_csv(tmp_path / "metrics.csv")
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[1]["train_loss"] == 1.1
+    assert_png(learning_curves(tmp_path))
