@@ -30,6 +30,12 @@ flags), ``optimizer`` (clipping, Adam, schedule, EMA), ``checkpoint`` and ``othe
 (the rest of the step). The full duration of each bucket's all-reduce, overlapped
 or not, is reported apart as ``allreduce_busy_s`` (CPU/gloo only).
 
+``cpu eff`` in the table is the same ratio in CPU time per structure (user and
+system time of all threads of all ranks) and ``on-cpu`` the share of the ranks' wall
+time they were running. On a machine shared with other jobs, a wall-clock efficiency
+below 1 with ``cpu eff`` near 1 and ``on-cpu`` well below 100 % means that other
+processes took the cores, not that the ranks did more work.
+
 Output: a JSON file (machine, command, load averages, per-rank data and a
 summary per measurement), a table on stdout, and a PNG plot (efficiency against
 ranks; breakdown) beside the JSON. ``--quick`` is a tiny CPU configuration for
@@ -44,6 +50,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import shlex
 import shutil
 import socket
@@ -148,12 +155,20 @@ def choose_launcher(requested: str) -> str:
     return "torchrun"
 
 
-def launch_command(launcher: str, ranks: int, threads: int, extra: list[str]) -> list[str]:
-    """The command prefix that starts ``ranks`` copies of a Python program."""
+def launch_command(
+    launcher: str, ranks: int, threads: int, extra: list[str], per_node: int | None = None
+) -> list[str]:
+    """The command prefix that starts ``ranks`` copies of a Python program (srun: on
+    ``ceil(ranks / per_node)`` nodes when ``per_node`` is given)."""
     if launcher == "srun":
+        nodes = []
+        if per_node:
+            count = -(-ranks // per_node)
+            nodes = [f"--nodes={count}", f"--ntasks-per-node={min(ranks, per_node)}"]
         return [
             "srun",
             f"--ntasks={ranks}",
+            *nodes,
             f"--cpus-per-task={threads}",
             "--kill-on-bad-exit=1",
             *extra,
@@ -240,7 +255,10 @@ def measure(
     }
     config_path = run_dir / "worker.json"
     config_path.write_text(json.dumps(config))
-    command = launch_command(launcher, ranks, args.threads_per_rank, args.launcher_args) + [
+    prefix = launch_command(
+        launcher, ranks, args.threads_per_rank, args.launcher_args, args.ranks_per_node
+    )
+    command = prefix + [
         str(Path(__file__).resolve()),
         "--worker",
         str(config_path),
@@ -297,6 +315,7 @@ def summarise(data: dict[str, Any]) -> dict[str, Any]:
     model_work = sum(breakdown[p] for p in ("forward", "backward", "allreduce", "optimizer"))
     mean_step = sum(r["step_s"] for r in per_rank) / len(per_rank)
     busy = [r["comm"].get("busy_s") for r in ranks if "busy_s" in r["comm"]]
+    cpu = sum(r["cpu_s"] for r in ranks)
     data["summary"] = {
         "world_size": data["world_size"],
         "global_batch": data["global_batch"],
@@ -312,6 +331,11 @@ def summarise(data: dict[str, Any]) -> dict[str, Any]:
         "allreduce_buckets_per_step": ranks[0]["comm"].get("buckets", 0) / steps,
         "allreduce_bytes_per_step": ranks[0]["comm"].get("bytes", 0) / steps,
         "allreduce_busy_s": sum(busy) / len(busy) / steps if busy else None,
+        "cpu_s_per_structure": cpu / data["structures"],
+        "cpu_utilisation": cpu / sum(r["measured_s"] for r in ranks),
+        "involuntary_switches_per_step": sum(r["involuntary_switches"] for r in ranks)
+        / len(ranks)
+        / steps,
     }
     return data
 
@@ -334,6 +358,9 @@ def efficiencies(results: list[dict[str, Any]]) -> None:
             value = entry["structures_per_s"] * n0 / (n * base["structures_per_s"])
         entry["efficiency"] = value
         entry["speedup"] = value * n / n0
+        # the same in CPU time: 1 when N ranks spend no more CPU per structure than
+        # the reference, whatever other processes on the machine take from them
+        entry["cpu_efficiency"] = base["cpu_s_per_structure"] / entry["cpu_s_per_structure"]
 
 
 # -- worker (one rank) ---------------------------------------------------------------
@@ -400,6 +427,7 @@ def worker(config_path: Path) -> None:
                 if i == warmup:
                     launch.barrier()
                     timing.TIMER.enable(device)
+                    usage = resource.getrusage(resource.RUSAGE_SELF)
                     start = time.perf_counter()
                 t0 = time.perf_counter()
                 n_step_atoms = int(n_atoms[step.global_].sum())
@@ -414,6 +442,7 @@ def worker(config_path: Path) -> None:
                     atoms += n_step_atoms
                     local_atoms += int(n_atoms[step.local].sum())
             measured = time.perf_counter() - start
+            used = resource.getrusage(resource.RUSAGE_SELF)
             timing.TIMER.disable()
             finish = getattr(engine.checkpoints, "finish", None)
             if finish is not None:  # a checkpoint written in the background, if any
@@ -424,6 +453,10 @@ def worker(config_path: Path) -> None:
             "device": str(device),
             "threads": torch.get_num_threads(),
             "measured_s": measured,
+            # CPU time of all this process's threads, and how often the OS took the
+            # CPU away from it while it could run (other processes on its cores)
+            "cpu_s": used.ru_utime + used.ru_stime - usage.ru_utime - usage.ru_stime,
+            "involuntary_switches": used.ru_nivcsw - usage.ru_nivcsw,
             "median_step_s": float(np.median(times)),
             "step_times_s": times,
             "sections": timing.TIMER.snapshot(),
@@ -459,7 +492,7 @@ def worker(config_path: Path) -> None:
 def table(results: list[dict[str, Any]]) -> str:
     header = (
         f"{'architecture':<15}{'mode':<7}{'ranks':>5}{'batch':>6}{'step ms':>9}"
-        f"{'struct/s':>10}{'atoms/s':>9}{'eff':>6}  "
+        f"{'struct/s':>10}{'atoms/s':>9}{'eff':>6}{'cpu eff':>8}{'on-cpu':>7}  "
         + "".join(f"{p[:7]:>8}" for p in PARTS)
         + "   load before/after"
     )
@@ -469,7 +502,8 @@ def table(results: list[dict[str, Any]]) -> str:
         lines.append(
             f"{r['architecture']:<15}{r['mode']:<7}{r['ranks']:>5}{r['global_batch']:>6}"
             f"{1000 * r['step_s']:>9.1f}{r['structures_per_s']:>10.1f}{r['atoms_per_s']:>9.0f}"
-            f"{r['efficiency']:>6.2f}  "
+            f"{r['efficiency']:>6.2f}{r['cpu_efficiency']:>8.2f}"
+            f"{100 * r['cpu_utilisation']:>6.0f}%  "
             + "".join(f"{100 * frac[p]:>7.1f}%" for p in PARTS)
             + f"   {r['load_average_before'][0]:.1f}/{r['load_average_after'][0]:.1f}"
         )
@@ -539,6 +573,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="",
         help="extra arguments of the launcher, one string (e.g. '--gpus-per-task=1')",
     )
+    parser.add_argument(
+        "--ranks-per-node",
+        type=int,
+        help="srun: put the ranks on ceil(ranks / K) nodes, K per node",
+    )
     parser.add_argument("--threads-per-rank", type=int, default=1)
     parser.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
     parser.add_argument("--precision", type=int, choices=[32, 64], default=32)
@@ -603,6 +642,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         problems.append("--model-hypers must be a JSON object keyed by architecture")
     if args.data is not None and not args.data.exists():
         problems.append(f"--data {args.data} does not exist")
+    if args.ranks_per_node is not None and args.ranks_per_node < 1:
+        problems.append("--ranks-per-node must be at least 1")
     if args.mixed_precision and args.device == "cpu":
         problems.append("--mixed-precision needs --device cuda")
     if problems:
