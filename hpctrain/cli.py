@@ -256,11 +256,13 @@ EVAL_EXAMPLE = """example:
   hpctrain eval model.pt data.extxyz --energy E_dft --forces F --stress none
   mpiexec -n 4 hpctrain eval model.pt shards/ -o predictions.xyz   # or srun, torchrun
 
-prints, for energy per atom and per structure, forces and stress:
-  target                        MAE          RMSE
-  energy [eV/atom]       0.00143672    0.00181545
-  energy [eV]             0.0129305     0.0163391
-  energy forces [eV/A]     0.121852      0.164623
+prints MAE and RMSE of the energy per atom and per structure, the forces and the
+stress (here of a small model after 3 epochs on examples/rmd17_ethanol_100.xyz):
+  run/model.pt on test.xyz: 10 structures (energy, forces), float64, 1 rank(s), cpu
+  target                         MAE          RMSE
+  energy [eV/atom]         0.0188236     0.0251161
+  energy [eV]               0.169413      0.226045
+  energy forces [eV/A]      0.793722       1.10097
 
 predictions.xyz holds the reference values as energy, forces and stress (ASE reads
 them as the calculator's results) and the model's as predicted_energy,
