@@ -366,18 +366,20 @@ def rss_child(directory: str, batch_size: int, cache_blocks: int, max_open_files
     assert isinstance(dataset, ShardDataset)
     dataset.cache_blocks = cache_blocks or dataset.cache_blocks
     dataset.max_open_files = max_open_files or dataset.max_open_files
-    counts = {"block_reads": 0, "file_opens": 0}
-    read_block, open_file = dataset._block, dataset._file
+    counts = {"block_reads": 0, "structures_read": 0, "file_opens": 0}
+    read_piece, open_file = dataset._piece, dataset._file
 
-    def counting_block(shard: int, block: int):
-        counts["block_reads"] += (shard, block) not in dataset._blocks
-        return read_block(shard, block)
+    def counting_piece(shard: int, block: int):
+        if (shard, block) not in dataset._blocks:
+            counts["block_reads"] += 1
+            counts["structures_read"] += len(read_piece(shard, block))
+        return read_piece(shard, block)
 
     def counting_file(shard: int):
         counts["file_opens"] += shard not in dataset._files
         return open_file(shard)
 
-    dataset._block, dataset._file = counting_block, counting_file
+    dataset._piece, dataset._file = counting_piece, counting_file
     sampler = DistributedBatchSampler(len(dataset), batch_size, rank=0, world_size=1, seed=0)
     start = time.perf_counter()
     seen = epoch(dataset, sampler)
@@ -398,7 +400,7 @@ def rss_child(directory: str, batch_size: int, cache_blocks: int, max_open_files
         "max_open_files": dataset.max_open_files,
         "sampler_block": sampler.block,
         "sampler_window": sampler.window,
-        "structures_read_per_used": counts["block_reads"] * dataset.block_size / len(dataset),
+        "structures_read_per_used": counts["structures_read"] / len(dataset),
     }
     print("RESULT " + json.dumps(result), flush=True)
 

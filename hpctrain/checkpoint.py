@@ -322,8 +322,13 @@ class CheckpointManager:
             if self.rank == 0:
                 write_replicated(path / REPLICATED)
         own = [part]
-        if self.rank == 0:  # the shared part: whatever the trainer wrote
-            own += [p for p in path.iterdir() if p.is_file() and not p.name.startswith("rank-")]
+        if self.rank == 0:  # the shared part: whatever the trainer wrote (not the
+            # other ranks' parts, which they may be writing and renaming right now)
+            own += [
+                p
+                for p in path.iterdir()
+                if p.is_file() and not p.name.startswith(("rank-", ".rank-"))
+            ]
         pending = _Pending(step, path, info)
         pending.flush = threading.Thread(
             target=self._flush, args=(pending, own), name="checkpoint-sync"

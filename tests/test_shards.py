@@ -492,3 +492,43 @@ def test_training_from_shards_gives_the_same_weights_as_from_xyz(tmp_path):
     assert runs["xyz"].keys() == runs["shards"].keys()
     for key in runs["xyz"]:
         assert torch.equal(runs["xyz"][key], runs["shards"][key]), key
+
+
+def test_an_epoch_reads_each_structure_once_across_unaligned_shards(tmp_path):
+    """Shards of 13 structures (not a multiple of the sampler's blocks of 8): the
+    reader's blocks are the sampler's, a block crossing two shards is read as two
+    pieces, and a cache of the pieces of ``window + 1`` blocks never reads twice."""
+    from hpctrain.data import DistributedBatchSampler
+
+    out = tmp_path / "shards"
+    convert([str(EXAMPLE_XYZ)], out, spec_from_args(), {}, shard_size=13, progress_every=0.0)
+    window = 3
+    dataset = ShardDataset(out, block_size=8, cache_blocks=2 * (window + 1))
+    assert len(dataset._offsets) == 8  # 100 structures in shards of 13
+    reads = []
+    read_piece = dataset._piece
+
+    def counting(shard, block):
+        if (shard, block) not in dataset._blocks:
+            reads.append(len(read_piece(shard, block)))
+        return read_piece(shard, block)
+
+    dataset._piece = counting
+    reference = read_dataset(options_for(EXAMPLE_XYZ), "training_set", "test")
+    sampler = DistributedBatchSampler(len(dataset), 10, 0, 1, seed=3, block=8, window=window)
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        reads.clear()
+        for step in sampler:
+            for index in step.local:
+                assert_same(reference[int(index)], dataset[int(index)])
+        assert sum(reads) == len(dataset), f"epoch {epoch}: {sum(reads)} structures read"
+    # a smaller cache than the window visits thrashes: the default is not arbitrary
+    dataset.cache_blocks = window - 1
+    dataset._blocks.clear()
+    reads.clear()
+    sampler.set_epoch(2)
+    for step in sampler:
+        for index in step.local:
+            dataset[int(index)]
+    assert sum(reads) > len(dataset)

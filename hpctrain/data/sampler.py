@@ -22,6 +22,12 @@ import numpy as np
 
 from ..errors import CheckpointError, DataError, OptionsError
 
+BLOCK = 64
+"""Consecutive structures that the shuffle keeps together (and readers read at once)."""
+WINDOW = 16
+"""Blocks that the shuffle mixes: a reader touching ``WINDOW + 1`` blocks at a time
+sees no repeated reads."""
+
 
 def _generator(seed: int, *salt: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, *salt])))
@@ -85,8 +91,8 @@ class DistributedBatchSampler:
         world_size: int,
         seed: int,
         shuffle: bool = True,
-        block: int = 64,
-        window: int = 16,
+        block: int = BLOCK,
+        window: int = WINDOW,
     ):
         if n_samples < world_size:
             raise DataError(

@@ -30,6 +30,7 @@ from ..errors import DataError
 from ..options import DatasetOptions
 from .dataset import ENERGY_UNIT, LENGTH_UNIT, AtomisticDataset, Structure, StructureDataset
 from .dataset import unit_factor as _unit_factor
+from .sampler import BLOCK, WINDOW
 
 FORMAT = "hpctrain-shards"
 FORMAT_VERSION = 1
@@ -266,9 +267,15 @@ class ShardDataset(AtomisticDataset):
     attributes, shapes, offsets), then closes the files. HDF5 files are opened on
     the first ``__getitem__`` of each process, and again after a fork.
 
+    Blocks are those of the training sampler: ``block_size`` consecutive structures
+    of the whole directory (index // block_size), a block that crosses from one shard
+    into the next read as two pieces. The defaults hold the pieces of the
+    ``sampler.WINDOW + 1`` blocks that the sampler's shuffle visits at a time, so
+    each structure of an epoch is read once.
+
     :param targets: output target name -> what to read; default: everything stored
     :param block_size: consecutive structures read at once
-    :param cache_blocks: blocks kept in memory (least recently used dropped)
+    :param cache_blocks: block pieces kept in memory (least recently used dropped)
     :param max_open_files: shard files kept open at once per process
     """
 
@@ -278,9 +285,9 @@ class ShardDataset(AtomisticDataset):
         targets: dict[str, Selection] | None = None,
         dtype: torch.dtype = torch.float64,
         name: str | None = None,
-        block_size: int = 256,
-        cache_blocks: int = 16,
-        max_open_files: int = 8,
+        block_size: int = BLOCK,
+        cache_blocks: int = 2 * (WINDOW + 1),
+        max_open_files: int = WINDOW + 2,
     ):
         self.directory = Path(directory)
         self.manifest = read_manifest(self.directory)
@@ -349,9 +356,9 @@ class ShardDataset(AtomisticDataset):
         if not 0 <= index < len(self):
             raise IndexError(f"structure {index} of a dataset of {len(self)}")
         shard = int(np.searchsorted(self._starts, index, side="right")) - 1
-        local = index - int(self._starts[shard])
-        block = self._block(shard, local // self.block_size)
-        return block[local % self.block_size]
+        block = index // self.block_size
+        piece = self._piece(shard, block)
+        return piece[index - max(block * self.block_size, int(self._starts[shard]))]
 
     def close(self) -> None:
         """Close the files this process opened (they reopen on the next read)."""
@@ -378,15 +385,17 @@ class ShardDataset(AtomisticDataset):
         self._files.move_to_end(shard)
         return file
 
-    def _block(self, shard: int, block: int) -> StructureDataset:
+    def _piece(self, shard: int, block: int) -> StructureDataset:
+        """The structures of ``block`` (of the whole directory) that ``shard`` holds."""
         key = (shard, block)
         if self._pid == os.getpid() and key in self._blocks:
             self._blocks.move_to_end(key)
             return self._blocks[key]
         file = self._file(shard)
         offsets = self._offsets[shard]
-        lo = block * self.block_size
-        hi = min(lo + self.block_size, len(offsets) - 1)
+        start = int(self._starts[shard])
+        lo = max(block * self.block_size - start, 0)
+        hi = min((block + 1) * self.block_size - start, len(offsets) - 1)
         a, b = int(offsets[lo]), int(offsets[hi])
         try:
             targets, forces, stress = {}, {}, {}
