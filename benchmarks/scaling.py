@@ -330,7 +330,11 @@ def summarise(data: dict[str, Any]) -> dict[str, Any]:
         "breakdown_fraction": {p: v / mean_step for p, v in breakdown.items()},
         "per_rank_breakdown_s": per_rank,
         "data_fraction": breakdown["data"] / mean_step,
+        # everything but the model's own work (forward, backward, gradient all-reduce,
+        # optimizer); the second also counts building systems and neighbour lists as work
         "framework_overhead": 1 - model_work / mean_step,
+        "framework_overhead_without_neighbour_lists": 1
+        - (model_work + breakdown["systems"]) / mean_step,
         "allreduce_buckets_per_step": ranks[0]["comm"].get("buckets", 0) / steps,
         "allreduce_bytes_per_step": ranks[0]["comm"].get("bytes", 0) / steps,
         "allreduce_busy_s": sum(busy) / len(busy) / steps if busy else None,
