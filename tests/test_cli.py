@@ -115,6 +115,52 @@ def test_eval_writes_predictions_in_order_with_references(trained, evaluated):
 
 
 @pytest.mark.slow
+def test_eval_compares_stress_of_periodic_structures(trained):
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.stress import full_3x3_to_voigt_6_stress
+
+    from architectures.mp_transformer import __model__ as Model
+
+    rng = np.random.default_rng(0)
+    periodic = []
+    for atoms in ase.io.read(trained / "test.xyz", ":4"):
+        boxed = atoms.copy()
+        boxed.cell, boxed.pbc = np.diag([9.0, 10.0, 11.0]), True
+        boxed.calc = SinglePointCalculator(
+            boxed,
+            energy=atoms.get_potential_energy(),
+            forces=atoms.get_forces(),
+            stress=rng.normal(size=6) * 1e-3,
+        )
+        periodic.append(boxed)
+    ase.io.write(trained / "periodic.xyz", periodic)
+    result = run(
+        [HPCTRAIN, "eval", "run/model.pt", "periodic.xyz", "-o", "periodic-predictions.xyz"],
+        trained,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "(energy, forces, stress)" in result.stdout
+    written = ase.io.read(trained / "periodic-predictions.xyz", ":")
+    model = Model.load_checkpoint(trained / "run" / "model.ckpt")
+    expected = predict_in_memory(model, trained / "periodic.xyz")
+    errors = []
+    for atoms, source, mine in zip(written, periodic, expected):
+        np.testing.assert_allclose(atoms.get_stress(), source.get_stress(), atol=1e-12)
+        stress = full_3x3_to_voigt_6_stress(np.array(mine["stress"]))
+        assert np.abs(stress).max() > 1e-6
+        np.testing.assert_allclose(atoms.info["predicted_stress"], stress, atol=1e-10)
+        errors.append(atoms.info["predicted_stress"] - source.get_stress())
+    printed = table(result.stdout)
+    # the table counts all nine components of each stress tensor
+    full = [np.abs(e[[0, 1, 2, 3, 4, 5, 3, 4, 5]]) for e in errors]
+    assert printed["energy stress MAE [eV/A^3]"] == pytest.approx(np.mean(full), rel=1e-5)
+    # and with --stress none, no stress
+    result = run([HPCTRAIN, "eval", "run/model.pt", "periodic.xyz", "--stress", "none"], trained)
+    assert result.returncode == 0, result.stderr
+    assert "stress" not in result.stdout
+
+
+@pytest.mark.slow
 def test_eval_on_a_shard_directory_gives_the_same_metrics(trained, evaluated):
     converted = run([HPCTRAIN, "convert", "test.xyz", "-o", "shards", "--shard-size", "4"], trained)
     assert converted.returncode == 0, converted.stderr
