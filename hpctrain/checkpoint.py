@@ -11,9 +11,12 @@ Two forms, one format:
   never picked.
 
 Every file is written atomically (temporary file, fsync, rename, fsync of the
-directory). The newest checkpoint is the committed one with the highest step, never
-the newest by modification time. Old versions are upgraded on load by pure
-functions, one version at a time.
+directory). In a step directory the parts are renamed first and synced by a
+background thread while training goes on; the commit marker is written only once
+every rank's parts are on disk, so training pays about a bare ``torch.save``. The
+newest checkpoint is the committed one with the highest step, never the newest by
+modification time. Old versions are upgraded on load by pure functions, one
+version at a time.
 """
 
 from __future__ import annotations
