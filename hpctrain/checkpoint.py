@@ -33,6 +33,8 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from pathlib import Path
 from typing import Any, Union
 
@@ -91,13 +93,15 @@ def _atomic_write(path: Path, write: Callable[[Any], None], sync_dir: bool = Tru
         _fsync_dir(path.parent)
 
 
-def _fsync_files(paths: list[Path]) -> None:
-    for path in paths:
+def _sync(directory: Path, files: list[Path]) -> None:
+    """fsync ``files``, then ``directory`` (their names)."""
+    for path in files:
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+    _fsync_dir(directory)
 
 
 def save(payload: dict[str, Any], path: Union[str, Path], sync_dir: bool = True) -> Path:
@@ -220,8 +224,10 @@ def latest(root: Union[str, Path]) -> Path | None:
 
 
 def rng_state() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
     state = {
-        "python": random.getstate(),
+        # the Mersenne Twister's 625 words as one array: saved as one object, not 625
+        "python": (version, np.asarray(internal, dtype=np.uint64), gauss),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
     }
@@ -231,7 +237,8 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(int(word) for word in internal), gauss))
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
@@ -248,20 +255,20 @@ class _Pending:
     step: int
     path: Path
     info: dict[str, Any]
-    flush: threading.Thread = dataclasses.field(init=False)
-    error: BaseException | None = None
+    synced: Future  # this rank's files on disk
 
 
 class CheckpointManager:
     """Step checkpoints of one run, written by all ranks together.
 
     A write has two halves. :meth:`start` writes every rank's files (to the page
-    cache: as fast as a bare ``torch.save``) and starts a background thread that
-    fsyncs them. :meth:`commit`, called by all ranks once they agree that every
+    cache: about as fast as a bare ``torch.save``) and has a background thread
+    fsync them. :meth:`commit`, called by all ranks once they agree that every
     rank's files are on disk (the engine piggybacks this on its per-step
-    all-reduce), writes the commit marker. Until then the directory is an
-    interrupted write, never picked. :meth:`save` does both at once, for the
-    checkpoints that must be visible before the process goes on (a stop, the end).
+    all-reduce), has the same thread write the commit marker and then remove old
+    checkpoints. Until the marker exists the directory is an interrupted write,
+    never picked. :meth:`save` does both and waits, for the checkpoints that must
+    be visible before the process goes on (a stop, the end).
 
     :param root: the run's ``checkpoints/`` directory
     :param barrier: waits for all ranks (a no-op in one process)
@@ -284,8 +291,9 @@ class CheckpointManager:
         self.barrier = barrier
         self.last_time = time.monotonic()
         self.pending: _Pending | None = None
-        self._housekeeping: threading.Thread | None = None
-        self._commit_error: tuple[Path, BaseException] | None = None
+        # one thread, so that syncs, markers and removals happen in order
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+        self._committing: Future | None = None
 
     def path(self, step: int) -> Path:
         return self.root / f"step-{step:09d}"
@@ -311,7 +319,7 @@ class CheckpointManager:
         rank_state: dict[str, Any],
         info: dict[str, Any],
     ) -> Path:
-        """Write this rank's files of step ``step`` and start syncing them to disk in
+        """Write this rank's files of step ``step`` and have them synced to disk in
         the background; a pending earlier checkpoint is finished first. Called by
         every rank."""
         self.finish()
@@ -332,39 +340,27 @@ class CheckpointManager:
                 for p in path.iterdir()
                 if p.is_file() and not p.name.startswith(("rank-", ".rank-"))
             ]
-        pending = _Pending(step, path, info)
-        pending.flush = threading.Thread(
-            target=self._flush, args=(pending, own), name="checkpoint-sync"
-        )
-        pending.flush.start()
-        self.pending = pending
+        self.pending = _Pending(step, path, info, self._worker.submit(_sync, path, own))
         self.last_time = time.monotonic()
         return path
 
-    @staticmethod
-    def _flush(pending: _Pending, files: list[Path]) -> None:
-        try:
-            _fsync_files(files)
-            _fsync_dir(pending.path)  # every part's name is durable before the marker
-        except BaseException as error:  # reported by commit()
-            pending.error = error
-
     def flushed(self) -> bool:
         """Whether this rank's files of the pending checkpoint are on disk."""
-        return self.pending is not None and not self.pending.flush.is_alive()
+        return self.pending is not None and self.pending.synced.done()
 
     def commit(self) -> Path:
         """Make the pending checkpoint visible; call on every rank once all ranks'
-        files are on disk. Rank 0 writes the marker and then removes old
-        checkpoints, in the background (:meth:`wait` waits for both)."""
+        files are on disk. Rank 0 has the marker written and then old checkpoints
+        removed, in the background (:meth:`wait` waits for both)."""
         pending = self.pending
         assert pending is not None, "no checkpoint to commit"
         self.pending = None
-        pending.flush.join()
-        if pending.error is not None:
+        try:
+            pending.synced.result()
+        except OSError as error:
             raise CheckpointError(
-                f"could not write checkpoint {pending.path} to disk: {pending.error}"
-            ) from pending.error
+                f"could not write checkpoint {pending.path} to disk: {error}"
+            ) from error
         if self.rank == 0:
             self.wait()
             record = {
@@ -373,18 +369,14 @@ class CheckpointManager:
                 "time": time.time(),
                 **pending.info,
             }
-            self._housekeeping = threading.Thread(
-                target=self._mark_and_prune, args=(pending.path, record), name="checkpoint-commit"
-            )
-            self._housekeeping.start()
+            self._committing = self._worker.submit(self._mark_and_prune, pending.path, record)
         return pending.path
 
     def _mark_and_prune(self, path: Path, record: dict[str, Any]) -> None:
         try:
             _atomic_write(path / COMMITTED, lambda file: file.write(json.dumps(record).encode()))
-        except BaseException as error:  # reported by wait()
-            self._commit_error = (path, error)
-            return
+        except OSError as error:
+            raise CheckpointError(f"could not commit checkpoint {path}: {error}") from error
         self.prune()
 
     def finish(self) -> Path | None:
@@ -393,7 +385,7 @@ class CheckpointManager:
         if self.pending is None:
             self.wait()
             return None
-        self.pending.flush.join()
+        wait_futures([self.pending.synced])
         self.barrier()
         path = self.commit()
         self.wait()
@@ -401,15 +393,11 @@ class CheckpointManager:
         return path
 
     def wait(self) -> None:
-        """Until the commit marker and the removal of old checkpoints started by the
-        last :meth:`commit` are done."""
-        if self._housekeeping is not None:
-            self._housekeeping.join()
-            self._housekeeping = None
-        if self._commit_error is not None:
-            path, error = self._commit_error
-            self._commit_error = None
-            raise CheckpointError(f"could not commit checkpoint {path}: {error}") from error
+        """Until the commit marker and the removal of old checkpoints asked for by
+        the last :meth:`commit` are done; raises if the marker could not be written."""
+        committing, self._committing = self._committing, None
+        if committing is not None:
+            committing.result()
 
     def prune(self) -> None:
         """Keep the newest ``keep_last`` committed steps and the best one; remove
