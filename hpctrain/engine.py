@@ -365,9 +365,10 @@ class Engine:
                 if self.flags["stop"]:
                     self.log.info(f"stop requested at step {self.progress.step}: checkpointing")
                     path = self.write_checkpoint(wait=True)
+                    received = ctx.stop.received if ctx.stop else None
                     raise Preempted(
-                        f"stopped by {ctx.stop.received if ctx.stop else 'a signal'} on some "
-                        f"rank at step {self.progress.step}; checkpoint {path}. Continue "
+                        f"stopped by {received or 'a signal to another rank'} at step "
+                        f"{self.progress.step}; checkpoint {path}. Continue "
                         "with 'continue_from: auto' (or --continue auto) and the same "
                         "--output-dir"
                     )

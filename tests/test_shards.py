@@ -478,20 +478,35 @@ test_set: 0.1
 
 
 @pytest.mark.slow
+@pytest.mark.mpi
 def test_training_from_shards_gives_the_same_weights_as_from_xyz(tmp_path):
+    """One process on the xyz file and on one shard: the same weights, bit for bit.
+    Two MPI ranks streaming seven shards of 15 structures: the same weights up to
+    the order of the sums over ranks."""
     (tmp_path / "ethanol.xyz").symlink_to(EXAMPLE_XYZ)
-    result = run([str(BIN / "hpctrain"), "convert", "ethanol.xyz", "-o", "shards"], tmp_path)
-    assert result.returncode == 0, result.stderr
+    for name, size in (("shards", "10000"), ("small-shards", "15")):
+        convert = [str(BIN / "hpctrain"), "convert", "ethanol.xyz", "-o", name]
+        result = run([*convert, "--shard-size", size], tmp_path)
+        assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "small-shards").glob("*.h5"))) == 7
+    mpiexec = (str(BIN / "mpiexec"), "-n", "2")
     runs = {}
-    for name, data in (("xyz", "ethanol.xyz"), ("shards", "shards")):
+    for name, data, launcher in (
+        ("xyz", "ethanol.xyz", ()),
+        ("shards", "shards", ()),
+        ("mpi", "small-shards", mpiexec),
+    ):
         (tmp_path / f"{name}.yaml").write_text(TRAIN_OPTIONS.replace("DATA", data))
-        result = run([sys.executable, "-m", "hpctrain", f"{name}.yaml", "-o", name], tmp_path)
+        command = [*launcher, sys.executable, "-m", "hpctrain", f"{name}.yaml", "-o", name]
+        result = run(command, tmp_path)
         assert result.returncode == 0, result.stderr
         assert "80 training, 10 validation, 10 test structures" in result.stdout
         runs[name] = torch.load(tmp_path / name / "model.ckpt", weights_only=False)["model_state"]
-    assert runs["xyz"].keys() == runs["shards"].keys()
+    assert "2 rank(s)" in result.stdout
+    assert runs["xyz"].keys() == runs["shards"].keys() == runs["mpi"].keys()
     for key in runs["xyz"]:
         assert torch.equal(runs["xyz"][key], runs["shards"][key]), key
+        torch.testing.assert_close(runs["mpi"][key], runs["xyz"][key], rtol=1e-7, atol=1e-10)
 
 
 def test_an_epoch_reads_each_structure_once_across_unaligned_shards(tmp_path):

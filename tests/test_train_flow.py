@@ -1,5 +1,6 @@
 """The real flow end to end: one process, mpiexec and torchrun, export, continue."""
 
+import importlib.util
 import json
 import signal
 import subprocess
@@ -35,6 +36,8 @@ distributed: {timeout_s: 60}
 
 FILES = {"options.resolved.yaml", "train.log", "metrics.csv", "model.ckpt", "model.pt"}
 RUN_FILES = FILES | {"test_metrics.json", "extensions", "checkpoints"}
+if importlib.util.find_spec("tensorboard") is not None:
+    RUN_FILES |= {"tensorboard"}  # the same scalars as metrics.csv
 
 
 def weights(run_dir):
