@@ -129,6 +129,20 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def without_paths(value: Any, replacements: dict[str, str]) -> Any:
+    """``value`` (JSON-like) with the given path prefixes replaced in every string, so
+    that results name no directories of the machine they ran on."""
+    if isinstance(value, str):
+        for old, new in replacements.items():
+            value = value.replace(old, new)
+        return value
+    if isinstance(value, dict):
+        return {k: without_paths(v, replacements) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_paths(v, replacements) for v in value]
+    return value
+
+
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -803,6 +817,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "runs": [r for v in runs.values() for r in v],
     }
+    report = without_paths(report, {str(workdir): "WORKDIR", str(ROOT): "."})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(table(results))
