@@ -817,7 +817,9 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "runs": [r for v in runs.values() for r in v],
     }
-    report = without_paths(report, {str(workdir): "WORKDIR", str(ROOT): "."})
+    paths = {str(workdir): "WORKDIR", str(ROOT): ".", str(Path.cwd()): "."}
+    paths = {k: paths[k] for k in sorted(paths, key=len, reverse=True) if k != "/"}
+    report = without_paths(report, paths)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(table(results))

@@ -84,6 +84,7 @@ def _check_run_breakdown(entry: dict, ranks: int) -> None:
         assert summary["allreduce_bytes_per_step"] >= 4 * entry["parameters"]
         assert parts["allreduce"] > 0
         assert 0 < summary["allreduce_busy_s"] < mean_step
+        assert 0 < summary["allreduce_alone_s"] < mean_step
     else:
         assert not entry["comm_hook"] and parts["allreduce"] == 0
 
@@ -136,6 +137,7 @@ def test_scaling_quick_with_mpiexec(tmp_path):
         assert r["structures_per_s"] > 0
         assert r["atoms_per_s"] == pytest.approx(8 * r["structures_per_s"])  # 8 atoms each
         assert sum(r["breakdown_fraction"].values()) == pytest.approx(1.0, abs=1e-6)
+        assert r["cpu_efficiency"] > 0 and 0 < r["cpu_utilisation"] <= 1.05
     # the formulas: strong from the time per step, weak from the throughput
     s1, s2 = results["strong", 1], results["strong", 2]
     assert s2["efficiency"] == pytest.approx(s1["step_s"] / (2 * s2["step_s"]))
@@ -149,6 +151,7 @@ def test_scaling_quick_with_mpiexec(tmp_path):
         assert entry["launcher"] == "mpi"
     assert runs[2]["ranks"][0]["local_atoms"] > 0
 
+    assert "/" + tmp_path.name not in out.read_text()  # no machine paths in results
     png = out.with_suffix(".png").read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 10_000
 
