@@ -185,8 +185,14 @@ def load(path: Union[str, Path], architecture: str = "") -> dict[str, Any]:
             f"hpctrain understands ({VERSION}); upgrade hpctrain"
         )
     if architecture and data.get("architecture") != architecture:
+        written, wanted = (
+            str(name).removeprefix("architectures.")
+            for name in (data.get("architecture"), architecture)
+        )
         raise CheckpointError(
-            f"{path} was written by architecture '{data.get('architecture')}', not '{architecture}'"
+            f"{path} was written by architecture '{written}', not '{wanted}': to continue "
+            f"or fine-tune it, set 'architecture.name: {written}'; to train '{wanted}' from "
+            "scratch, leave out continue_from (--continue)"
         )
     return upgrade(data)
 

@@ -34,6 +34,7 @@ from .evaluation import EnergyModule, evaluate, predict, split_key
 from .optim import ExponentialMovingAverage, LearningRate
 from .progress import ProgressMeter
 from .report import MetricsLog, get_logger
+from .signals import STOP_SIGNALS
 from .systems import NeighborLists
 
 
@@ -200,6 +201,7 @@ class Engine:
             ExponentialMovingAverage(self.model, hypers.ema_decay) if hypers.ema_decay else None
         )
         self.flags = {"nonfinite": False, "stop": False, "due": False}
+        self.stopped_by: list[str] = []  # stop signals received by any rank
         self.checkpoints = None
         if self.context.run_dir is not None:
             self.checkpoints = checkpoint.CheckpointManager(
@@ -314,15 +316,17 @@ class Engine:
             and every_minutes is not None
             and time.monotonic() - self.checkpoints.last_time > 60 * every_minutes
         )
-        stop = ctx.stop is not None and ctx.stop.received is not None
+        received = ctx.stop.received if ctx.stop is not None else None
+        stops = [received == sig.name for sig in STOP_SIGNALS]  # ranks per signal
         pending = self.checkpoints is not None and self.checkpoints.pending is not None
         flushed = pending and self.checkpoints.flushed()
-        flags = torch.tensor([nonfinite, stop, due, flushed], dtype=torch.int32)
+        flags = torch.tensor([nonfinite, due, flushed, *stops], dtype=torch.int32)
         if ctx.world_size > 1:
             launch.all_reduce_sum(flags)
-        if pending and int(flags[3]) == ctx.world_size:
+        if pending and int(flags[2]) == ctx.world_size:
             self.checkpoints.commit()  # every rank's files of it are on disk
-        return {"nonfinite": bool(flags[0]), "stop": bool(flags[1]), "due": bool(flags[2])}
+        self.stopped_by = [sig.name for sig, n in zip(STOP_SIGNALS, flags[3:]) if n]
+        return {"nonfinite": bool(flags[0]), "stop": bool(self.stopped_by), "due": bool(flags[1])}
 
     def autocast(self):
         if self.hypers.mixed_precision:
@@ -342,9 +346,13 @@ class Engine:
             f"{hp.batch_size} on {ctx.world_size} rank(s)"
         )
         if self.progress.step:
+            within = (
+                f"{self.sampler.consumed} structures of it done"
+                if self.sampler.epoch == self.progress.epoch and self.sampler.consumed
+                else "from its start"
+            )
             self.log.info(
-                f"resuming at step {self.progress.step} (epoch {self.progress.epoch + 1}, "
-                f"{self.sampler.consumed} structures of it done)"
+                f"resuming at step {self.progress.step} (epoch {self.progress.epoch + 1}, {within})"
             )
         every_steps = ctx.checkpoint.every_n_steps
         for epoch in range(self.progress.epoch, hp.num_epochs):
@@ -365,9 +373,8 @@ class Engine:
                 if self.flags["stop"]:
                     self.log.info(f"stop requested at step {self.progress.step}: checkpointing")
                     path = self.write_checkpoint(wait=True)
-                    received = ctx.stop.received if ctx.stop else None
                     raise Preempted(
-                        f"stopped by {received or 'a signal to another rank'} at step "
+                        f"stopped by {' and '.join(self.stopped_by)} at step "
                         f"{self.progress.step}; checkpoint {path}. Continue "
                         "with 'continue_from: auto' (or --continue auto) and the same "
                         "--output-dir"

@@ -12,6 +12,7 @@ import random
 import socket
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from .report import (
     block,
     end_status_line,
     get_logger,
+    log_to_file,
     read_metrics,
     setup_logging,
     validation_errors,
@@ -416,8 +418,15 @@ EXIT_LOST_RANK = 3
 
 
 def main_guard(function, *args: Any, **kwargs: Any) -> int:
-    """Run ``function``; report hpctrain errors without a traceback, on rank 0 only."""
+    """Run ``function``; report hpctrain errors without a traceback, on rank 0 only
+    (other ranks prefix theirs), on stderr and in the run's ``train.log``."""
     from .errors import HpctrainError
+
+    def report(message: str, all_ranks: bool = False) -> None:
+        rank = launch.rank_hint()
+        if rank == 0 or all_ranks:
+            print(("" if rank == 0 else f"[rank {rank}] ") + message, file=sys.stderr)
+        log_to_file(message)
 
     try:
         try:
@@ -426,27 +435,27 @@ def main_guard(function, *args: Any, **kwargs: Any) -> int:
             end_status_line()  # a progress bar on screen ends before any message
         return 0
     except Preempted as stop:
-        if launch.rank_hint() == 0:
-            print(f"hpctrain: {stop}", file=sys.stderr)
+        report(f"hpctrain: {stop}")
         return stop.exit_code
     except HpctrainError as error:
-        if launch.rank_hint() == 0:
-            print(f"hpctrain: error: {error}", file=sys.stderr)
-        else:
-            print(f"[rank {launch.rank_hint()}] hpctrain: error: {error}", file=sys.stderr)
+        report(f"hpctrain: error: {error}", all_ranks=True)
         return getattr(error, "exit_code", EXIT_USER_ERROR)
     except RuntimeError as error:
         if not launch.is_communication_failure(error):
+            log_to_file(f"hpctrain: unexpected error\n{traceback.format_exc()}")
             raise
-        print(
+        report(
             f"hpctrain: error: rank {launch.rank_hint()} lost contact with another rank "
             "(it died, was killed, or hangs); its own output says why. Training stopped; "
             f"continue from the last checkpoint. Details: {str(error).splitlines()[0]}",
-            file=sys.stderr,
+            all_ranks=True,
         )
         return EXIT_LOST_RANK
     except KeyboardInterrupt:
-        print("hpctrain: interrupted", file=sys.stderr)
+        report("hpctrain: interrupted", all_ranks=True)
         return 130
+    except Exception:
+        log_to_file(f"hpctrain: unexpected error\n{traceback.format_exc()}")
+        raise
     finally:
         sys.stdout.flush()

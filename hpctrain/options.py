@@ -321,7 +321,8 @@ def load_yaml(path: Union[str, Path]) -> dict[str, Any]:
     if not path.is_file():
         raise OptionsError(f"options file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        with path.open() as file:  # (a stream: the messages name the file and line)
+            data = yaml.safe_load(file)
     except yaml.YAMLError as error:
         raise OptionsError(f"{path} is not valid YAML: {error}") from None
     if not isinstance(data, dict):

@@ -6,7 +6,6 @@ that they work on nodes without a display and inside any program.
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import re
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError
+from .report import read_metrics
 
 # "val energy forces RMSE [eV/A]" -> ("val", "energy forces", "RMSE", "eV/A")
 _ERROR_COLUMN = re.compile(r"^(val|train) (.+) (RMSE|MAE) \[(.+)\]$")
@@ -95,12 +95,7 @@ def read_metrics_csv(path: Path) -> list[dict[str, float]]:
             f"{path} does not exist: give a run directory (outputs/<date>/<time>) of "
             "hpctrain train that logged at least one epoch"
         )
-    with path.open(newline="") as file:
-        rows = [
-            {k: float(v) for k, v in row.items() if k and v not in ("", None)}
-            for row in csv.DictReader(file)
-        ]
-    by_epoch = {row["epoch"]: row for row in rows if "epoch" in row}
+    by_epoch = {row["epoch"]: row for row in read_metrics(path) if "epoch" in row}
     if not by_epoch:
         raise DataError(f"{path} holds no epoch yet; plot again after the first epoch")
     return [by_epoch[epoch] for epoch in sorted(by_epoch)]

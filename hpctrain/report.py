@@ -97,6 +97,15 @@ def get_logger() -> logging.Logger:
     return logging.getLogger(LOGGER_NAME)
 
 
+def log_to_file(message: str, level: int = logging.ERROR) -> None:
+    """Write ``message`` to the run's ``train.log`` only (when there is one): for
+    what is printed to stderr anyway, such as the error that ended the run."""
+    logger = get_logger()
+    for handler in logger.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(logger.makeRecord(logger.name, level, "", 0, message, None, None))
+
+
 def console() -> Console | None:
     """Rank 0's console handler once :func:`setup_logging` ran (else None)."""
     return _console

@@ -176,6 +176,15 @@ def test_bad_options_exit_2_with_a_message_and_no_traceback(workdir):
     assert not (workdir / "bad").exists()
 
 
+def test_an_error_after_the_run_directory_exists_is_also_in_train_log(workdir):
+    (workdir / "nokey.yaml").write_text(OPTIONS.replace("{key: energy,", "{key: E_dft,"))
+    result = run([sys.executable, "-m", "hpctrain", "nokey.yaml", "-o", "nokey"], workdir)
+    assert result.returncode == 2, result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("hpctrain: error: ") and "E_dft" in message
+    assert message in (workdir / "nokey" / "train.log").read_text()
+
+
 def test_a_killed_rank_does_not_leave_the_other_hanging(workdir):
     """Two ranks without a supervising launcher; rank 1 is SIGKILLed mid-training."""
     slow = OPTIONS.replace("num_epochs: 2", "num_epochs: 200")
