@@ -1,10 +1,14 @@
 """A stopped, killed or diverged run: real processes, real signals."""
 
+import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,15 +47,36 @@ def uninterrupted(workdir):
     return torch.load(workdir / "straight" / "model.ckpt", weights_only=False)["model_state"]
 
 
-def start(workdir, output, *extra, launcher=()):
+MPIEXEC_2 = (str(BIN / "mpiexec"), "-n", "2")
+DRIVERS = Path(__file__).parent / "drivers"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_on_two_ranks(workdir):
+    result = run(
+        [*MPIEXEC_2, sys.executable, "-m", "hpctrain", "options.yaml", "-o", "straight-2"], workdir
+    )
+    assert result.returncode == 0, result.stderr
+    return torch.load(workdir / "straight-2" / "model.ckpt", weights_only=False)["model_state"]
+
+
+def start(workdir, output, *extra, launcher=(), program=("-m", "hpctrain"), env=None):
     return subprocess.Popen(
-        [*launcher, sys.executable, "-m", "hpctrain", "options.yaml", "-o", output, *extra],
+        [*launcher, sys.executable, *program, "options.yaml", "-o", output, *extra],
         cwd=workdir,
-        env=clean_env(),
+        env=env or clean_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def rank_pids(proc, output) -> list[int]:
+    """The ranks that ``mpiexec`` (``proc``) started for the run writing to ``output``."""
+    found = subprocess.run(
+        ["pgrep", "-f", f"options.yaml -o {output}"], capture_output=True, text=True
+    ).stdout.split()
+    return [int(pid) for pid in found if int(pid) != proc.pid]
 
 
 def wait_for_checkpoint(root, minimum_step=1, timeout=120):
@@ -145,3 +170,81 @@ def test_stopped_on_two_ranks_resumed_on_one(workdir, uninterrupted):
     final = torch.load(workdir / "elastic" / "model.ckpt", weights_only=False)["model_state"]
     for key, value in uninterrupted.items():
         torch.testing.assert_close(final[key], value, rtol=1e-7, atol=1e-10)
+
+
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+@pytest.mark.parametrize("trial", range(5))
+def test_stopped_at_a_random_step_resumes_bitwise(
+    workdir, uninterrupted, uninterrupted_on_two_ranks, trial
+):
+    """Three runs on one process and two on two MPI ranks, each stopped by a signal
+    at a random moment (so at a random step, mid-epoch or not), then continued with
+    the same number of ranks: the final weights equal the uninterrupted run's."""
+    rng = random.Random(trial)
+    ranks = 1 if trial < 3 else 2
+    launcher = MPIEXEC_2 if ranks == 2 else ()
+    expected = uninterrupted if ranks == 1 else uninterrupted_on_two_ranks
+    output, sig = f"random-{trial}", SIGNALS[trial % 3]
+    proc = start(workdir, output, launcher=launcher)
+    wait_for_checkpoint(workdir / output / "checkpoints", 1)
+    time.sleep(rng.uniform(0.0, 2.0))
+    target = proc.pid if ranks == 1 else rng.choice(rank_pids(proc, output))
+    os.kill(target, sig)
+    out, err = proc.communicate(timeout=300)
+    assert f"stopped by {sig.name}" in err, err[-3000:]
+    if ranks == 1:
+        assert proc.returncode == 75
+    stopped = checkpoint.committed_steps(workdir / output / "checkpoints")[-1][0]
+    assert 1 <= stopped < 120, stopped  # 12 epochs of 10 steps: stopped during training
+    result = run(
+        [*launcher, sys.executable, "-m", "hpctrain", "options.yaml", "-o", output]
+        + ["--continue", "auto"],
+        workdir,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"resuming at step {stopped} " in result.stdout
+    assert_same_weights(workdir / output, expected)
+
+
+def traced_epochs(trace_dir: Path) -> dict[int, Counter]:
+    """How often each training structure was handed out, per epoch, over all runs."""
+    seen: dict[int, Counter] = {}
+    for path in trace_dir.glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            seen.setdefault(record["epoch"], Counter()).update(record["local"])
+    return seen
+
+
+def test_elastic_two_ranks_then_one_then_two_trains_each_structure_once_per_epoch(workdir):
+    trace = workdir / "elastic-trace"
+    trace.mkdir()
+    env = clean_env(SAMPLE_TRACE_DIR=str(trace))
+    traced = (str(DRIVERS / "sample_trace.py"),)
+    output = "elastic-212"
+    checkpoints = workdir / output / "checkpoints"
+    stops = []
+    for launcher, minimum_step in ((MPIEXEC_2, 15), ((), 0)):
+        proc = start(
+            workdir, output, "--continue", "auto", launcher=launcher, program=traced, env=env
+        )
+        newest = checkpoint.committed_steps(checkpoints)
+        wait_for_checkpoint(checkpoints, max(minimum_step, newest[-1][0] + 12 if newest else 0))
+        target = rank_pids(proc, output)[-1] if launcher else proc.pid
+        os.kill(target, signal.SIGUSR1)
+        out, err = proc.communicate(timeout=300)
+        assert "stopped by SIGUSR1" in err, err[-3000:]
+        stops.append(checkpoint.committed_steps(checkpoints)[-1][0])
+    assert any(step % 10 for step in stops), stops  # an epoch split between world sizes
+    last = start(workdir, output, "--continue", "auto", launcher=MPIEXEC_2, program=traced, env=env)
+    out, err = last.communicate(timeout=300)
+    assert last.returncode == 0, err[-3000:]
+    assert f"resuming at step {stops[-1]} " in out
+    n_train = 80  # 100 structures, 10 % validation, 10 % test
+    seen = traced_epochs(trace)
+    assert sorted(seen) == list(range(12))
+    for epoch, counts in seen.items():
+        assert sorted(counts) == list(range(n_train)), f"epoch {epoch}: not every structure"
+        assert set(counts.values()) == {1}, f"epoch {epoch}: some structures trained twice"
