@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -65,7 +66,15 @@ def baseline(data: Path, stress: bool) -> dict[str, float]:
     return result
 
 
-def train(architecture: str, data: Path, stress: bool, epochs: int, batch: int, extra: dict):
+def train(
+    architecture: str,
+    data: Path,
+    stress: bool,
+    epochs: int,
+    batch: int,
+    extra: dict,
+    threads: int | None = None,
+):
     workdir = Path(tempfile.mkdtemp(prefix="hpctrain-accuracy-"))
     options = {
         "seed": SEED,
@@ -81,6 +90,8 @@ def train(architecture: str, data: Path, stress: bool, epochs: int, batch: int, 
         "validation_set": 0.1,
         "checkpoint": {"every_n_epochs": 0},
     }
+    if threads:
+        options["distributed"] = {"threads_per_rank": threads}
     (workdir / "options.yaml").write_text(yaml.safe_dump(options))
     start = time.perf_counter()
     subprocess.run(
@@ -109,6 +120,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--hypers", default="{}", help='JSON: {"model": {...}, "training": {...}}')
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads (default: hpctrain's choice)"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     result = {
@@ -126,7 +140,10 @@ def main() -> None:
             args.epochs,
             args.batch_size,
             json.loads(args.hypers),
+            args.threads,
         ),
+        "threads": args.threads,
+        "load_average_after": os.getloadavg(),
     }
     print(json.dumps(result, indent=1))
     args.out.write_text(json.dumps(result, indent=2))

@@ -17,7 +17,9 @@ their outputs:
 - the epoch period: time between consecutive epoch lines of each log (one training
   epoch plus validation, the same for both), averaged over epochs 2 onwards (the
   first has warm-up). hpctrain's ``metrics.csv`` also gives its training time alone;
-- the final validation RMSEs (energy per atom and forces).
+- the final validation RMSEs (energy per atom and forces);
+- the CPU time of each whole run (start-up and final evaluation included), which
+  other jobs on the machine disturb less than wall times.
 
 It writes JSON (versions, the peer's defaults, settings, load averages, every run)
 and prints a table. The two models differ where the frameworks do; the JSON lists
@@ -32,6 +34,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -293,11 +296,17 @@ def main() -> None:
             workdir = workroot / f"{name}-{repeat}"
             workdir.mkdir()
             load_before = os.getloadavg()
+            cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
             if name == "ours":
                 result = run_ours(ours_options(args, model, train, val), workdir, env)
             else:
                 options = peer_options(args, model, train, val)
                 result = run_peer(options, workdir, env, args.venv)
+            cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+            # the whole run: start-up, data, training, validation, final evaluation, export
+            result["cpu_s"] = (cpu.ru_utime - cpu_before.ru_utime) + (
+                cpu.ru_stime - cpu_before.ru_stime
+            )
             result["load_average_before"] = load_before
             result["load_average_after"] = os.getloadavg()
             runs[name].append(result)
