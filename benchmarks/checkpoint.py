@@ -15,6 +15,7 @@ the write within 1.2x of the bare ``torch.save``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -48,17 +49,13 @@ def timed(function, repeat: int, before=lambda: None) -> float:
 
 def measure(size: float, root: Path, manager, repeat: int) -> dict:
     state = state_of(size)
-    # each write goes to a new file, as a checkpoint does (overwriting would add the
-    # cost of freeing the old file's pages to the bare save)
-    bare_path, synced_path = root / "bare.pt", root / "synced.pt"
-    bare = timed(
-        lambda: torch.save(state, bare_path), repeat, lambda: bare_path.unlink(missing_ok=True)
-    )
-    synced = timed(
-        lambda: save_and_fsync(state, synced_path),
-        repeat,
-        lambda: synced_path.unlink(missing_ok=True),
-    )
+    # Like the checkpoints, each bare save goes to a new file and the newest
+    # KEEP files are kept (the older ones removed untimed): the page cache then holds
+    # as much written data as with the checkpoint manager.
+    write, before = rotating(root / "bare", KEEP, lambda path: torch.save(state, path))
+    bare = timed(write, repeat, before)
+    write, before = rotating(root / "synced", KEEP, lambda path: save_and_fsync(state, path))
+    synced = timed(write, repeat, before)
     steps = iter(range(manager_step(manager), 10**9))
 
     def start() -> None:
@@ -90,6 +87,27 @@ def measure(size: float, root: Path, manager, repeat: int) -> dict:
     }
 
 
+KEEP = 2  # the manager's keep_last below
+
+
+def rotating(prefix: Path, keep: int, save) -> tuple:
+    """(write, before) for :func:`timed`: ``save`` to a new file each time, and
+    before it, untimed, the removal of files older than the newest ``keep`` (as the
+    checkpoint manager keeps ``keep_last`` committed ones while it writes the next)."""
+    written: list[Path] = []
+    count = itertools.count()
+
+    def write() -> None:
+        written.append(prefix.with_name(f"{prefix.name}-{next(count)}.pt"))
+        save(written[-1])
+
+    def before() -> None:
+        while len(written) > keep:
+            written.pop(0).unlink()
+
+    return write, before
+
+
 def save_and_fsync(state: dict, path: Path) -> None:
     with open(path, "wb") as file:
         torch.save(state, file)
@@ -119,7 +137,7 @@ def main() -> None:
         },
         "cases": [],
     }
-    manager = checkpoint.CheckpointManager(root / "checkpoints", 0, 1, 2, False, lambda: None)
+    manager = checkpoint.CheckpointManager(root / "checkpoints", 0, 1, KEEP, False, lambda: None)
     for size in args.sizes:
         case = measure(size, root, manager, args.repeat)
         print(json.dumps(case), flush=True)
