@@ -7,16 +7,41 @@ per-atom value per target. Everything else lives here, once.
 """
 
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
-from metatomic.torch import AtomisticModel, ModelMetadata, ModelOutput, System
+from metatomic.torch import (
+    AtomisticModel,
+    ModelMetadata,
+    ModelOutput,
+    NeighborListOptions,
+    System,
+)
 
 from . import checkpoint
 from .architecture import DatasetInfo, ModelInterface
 from .config import parse
 from .errors import ArchitectureError, CheckpointError
+
+
+def batched_pairs(
+    systems: List[System], options: NeighborListOptions
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The atoms and neighbour pairs of all ``systems`` as one batch: the atomic
+    types ``[atoms]``, the centre and neighbour of each pair ``[pairs]`` (indices
+    into the batch's atoms) and the pair vectors ``[pairs, 3]``."""
+    types, centers, neighbors, vectors = [], [], [], []
+    offset = 0
+    for system in systems:
+        pairs = system.get_neighbor_list(options)
+        samples = pairs.samples.values
+        types.append(system.types)
+        centers.append(samples[:, 0].long() + offset)
+        neighbors.append(samples[:, 1].long() + offset)
+        vectors.append(pairs.values.reshape(-1, 3))
+        offset += len(system)
+    return torch.cat(types), torch.cat(centers), torch.cat(neighbors), torch.cat(vectors)
 
 
 def architecture_of(cls: type) -> str:

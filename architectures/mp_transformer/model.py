@@ -18,7 +18,7 @@ import torch
 from metatomic.torch import NeighborListOptions, System
 
 from hpctrain.config import option
-from hpctrain.model import ReferenceModel
+from hpctrain.model import ReferenceModel, batched_pairs
 
 
 @dataclasses.dataclass
@@ -157,20 +157,8 @@ class MessagePassingTransformer(ReferenceModel):
         return [self.neighbor_options]
 
     def atomic_outputs(self, systems: List[System]) -> torch.Tensor:
-        types, centers, neighbors, vectors = [], [], [], []
-        offset = 0
-        for system in systems:
-            pairs = system.get_neighbor_list(self.neighbor_options)
-            samples = pairs.samples.values
-            types.append(system.types)
-            centers.append(samples[:, 0].long() + offset)
-            neighbors.append(samples[:, 1].long() + offset)
-            vectors.append(pairs.values.reshape(-1, 3))
-            offset += len(system)
-        type_index = self.type_map[torch.cat(types).long()]
-        centers_ = torch.cat(centers)
-        neighbors_ = torch.cat(neighbors)
-        vectors_ = torch.cat(vectors)
+        types, centers_, neighbors_, vectors_ = batched_pairs(systems, self.neighbor_options)
+        type_index = self.type_map[types.long()]
 
         distances = torch.linalg.vector_norm(vectors_, dim=1)
         inside = distances < self.cutoff

@@ -24,7 +24,7 @@ from metatensor.torch import Labels
 from metatomic.torch import NeighborListOptions, System
 
 from hpctrain.config import option
-from hpctrain.model import ReferenceModel
+from hpctrain.model import ReferenceModel, batched_pairs
 
 
 @dataclasses.dataclass
@@ -367,20 +367,9 @@ class SoapBpnn(ReferenceModel):
         """SOAP power spectra ``[atoms, features]`` of all atoms of ``systems``, sorted
         by element (stably); the rank of each atom (in system order) in that order; the
         element index of each atom (system order); and the atoms of each element."""
-        types, centers, neighbors, vectors = [], [], [], []
-        n_atoms = 0
-        for system in systems:
-            pairs = system.get_neighbor_list(self.neighbor_options)
-            samples = pairs.samples.values
-            types.append(system.types)
-            centers.append(samples[:, 0].long() + n_atoms)
-            neighbors.append(samples[:, 1].long() + n_atoms)
-            vectors.append(pairs.values.reshape(-1, 3))
-            n_atoms += len(system)
-        type_index = self.type_map[torch.cat(types).long()]
-        first = torch.cat(centers)
-        second = torch.cat(neighbors)
-        vector = torch.cat(vectors)
+        types, first, second, vector = batched_pairs(systems, self.neighbor_options)
+        type_index = self.type_map[types.long()]
+        n_atoms = len(types)
         device = vector.device
         # atoms sorted by element, so that each element's network gets a contiguous slice
         order = torch.argsort(type_index, stable=True)
