@@ -439,7 +439,7 @@ class Engine:
             self.log.info(f"checkpoint {path}")
         else:
             path = self.checkpoints.start(step, self.save_checkpoint, rank_state, info)
-            self.log.info(f"checkpoint {path} (committed once on disk)")
+            self.log.info(f"checkpoint {path} (syncing to disk; committed when done)")
         return path
 
     def last_checkpoint(self) -> str:
