@@ -84,7 +84,8 @@ test_set: 0.1
 checkpoint: {every_n_steps: 5, keep_last: 2}
 slurm: {nodes: 2, tasks_per_node: 1, cpus_per_task: 1, time: "TIME"}
 """
-LONG = 90  # epochs: about a minute of training on two ranks of a 2-core machine
+LONG = 240  # epochs: over a minute of training on two ranks of a quiet 2-core machine,
+# so that the one-minute time limit of the preemption test always cuts a run
 
 
 def slurm_available() -> bool:
