@@ -28,7 +28,7 @@ from .composition import fit_composition
 from .config import option
 from .data.batch import Batch, collate
 from .data.dataset import AtomisticDataset
-from .data.sampler import DistributedBatchSampler
+from .data.sampler import DistributedBatchSampler, work_estimates
 from .errors import CheckpointError, DataError, OptionsError, Preempted, TrainingDiverged
 from .evaluation import EnergyModule, evaluate, predict, split_key
 from .optim import ExponentialMovingAverage, LearningRate
@@ -117,6 +117,10 @@ class ConcatDataset:
     def n_atoms(self) -> np.ndarray:
         return np.concatenate([d.n_atoms for d in self.datasets])
 
+    @property
+    def volumes(self) -> np.ndarray:
+        return np.concatenate([d.volumes for d in self.datasets])
+
 
 def _check_same_targets(datasets: Sequence[AtomisticDataset], what: str) -> None:
     first = datasets[0]
@@ -164,7 +168,8 @@ class Engine:
         self.val_sets = list(val_datasets)
         self.targets = dict(model.dataset_info.targets)
         self.model = model.to(device=device, dtype=self.dtype)
-        self.neighbors = NeighborLists(model.requested_neighbor_lists())
+        requests = model.requested_neighbor_lists()
+        self.neighbors = NeighborLists(requests)
         self.outputs = {
             name: ModelOutput(unit=t.unit, sample_kind="system") for name, t in self.targets.items()
         }
@@ -174,6 +179,7 @@ class Engine:
             self.context.rank,
             self.context.world_size,
             self.context.seed,
+            costs=self.work_estimates(max((r.cutoff for r in requests), default=0.0)),
         )
         self.progress = Progress()
         if state is None:
@@ -217,6 +223,14 @@ class Engine:
             self.load_rank_state()
 
     # -- hooks ------------------------------------------------------------------------
+
+    def work_estimates(self, cutoff: float) -> np.ndarray | None:
+        """Relative cost of each training structure, by which global batches are
+        shared among ranks (None: every ``world_size``-th structure); by default
+        atoms and estimated neighbour pairs within the model's largest cutoff."""
+        if self.context.world_size == 1:
+            return None
+        return work_estimates(self.train_set.n_atoms, self.train_set.volumes, cutoff)
 
     def prepare_model(self) -> None:
         """Before the first epoch of a new training: fit the composition baseline."""
@@ -270,7 +284,8 @@ class Engine:
         synchronised across ranks only on the last one. Before the weights change,
         the ranks agree on whether the loss is finite (else nothing is updated and
         :class:`TrainingDiverged` is raised) and on pending stop signals and time-based
-        checkpoints, acted on after the step.
+        checkpoints, acted on after the step. That small all-reduce starts before the
+        last backward pass and overlaps it.
         """
         hp = self.hypers
         self.optimizer.zero_grad(set_to_none=True)
@@ -279,15 +294,19 @@ class Engine:
         for i, chunk in enumerate(chunks):
             with timing.section("data"):
                 batch = collate([self.train_set[int(j)] for j in chunk], self.device)
-            sync = i == len(chunks) - 1 or not hasattr(self.network, "no_sync")
+            last = i == len(chunks) - 1
+            sync = last or not hasattr(self.network, "no_sync")
             with contextlib.nullcontext() if sync else self.network.no_sync():
                 with self.autocast():
                     loss, _ = self.compute_loss(batch, n_structures, int(n_atoms))
+                total += loss.detach().double()
+                if last:
+                    with timing.section("agree"):
+                        agreement = self.start_agreement(total)
                 with timing.section("backward"):
                     loss.backward()
-            total += loss.detach().double()
         with timing.section("agree"):
-            self.flags = self.agree(nonfinite=not bool(torch.isfinite(total)))
+            self.flags = self.finish_agreement(agreement)
         if self.flags["nonfinite"]:
             if self.checkpoints is not None:
                 self.checkpoints.finish()  # a pending checkpoint holds a good state
@@ -307,8 +326,12 @@ class Engine:
         self.progress.step += 1
         return total
 
-    def agree(self, nonfinite: bool) -> dict[str, bool]:
-        """What all ranks must do together after this step (one small all-reduce)."""
+    def start_agreement(self, loss: torch.Tensor) -> launch.PendingSum:
+        """Start the one small all-reduce of what all ranks must do together after
+        this step: a count of ranks whose ``loss`` is not finite (computed on the
+        device, without waiting for it), of ranks whose files of a pending
+        checkpoint are on disk, whether a time-based checkpoint is due, and one count
+        per stop signal."""
         ctx = self.context
         every_minutes = ctx.checkpoint.every_minutes
         due = (
@@ -318,13 +341,18 @@ class Engine:
         )
         received = ctx.stop.received if ctx.stop is not None else None
         stops = [received == sig.name for sig in STOP_SIGNALS]  # ranks per signal
-        pending = self.checkpoints is not None and self.checkpoints.pending is not None
-        flushed = pending and self.checkpoints.flushed()
-        flags = torch.tensor([nonfinite, due, flushed, *stops], dtype=torch.int32)
-        if ctx.world_size > 1:
-            launch.all_reduce_sum(flags)
-        if pending and int(flags[2]) == ctx.world_size:
-            self.checkpoints.commit()  # every rank's files of it are on disk
+        flushed = self.checkpoints is not None and self.checkpoints.flushed()
+        host = torch.tensor([due, flushed, *stops], dtype=torch.int32)
+        nonfinite = (~torch.isfinite(loss)).to(torch.int32).reshape(1)
+        return launch.start_all_reduce_sum(torch.cat([nonfinite, host.to(nonfinite.device)]))
+
+    def finish_agreement(self, pending: launch.PendingSum) -> dict[str, bool]:
+        """Wait for :meth:`start_agreement`'s counts; commit the pending checkpoint
+        once every rank's files of it are on disk."""
+        flags = pending.wait().cpu()
+        if self.checkpoints is not None and self.checkpoints.pending is not None:
+            if int(flags[2]) == self.context.world_size:
+                self.checkpoints.commit()
         self.stopped_by = [sig.name for sig, n in zip(STOP_SIGNALS, flags[3:]) if n]
         return {"nonfinite": bool(flags[0]), "stop": bool(self.stopped_by), "due": bool(flags[1])}
 

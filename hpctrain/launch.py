@@ -387,6 +387,35 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+class PendingSum:
+    """An all-reduce in flight (see :func:`start_all_reduce_sum`)."""
+
+    def __init__(self, tensor: torch.Tensor, work: Any = None, staged: torch.Tensor | None = None):
+        self.tensor = tensor
+        self.work = work
+        self.staged = staged
+
+    def wait(self) -> torch.Tensor:
+        """The tensor, summed over ranks, once the all-reduce is done."""
+        if self.work is not None:
+            self.work.wait()
+        if self.staged is not None:
+            self.tensor.copy_(self.staged)
+        return self.tensor
+
+
+def start_all_reduce_sum(tensor: torch.Tensor) -> PendingSum:
+    """Start summing ``tensor`` over ranks, in place, and return at once: the work
+    between this and :meth:`PendingSum.wait` overlaps the communication. Every rank
+    must start its collectives in the same order."""
+    if not is_distributed():
+        return PendingSum(tensor)
+    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+        staged = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        return PendingSum(tensor, dist.all_reduce(staged, async_op=True), staged)
+    return PendingSum(tensor, dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True))
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

@@ -61,7 +61,8 @@ def test_unreadable_and_incompatible_checkpoints_are_named(tmp_path):
     truncated.write_bytes(FIXTURE_V1.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="truncated.ckpt is not a readable checkpoint"):
         checkpoint.load(truncated)
-    with pytest.raises(CheckpointError, match="written by architecture 'mp_transformer', not 'soap_bpnn': to continue"):
+    wrong = "written by architecture 'mp_transformer', not 'soap_bpnn': to continue"
+    with pytest.raises(CheckpointError, match=wrong):
         checkpoint.load(FIXTURE_V1, architecture="architectures.soap_bpnn")
 
 

@@ -3,7 +3,13 @@
 import numpy as np
 import pytest
 
-from hpctrain.data.sampler import DistributedBatchSampler, local_order, split_indices
+from hpctrain.data.sampler import (
+    DistributedBatchSampler,
+    balanced_owners,
+    local_order,
+    split_indices,
+    work_estimates,
+)
 from hpctrain.errors import CheckpointError, DataError, OptionsError
 
 
@@ -128,3 +134,78 @@ def test_splits_are_disjoint_complete_and_seeded():
     for a, b in zip((val, test, rest), again):
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(val, split_indices(100, [0.1, 0.2], seed=4)[0])
+
+
+def heterogeneous_costs(n: int, seed: int = 0) -> np.ndarray:
+    """Structure sizes of a mixed dataset: small molecules to large cells."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(3, 200, n).astype(float) ** 1.5
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_costs_balance_ranks_and_keep_every_structure_once(world_size):
+    n, batch = 203, 16
+    costs = heterogeneous_costs(n)
+    steps = {}
+    for rank in range(world_size):
+        sampler = DistributedBatchSampler(n, batch, rank, world_size, seed=2, costs=costs)
+        steps[rank] = epoch_steps(sampler, 1)
+    seen = [i for rank in steps for step in steps[rank] for i in step.local.tolist()]
+    assert sorted(seen) == list(range(n))
+    plain = DistributedBatchSampler(n, batch, 0, world_size, seed=2)
+    balanced_worst, plain_worst = [], []
+    for k, step in enumerate(epoch_steps(plain, 1)):
+        # the global batches are those without costs; only their split differs
+        np.testing.assert_array_equal(steps[0][k].global_, step.global_)
+        loads = [costs[steps[r][k].local].sum() for r in range(world_size)]
+        assert min(len(steps[r][k].local) for r in range(world_size)) >= 1
+        balanced_worst.append(max(loads) / (sum(loads) / world_size))
+        plain_loads = [costs[step.global_[r::world_size]].sum() for r in range(world_size)]
+        plain_worst.append(max(plain_loads) / (sum(plain_loads) / world_size))
+    # the slowest rank's excess over the mean, which every step waits for, shrinks
+    assert np.mean(balanced_worst) - 1 < 0.5 * (np.mean(plain_worst) - 1)
+
+
+def test_balanced_owners_give_each_rank_a_structure_and_equal_costs_round_robin():
+    owners = balanced_owners(np.array([1.0, 9.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]), 2)
+    assert owners[1] == 0 and (owners == 1).sum() == 9  # 9 against 9
+    np.testing.assert_array_equal(balanced_owners(np.ones(7), 3), [0, 1, 2, 0, 1, 2, 0])
+    assert set(balanced_owners(np.array([100.0, 1.0, 1.0]), 3)) == {0, 1, 2}
+
+
+def test_balanced_split_resumes_exactly_at_another_world_size():
+    n, batch, costs = 150, 12, heterogeneous_costs(150, seed=4)
+    first = [DistributedBatchSampler(n, batch, r, 3, seed=9, costs=costs) for r in range(3)]
+    for sampler in first:
+        sampler.set_epoch(2)
+    iterators = [iter(s) for s in first]
+    consumed = [i for it in iterators for _ in range(5) for i in next(it).local.tolist()]
+    state = first[0].state_dict()
+    rest = []
+    for rank in range(2):
+        resumed = DistributedBatchSampler(n, batch, rank, 2, seed=9, costs=costs)
+        resumed.load_state_dict(state)
+        rest.extend(i for step in epoch_steps(resumed, 2) for i in step.local.tolist())
+    assert sorted(consumed + rest) == list(range(n))
+
+
+def test_work_estimates_follow_density_and_size():
+    cutoff = 5.0
+    sphere = 4 / 3 * np.pi * cutoff**3
+    # periodic: atoms times neighbours in the cutoff sphere at the cell's density
+    dense, sparse = work_estimates(np.array([16, 16]), np.array([160.0, 320.0]), cutoff)
+    assert dense == pytest.approx(16 * (1 + 0.1 * sphere))
+    assert sparse == pytest.approx(16 * (1 + 0.05 * sphere))
+    # a small molecule: every other atom is a neighbour
+    (water,) = work_estimates(np.array([3]), np.array([np.nan]), cutoff)
+    assert water == 3 * 3
+    # a large molecule: no more neighbours than condensed matter holds
+    (protein,) = work_estimates(np.array([5000]), np.array([np.nan]), cutoff)
+    assert protein == pytest.approx(5000 * (1 + 0.1 * sphere))
+    # without neighbour lists: the number of atoms
+    np.testing.assert_allclose(work_estimates(np.array([4, 9]), np.array([1.0, np.nan]), 0), [4, 9])
+
+
+def test_costs_must_cover_every_structure():
+    with pytest.raises(ValueError, match="10 positive numbers"):
+        DistributedBatchSampler(10, 4, 0, 2, seed=0, costs=np.ones(9))

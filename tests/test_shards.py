@@ -116,6 +116,7 @@ def test_round_trip_of_the_non_periodic_example(ethanol):
     np.testing.assert_array_equal(shards[57].positions.numpy(), atoms.positions)
     assert shards[57].targets["energy"].item() == atoms.get_potential_energy()
     assert not shards[57].pbc.any() and not shards[57].cell.any()
+    assert np.isnan(shards.volumes).all() and len(shards.volumes) == len(shards)
 
 
 def test_round_trip_of_a_periodic_dataset_with_stress(emt_xyz, tmp_path):
@@ -131,6 +132,9 @@ def test_round_trip_of_a_periodic_dataset_with_stress(emt_xyz, tmp_path):
     np.testing.assert_array_equal(shards[29].cell.numpy(), atoms.cell.array)
     np.testing.assert_array_equal(shards[29].stress["energy"].numpy(), atoms.get_stress(False))
     np.testing.assert_array_equal(shards[29].forces["energy"].numpy(), atoms.get_forces())
+    # cell volumes, for sharing batches among ranks, without reading the structures
+    np.testing.assert_allclose(shards.volumes, reference.volumes, rtol=1e-12)
+    assert shards.volumes[29] == pytest.approx(atoms.get_volume(), rel=1e-12)
     # the options may ask for less than is stored
     energy_only = read_dataset(
         options_for(out, forces=False), "training_set", "test", torch.float32

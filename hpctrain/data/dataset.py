@@ -52,8 +52,8 @@ class AtomisticDataset(torch.utils.data.Dataset):
 
     Every dataset hpctrain hands to ``Trainer.train`` is one of these. Besides the
     structures it knows ``info`` (types, targets and units), ``name`` (its source,
-    for messages), ``dtype`` (of the tensors it returns) and ``n_atoms`` (atoms of
-    every structure, without reading them).
+    for messages), ``dtype`` (of the tensors it returns), and, without reading the structures,
+    ``n_atoms`` (atoms of every structure) and ``volumes`` (their cell volumes).
     """
 
     info: DatasetInfo
@@ -68,6 +68,12 @@ class AtomisticDataset(torch.utils.data.Dataset):
 
     @property
     def n_atoms(self) -> np.ndarray:
+        raise NotImplementedError
+
+    @property
+    def volumes(self) -> np.ndarray:
+        """Cell volume of every structure (in the dataset's length unit, cubed); NaN
+        where a structure is not periodic in all three directions."""
         raise NotImplementedError
 
     def subset(self, indices: Sequence[int], name: str | None = None) -> Subset:
@@ -96,6 +102,10 @@ class Subset(AtomisticDataset):
     @property
     def n_atoms(self) -> np.ndarray:
         return self.dataset.n_atoms[self.indices]
+
+    @property
+    def volumes(self) -> np.ndarray:
+        return self.dataset.volumes[self.indices]
 
 
 class StructureDataset(AtomisticDataset):
@@ -134,6 +144,10 @@ class StructureDataset(AtomisticDataset):
     def n_atoms(self) -> np.ndarray:
         return np.diff(self.offsets)
 
+    @property
+    def volumes(self) -> np.ndarray:
+        return cell_volumes(self.cells, self.pbcs)
+
     def __getitem__(self, index: int) -> Structure:
         if not 0 <= index < len(self):
             raise IndexError(f"structure {index} of a dataset of {len(self)}")
@@ -156,6 +170,12 @@ class StructureDataset(AtomisticDataset):
             forces={k: tensor(v[start:stop]) for k, v in self.forces.items()},
             stress={k: tensor(v[index]) for k, v in self.stress.items()},
         )
+
+
+def cell_volumes(cells: np.ndarray, pbcs: np.ndarray) -> np.ndarray:
+    """``|det(cell)|`` of ``[n, 3, 3]`` cells; NaN where ``[n, 3]`` pbc is not all true."""
+    volumes = np.abs(np.linalg.det(np.asarray(cells, dtype=np.float64).reshape(-1, 3, 3)))
+    return np.where(np.asarray(pbcs).reshape(-1, 3).all(axis=1), volumes, np.nan)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,9 @@ a bounded window of blocks, so a reader touches few places of a shard at a time.
 
 A step consumes one *global* batch of ``batch_size`` structures, split between the
 ranks, so the same options train the same model at any world size (up to
-floating-point summation order). No training structure is duplicated or dropped:
+floating-point summation order). Within a global batch, ranks get equal shares of
+the work, estimated from the structures' sizes and densities (:func:`work_estimates`),
+since every step waits for its slowest rank. No training structure is duplicated or dropped:
 a last global batch too small to give every rank a structure is merged into the one
 before it. The sampler's state is the number of structures of the epoch already
 consumed, so a run resumes mid-epoch exactly, at the same or at another world size.
@@ -27,6 +29,10 @@ BLOCK = 64
 WINDOW = 16
 """Blocks that the shuffle mixes: a reader touching ``WINDOW + 1`` blocks at a time
 sees no repeated reads."""
+CONDENSED_DENSITY = 0.1
+"""Atoms per cubic angstrom assumed around an atom of a non-periodic structure (dense
+liquids and solids hold 0.03 to 0.15); a molecule smaller than its cutoff sphere
+counts all its atoms as neighbours."""
 
 
 def _generator(seed: int, *salt: int) -> np.random.Generator:
@@ -66,6 +72,38 @@ def local_order(n_samples: int, seed: int, epoch: int, block: int, window: int) 
     return order
 
 
+def work_estimates(n_atoms: np.ndarray, volumes: np.ndarray, cutoff: float) -> np.ndarray:
+    """The relative cost of each structure for a model whose work grows with atoms and
+    neighbour pairs within ``cutoff`` (angstrom): ``atoms * (1 + neighbours)``.
+
+    Neighbours per atom are estimated without reading positions: the density of a
+    periodic structure (``volumes``, NaN where not periodic) times the cutoff sphere,
+    else at most ``n_atoms - 1`` (see :data:`CONDENSED_DENSITY`). With ``cutoff`` 0,
+    the cost is the number of atoms.
+    """
+    n_atoms = np.asarray(n_atoms, dtype=np.float64)
+    volumes = np.asarray(volumes, dtype=np.float64)
+    sphere = 4.0 / 3.0 * np.pi * cutoff**3
+    periodic = np.isfinite(volumes) & (volumes > 0)
+    density = np.where(periodic, n_atoms / np.where(periodic, volumes, 1.0), CONDENSED_DENSITY)
+    neighbours = density * sphere
+    neighbours = np.where(periodic, neighbours, np.minimum(neighbours, n_atoms - 1))
+    return n_atoms * (1.0 + neighbours)
+
+
+def balanced_owners(costs: np.ndarray, world_size: int) -> np.ndarray:
+    """The rank of each structure of a global batch, so that ranks' summed costs are
+    close: the costliest structure first, each to the least loaded rank (ties to the
+    lowest rank, so every rank gets one while there are as many structures as ranks)."""
+    owners = np.empty(len(costs), dtype=np.int64)
+    loads = np.zeros(world_size)
+    for i in np.argsort(-np.asarray(costs), kind="stable"):
+        rank = int(np.argmin(loads))
+        owners[i] = rank
+        loads[rank] += costs[i]
+    return owners
+
+
 @dataclasses.dataclass(frozen=True)
 class StepIndices:
     """The structures of one step: this rank's share, and the whole global batch."""
@@ -81,6 +119,9 @@ class DistributedBatchSampler:
     :param batch_size: structures per optimizer step, summed over all ranks
     :param block: consecutive structures kept together by the shuffle
     :param window: blocks mixed together by the shuffle
+    :param costs: relative cost of every structure (:func:`work_estimates`); ranks
+        get global batches' structures with equal summed costs, else every
+        ``world_size``-th structure
     """
 
     def __init__(
@@ -93,6 +134,7 @@ class DistributedBatchSampler:
         shuffle: bool = True,
         block: int = BLOCK,
         window: int = WINDOW,
+        costs: np.ndarray | None = None,
     ):
         if n_samples < world_size:
             raise DataError(
@@ -113,6 +155,9 @@ class DistributedBatchSampler:
         self.shuffle = shuffle
         self.block = block
         self.window = window
+        if costs is not None and (len(costs) != n_samples or not np.all(np.asarray(costs) > 0)):
+            raise ValueError(f"costs must be {n_samples} positive numbers, one per structure")
+        self.costs = costs
         self.epoch = 0
         self.consumed = 0  # structures of this epoch already handed out (all ranks)
 
@@ -148,7 +193,13 @@ class DistributedBatchSampler:
         """The rest of the epoch; ``consumed`` counts each batch as it is handed out."""
         for batch in self.global_batches(self.consumed):
             self.consumed += len(batch)
-            yield StepIndices(local=batch[self.rank :: self.world_size], global_=batch)
+            yield StepIndices(local=self.share(batch), global_=batch)
+
+    def share(self, batch: np.ndarray) -> np.ndarray:
+        """This rank's structures of a global batch, in the batch's order."""
+        if self.costs is None or self.world_size == 1:
+            return batch[self.rank :: self.world_size]
+        return batch[balanced_owners(self.costs[batch], self.world_size) == self.rank]
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -28,7 +28,14 @@ import torch
 from ..architecture import DatasetInfo, TargetInfo
 from ..errors import DataError
 from ..options import DatasetOptions
-from .dataset import ENERGY_UNIT, LENGTH_UNIT, AtomisticDataset, Structure, StructureDataset
+from .dataset import (
+    ENERGY_UNIT,
+    LENGTH_UNIT,
+    AtomisticDataset,
+    Structure,
+    StructureDataset,
+    cell_volumes,
+)
 from .dataset import unit_factor as _unit_factor
 from .sampler import BLOCK, WINDOW
 
@@ -329,6 +336,7 @@ class ShardDataset(AtomisticDataset):
         self.cache_blocks = cache_blocks
         self.max_open_files = max_open_files
         self._n_atoms: np.ndarray | None = None
+        self._volumes: np.ndarray | None = None
         self._forget_files()
 
     def _forget_files(self) -> None:
@@ -351,6 +359,22 @@ class ShardDataset(AtomisticDataset):
         if self._n_atoms is None:
             self._n_atoms = np.concatenate([np.diff(o) for o in self._offsets])
         return self._n_atoms
+
+    @property
+    def volumes(self) -> np.ndarray:
+        """Read from every shard's cells on first use (9 + 3 numbers per structure)."""
+        if self._volumes is None:
+            volumes = []
+            for shard in range(len(self._offsets)):
+                file = self._file(shard)
+                try:
+                    volumes.append(cell_volumes(file["cells"][:], file["pbc"][:]))
+                except OSError as error:
+                    raise DataError(
+                        f"shard {file.filename}: cannot read its cells ({error}); {REMEDY}"
+                    ) from None
+            self._volumes = np.concatenate(volumes)
+        return self._volumes
 
     def __getitem__(self, index: int) -> Structure:
         if not 0 <= index < len(self):
