@@ -44,7 +44,7 @@ def baseline(data: Path, stress: bool) -> dict[str, float]:
     val, train = split_indices(len(dataset), [0.1], SEED)
     run.set_current(run.RunContext(seed=SEED))
     types = dataset.info.atomic_types
-    weights, _ = fit_composition(dataset.subset(train), "energy", types, run.current())
+    weights = fit_composition(dataset.subset(train), "energy", types, run.current()).weights
     index = {z: i for i, z in enumerate(types)}
     energy, forces, stresses = [], [], []
     for i in val:

@@ -60,7 +60,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -438,58 +437,55 @@ def worker(config_path: Path) -> None:
         train_sets, val_sets, _ = flow.load_datasets(options, dtype, config["options"])
         info = flow.dataset_info_of(train_sets)
         model, trainer = flow.build(architecture, info, None)
-        with warnings.catch_warnings():
-            # soap_bpnn: featomic has no second derivatives w.r.t. positions (not needed)
-            warnings.filterwarnings("ignore", "second derivatives with respect to positions")
-            engine = trainer.engine_class(
-                trainer.hypers,
-                model,
-                device,
-                train_sets,
-                val_sets,
-                run_dir,
-                save_checkpoint=trainer.save_checkpoint,
-            )
-            trainer.model, trainer.engine = model, engine
-            hooked = timing.TIMER.attach(engine.network)
-            n_atoms = engine.train_set.n_atoms
-            sampler = engine.sampler
+        engine = trainer.engine_class(
+            trainer.hypers,
+            model,
+            device,
+            train_sets,
+            val_sets,
+            run_dir,
+            save_checkpoint=trainer.save_checkpoint,
+        )
+        trainer.model, trainer.engine = model, engine
+        hooked = timing.TIMER.attach(engine.network)
+        n_atoms = engine.train_set.n_atoms
+        sampler = engine.sampler
 
-            def batches():
-                epoch = 0
-                while True:
-                    sampler.set_epoch(epoch)
-                    yield from sampler
-                    epoch += 1
+        def batches():
+            epoch = 0
+            while True:
+                sampler.set_epoch(epoch)
+                yield from sampler
+                epoch += 1
 
-            warmup, steps, every = config["warmup"], config["steps"], config["checkpoint_every"]
-            times, structures, atoms, local_atoms = [], 0, 0, 0
-            start = 0.0
-            for i, step in zip(range(warmup + steps), batches()):
-                if i == warmup:
-                    launch.barrier()
-                    timing.TIMER.enable(device)
-                    usage = resource.getrusage(resource.RUSAGE_SELF)
-                    start = time.perf_counter()
-                t0 = time.perf_counter()
-                n_step_atoms = int(n_atoms[step.global_].sum())
-                engine.train_step(step.local, len(step.global_), n_step_atoms)
-                if i >= warmup and every and (i - warmup + 1) % every == 0:
-                    engine.write_checkpoint()
-                if i >= warmup:
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    times.append(time.perf_counter() - t0)
-                    structures += len(step.global_)
-                    atoms += n_step_atoms
-                    local_atoms += int(n_atoms[step.local].sum())
-            measured = time.perf_counter() - start
-            used = resource.getrusage(resource.RUSAGE_SELF)
-            timing.TIMER.disable()
-            finish = getattr(engine.checkpoints, "finish", None)
-            if finish is not None:  # a checkpoint written in the background, if any
-                finish()
-            alone = allreduce_alone(timing.TIMER.comm, steps, device) if hooked else None
+        warmup, steps, every = config["warmup"], config["steps"], config["checkpoint_every"]
+        times, structures, atoms, local_atoms = [], 0, 0, 0
+        start = 0.0
+        for i, step in zip(range(warmup + steps), batches()):
+            if i == warmup:
+                launch.barrier()
+                timing.TIMER.enable(device)
+                usage = resource.getrusage(resource.RUSAGE_SELF)
+                start = time.perf_counter()
+            t0 = time.perf_counter()
+            n_step_atoms = int(n_atoms[step.global_].sum())
+            engine.train_step(step.local, len(step.global_), n_step_atoms)
+            if i >= warmup and every and (i - warmup + 1) % every == 0:
+                engine.write_checkpoint()
+            if i >= warmup:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times.append(time.perf_counter() - t0)
+                structures += len(step.global_)
+                atoms += n_step_atoms
+                local_atoms += int(n_atoms[step.local].sum())
+        measured = time.perf_counter() - start
+        used = resource.getrusage(resource.RUSAGE_SELF)
+        timing.TIMER.disable()
+        finish = getattr(engine.checkpoints, "finish", None)
+        if finish is not None:  # a checkpoint written in the background, if any
+            finish()
+        alone = allreduce_alone(timing.TIMER.comm, steps, device) if hooked else None
         mine = {
             "rank": env.rank,
             "host": socket.gethostname(),

@@ -238,13 +238,17 @@ class Engine:
             return
         for name, target in self.targets.items():
             if target.quantity == "energy" and not target.per_atom:
-                weights, scale = fit_composition(
-                    self.train_set, name, self.model.atomic_types, self.context
+                fit = fit_composition(self.train_set, name, self.model.atomic_types, self.context)
+                self.model.set_baseline(name, fit.weights, fit.output_scale)
+                forces = (
+                    f", RMS force {fit.forces_scale:.4g} {target.unit}/A"
+                    if fit.forces_scale
+                    else ""
                 )
-                self.model.set_baseline(name, weights, scale)
                 self.log.info(
-                    f"composition baseline of '{name}': per-atom residual scale "
-                    f"{scale:.4g} {target.unit}"
+                    f"composition baseline of '{name}': per-atom residual "
+                    f"{fit.energy_scale:.4g} {target.unit}{forces}; network output scale "
+                    f"{fit.output_scale:.4g} {target.unit}"
                 )
 
     def compute_loss(

@@ -180,3 +180,33 @@ def test_plateau_schedule_halves_after_patience_and_resumes_exactly():
         lr.observe(1.0)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.2)  # floor
     assert math.isfinite(lr.best)
+
+
+def test_composition_fit_and_output_scale(ethanol):
+    """Least-squares element energies, the residual per atom, and the network's output
+    scale: the RMS force component when forces are trained, else the residual."""
+    import ase.io
+    import numpy as np
+
+    from hpctrain.composition import fit_composition
+
+    train_set, _ = ethanol
+    types = train_set.info.atomic_types
+    fit = fit_composition(train_set, "energy", types, run.current())
+    frames = ase.io.read(EXAMPLE_XYZ, ":24")
+    counts = np.array([[np.sum(f.numbers == z) for z in types] for f in frames], dtype=float)
+    energies = np.array([f.get_potential_energy() for f in frames])
+    # ethanol: every structure has the same composition, so only the total is fixed
+    np.testing.assert_allclose(counts @ fit.weights.numpy(), energies.mean(), rtol=1e-10)
+    residual = (energies - counts @ fit.weights.numpy()) / counts.sum(axis=1)
+    assert fit.energy_scale == pytest.approx(np.sqrt(np.mean(residual**2)), rel=1e-8)
+    forces = np.concatenate([f.get_forces() for f in frames])
+    assert fit.forces_scale == pytest.approx(np.sqrt(np.mean(forces**2)), rel=1e-8)
+    assert fit.output_scale == fit.forces_scale
+    options = parse(
+        DatasetOptions,
+        {"systems": {"read_from": str(EXAMPLE_XYZ)}, "targets": {"energy": {"forces": False}}},
+    )
+    energy_only = read_dataset(options, "training_set", "test", torch.float64).subset(range(24))
+    fit = fit_composition(energy_only, "energy", types, run.current())
+    assert fit.forces_scale is None and fit.output_scale == fit.energy_scale

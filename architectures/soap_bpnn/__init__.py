@@ -1,4 +1,4 @@
-"""SOAP-BPNN: per-element neural networks on SOAP power spectra (featomic)."""
+"""SOAP-BPNN: per-element neural networks on SOAP power spectra (featomic's, in torch)."""
 
 from .model import SoapBpnn
 from .trainer import Trainer

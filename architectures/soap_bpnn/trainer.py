@@ -1,7 +1,6 @@
 """Training of SOAP-BPNN: the shared engine with metatrain's ``soap_bpnn`` defaults."""
 
 import dataclasses
-import warnings
 
 from hpctrain.config import option
 from hpctrain.engine import TrainingHypers
@@ -24,12 +23,3 @@ class TrainerHypers(TrainingHypers):
 
 class Trainer(EngineTrainer):
     __hypers__ = TrainerHypers
-
-    def train(self, model, devices, train_datasets, val_datasets, checkpoint_dir) -> None:
-        with warnings.catch_warnings():
-            # the force loss's backward reaches the positions, whose second derivative
-            # featomic does not compute; training needs only the weights' gradients
-            warnings.filterwarnings(
-                "ignore", "second derivatives with respect to positions", UserWarning
-            )
-            super().train(model, devices, train_datasets, val_datasets, checkpoint_dir)
