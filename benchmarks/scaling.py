@@ -251,63 +251,77 @@ def measure(
     global_batch: int,
     workdir: Path,
     repeat: int = 0,
+    copies: int = 1,
 ) -> dict[str, Any]:
-    """Launch one training run on ``ranks`` ranks; its results (rank 0's JSON)."""
+    """Launch one training run on ``ranks`` ranks; its results (rank 0's JSON).
+
+    With ``copies`` > 1, that many independent runs start at the same time (each in
+    its own process group); their results are combined as one run whose ranks are
+    the copies' (see :func:`combine_copies`).
+    """
     import yaml
 
-    name = f"{architecture}-n{ranks}-b{global_batch}" + (f"-r{repeat}" if repeat else "")
-    run_dir = workdir / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    options_path = run_dir / "options.yaml"
-    options_path.write_text(yaml.safe_dump(options_for(args, architecture, global_batch)))
-    out = run_dir / "result.json"
-    config = {
-        "options": str(options_path),
-        "run_dir": str(run_dir),
-        "warmup": args.warmup,
-        "steps": args.steps,
-        "checkpoint_every": args.checkpoint_every,
-        "out": str(out),
-    }
-    config_path = run_dir / "worker.json"
-    config_path.write_text(json.dumps(config))
+    name = f"{architecture}-n{ranks}-b{global_batch}" + (f"-x{copies}" if copies > 1 else "")
+    name += f"-r{repeat}" if repeat else ""
     prefix = launch_command(
         launcher, ranks, args.threads_per_rank, args.launcher_args, args.ranks_per_node
     )
-    command = prefix + [
-        str(Path(__file__).resolve()),
-        "--worker",
-        str(config_path),
-    ]
-    print(f"  {name}: {shlex.join(command[:6])} ...", flush=True)
+    started = []
+    for copy in range(copies):
+        run_dir = workdir / name / f"copy-{copy}" if copies > 1 else workdir / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        options_path = run_dir / "options.yaml"
+        options_path.write_text(yaml.safe_dump(options_for(args, architecture, global_batch)))
+        config = {
+            "options": str(options_path),
+            "run_dir": str(run_dir),
+            "warmup": args.warmup,
+            "steps": args.steps,
+            "checkpoint_every": args.checkpoint_every,
+            "out": str(run_dir / "result.json"),
+        }
+        (run_dir / "worker.json").write_text(json.dumps(config))
+        command = prefix + [str(Path(__file__).resolve()), "--worker", str(run_dir / "worker.json")]
+        started.append((run_dir, command))
+    print(f"  {name}: {shlex.join(started[0][1][:6])} ...", flush=True)
     before = load_average()
     start = time.perf_counter()
-    try:
-        result = subprocess.run(
+    processes = [
+        subprocess.Popen(
             command,
             env=launch_env(launcher, args.threads_per_rank),
             cwd=run_dir,
-            capture_output=True,
+            stdout=(run_dir / "stdout.txt").open("w"),
+            stderr=(run_dir / "stderr.txt").open("w"),
             text=True,
-            timeout=args.timeout,
         )
-    except subprocess.TimeoutExpired as error:
-        raise BenchmarkError(
-            f"{name}: no result after {args.timeout:.0f} s (--timeout); output so far:\n"
-            f"{(error.stderr or b'')[-3000:]!r}"
-        ) from None
+        for run_dir, command in started
+    ]
+    results = []
+    for process, (run_dir, command) in zip(processes, started):
+        try:
+            code = process.wait(timeout=max(1.0, args.timeout - (time.perf_counter() - start)))
+        except subprocess.TimeoutExpired:
+            for other in processes:
+                other.kill()
+            raise BenchmarkError(
+                f"{name}: no result after {args.timeout:.0f} s (--timeout); output so far "
+                f"in {run_dir / 'stderr.txt'}"
+            ) from None
+        out = run_dir / "result.json"
+        if code != 0 or not out.exists():
+            stderr = (run_dir / "stderr.txt").read_text()
+            raise BenchmarkError(
+                f"{name}: the launch exited with status {code} (command: "
+                f"{shlex.join(command)}); its output ends with:\n{stderr[-3000:]}"
+            )
+        results.append(json.loads(out.read_text()))
     wall = time.perf_counter() - start
-    (run_dir / "stdout.txt").write_text(result.stdout)
-    (run_dir / "stderr.txt").write_text(result.stderr)
-    if result.returncode != 0 or not out.exists():
-        raise BenchmarkError(
-            f"{name}: the launch exited with status {result.returncode} (command: "
-            f"{shlex.join(command)}); its output ends with:\n{result.stderr[-3000:]}"
-        )
-    data = json.loads(out.read_text())
+    data = results[0] if copies == 1 else combine_copies(results)
     data.update(
         name=name,
-        command=shlex.join(command),
+        command=shlex.join(started[0][1]),
+        copies=copies,
         launch_wall_s=round(wall, 2),
         load_average_before=before,
         load_average_after=load_average(),
@@ -315,11 +329,26 @@ def measure(
     return summarise(data)
 
 
+def combine_copies(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Independent one-rank runs measured together, as one run: their ranks side by
+    side, structures and atoms summed. The copies do not wait for each other, so the
+    time of the combined run is the mean of theirs (see :func:`summarise`)."""
+    data = dict(results[0])
+    data["ranks"] = [dict(r["ranks"][0], rank=i) for i, r in enumerate(results)]
+    data["structures"] = sum(r["structures"] for r in results)
+    data["atoms"] = sum(r["atoms"] for r in results)
+    data["independent"] = True
+    return data
+
+
 def summarise(data: dict[str, Any]) -> dict[str, Any]:
     """Throughput and the mean breakdown over ranks from the per-rank results."""
     ranks = data["ranks"]
     steps = data["steps"]
-    wall = max(r["measured_s"] for r in ranks)  # ranks meet at every step
+    if data.get("independent"):  # copies that never wait for each other
+        wall = sum(r["measured_s"] for r in ranks) / len(ranks)
+    else:
+        wall = max(r["measured_s"] for r in ranks)  # ranks meet at every step
     per_rank = []
     for r in ranks:
         step = r["measured_s"] / steps
@@ -379,6 +408,12 @@ def efficiencies(results: list[dict[str, Any]]) -> None:
             value = entry["structures_per_s"] * n0 / (n * base["structures_per_s"])
         entry["efficiency"] = value
         entry["speedup"] = value * n / n0
+        # weak, with --independent: what n one-rank copies reach together on this
+        # machine (its ceiling), and the part of the efficiency lost to training together
+        together = entry.get("independent_structures_per_s")
+        if together:
+            entry["machine_efficiency"] = together * n0 / (n * base["structures_per_s"])
+            entry["framework_efficiency"] = value / entry["machine_efficiency"]
         # the same in CPU time: 1 when N ranks spend no more CPU per structure than
         # the reference, whatever other processes on the machine take from them
         entry["cpu_efficiency"] = base["cpu_s_per_structure"] / entry["cpu_s_per_structure"]
@@ -532,9 +567,8 @@ def worker(config_path: Path) -> None:
 def table(results: list[dict[str, Any]]) -> str:
     header = (
         f"{'architecture':<15}{'mode':<7}{'ranks':>5}{'batch':>6}{'step ms':>9}"
-        f"{'struct/s':>10}{'atoms/s':>9}{'eff':>6}{'cpu eff':>8}{'on-cpu':>7}  "
-        + "".join(f"{p[:7]:>8}" for p in PARTS)
-        + "   load before/after"
+        f"{'struct/s':>10}{'atoms/s':>9}{'eff':>6}{'cpu eff':>8}{'machine':>8}{'frame':>6}"
+        f"{'on-cpu':>7}  " + "".join(f"{p[:7]:>8}" for p in PARTS) + "   load before/after"
     )
     lines = [header, "-" * len(header)]
     for r in results:
@@ -543,7 +577,12 @@ def table(results: list[dict[str, Any]]) -> str:
             f"{r['architecture']:<15}{r['mode']:<7}{r['ranks']:>5}{r['global_batch']:>6}"
             f"{1000 * r['step_s']:>9.1f}{r['structures_per_s']:>10.1f}{r['atoms_per_s']:>9.0f}"
             f"{r['efficiency']:>6.2f}{r['cpu_efficiency']:>8.2f}"
-            f"{100 * r['cpu_utilisation']:>6.0f}%  "
+            + (
+                f"{r['machine_efficiency']:>8.2f}{r['framework_efficiency']:>6.2f}"
+                if "machine_efficiency" in r
+                else f"{'-':>8}{'-':>6}"
+            )
+            + f"{100 * r['cpu_utilisation']:>6.0f}%  "
             + "".join(f"{100 * frac[p]:>7.1f}%" for p in PARTS)
             + f"   {r['load_average_before'][0]:.1f}/{r['load_average_after'][0]:.1f}"
         )
@@ -653,6 +692,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1,
         help="measure each run this many times, interleaved, and keep the fastest "
         "(all are in the JSON): for machines shared with other jobs",
+    )
+    parser.add_argument(
+        "--independent",
+        action="store_true",
+        help="weak scaling: also run N independent one-rank copies at once, the "
+        "machine's own ceiling, and report the efficiency relative to it",
     )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per launch")
     parser.add_argument("--quick", action="store_true", help="tiny models and data (smoke test)")
@@ -765,18 +810,27 @@ def main(argv: list[str] | None = None) -> int:
                     cases.append((architecture, mode, ranks, batch))
         # each distinct run once per repeat (the one-rank run serves both modes),
         # repeats interleaved so that a busy spell of the machine hits all of them
-        keys = list(dict.fromkeys((a, n, b) for a, _, n, b in cases))
-        runs: dict[tuple[str, int, int], list[dict[str, Any]]] = {k: [] for k in keys}
+        keys = list(dict.fromkeys((a, n, b, 1) for a, _, n, b in cases))
+        if args.independent:  # N one-rank copies at once beside each weak N-rank run
+            keys += [
+                (a, 1, args.batch_size, n) for a, mode, n, _ in cases if mode == "weak" and n > 1
+            ]
+        runs: dict[tuple[str, int, int, int], list[dict[str, Any]]] = {k: [] for k in keys}
         for repeat in range(args.repeat):
-            for architecture, ranks, batch in keys:
-                runs[architecture, ranks, batch].append(
-                    measure(args, launcher, architecture, ranks, batch, workdir, repeat)
+            for architecture, ranks, batch, copies in keys:
+                runs[architecture, ranks, batch, copies].append(
+                    measure(args, launcher, architecture, ranks, batch, workdir, repeat, copies)
                 )
         best = {k: min(v, key=lambda r: r["summary"]["step_s"]) for k, v in runs.items()}
         results = []
         for architecture, mode, ranks, batch in cases:
-            data = best[architecture, ranks, batch]
+            data = best[architecture, ranks, batch, 1]
             data["chosen"] = True
+            independent = None
+            if mode == "weak" and ranks > 1:
+                independent = best.get((architecture, 1, args.batch_size, ranks))
+            if independent is not None:
+                independent["chosen"] = True
             results.append(
                 {
                     "architecture": architecture,
@@ -785,8 +839,11 @@ def main(argv: list[str] | None = None) -> int:
                     "run": data["name"],
                     **data["summary"],
                     "repeats_step_s": [
-                        r["summary"]["step_s"] for r in runs[architecture, ranks, batch]
+                        r["summary"]["step_s"] for r in runs[architecture, ranks, batch, 1]
                     ],
+                    "independent_structures_per_s": (
+                        independent["summary"]["structures_per_s"] if independent else None
+                    ),
                     "load_average_before": data["load_average_before"],
                     "load_average_after": data["load_average_after"],
                 }

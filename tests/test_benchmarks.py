@@ -108,6 +108,7 @@ def test_scaling_quick_with_mpiexec(tmp_path):
         "mpiexec",
         "--checkpoint-every",
         "2",
+        "--independent",
         "--workdir",
         str(tmp_path / "work"),
         "--out",
@@ -144,9 +145,22 @@ def test_scaling_quick_with_mpiexec(tmp_path):
     w1, w2 = results["weak", 1], results["weak", 2]
     assert w2["efficiency"] == pytest.approx(w2["structures_per_s"] / (2 * w1["structures_per_s"]))
 
-    runs = {r["world_size"]: r for r in data["runs"] if r["global_batch"] in (4, 8)}
-    assert len(data["runs"]) == 3  # the one-rank run serves both modes
-    for entry in data["runs"]:
+    # --independent: two one-rank copies at once, the machine's ceiling for weak scaling
+    (copies,) = [r for r in data["runs"] if r.get("independent")]
+    assert copies["copies"] == 2 and copies["world_size"] == 1 and not copies["comm_hook"]
+    assert [r["rank"] for r in copies["ranks"]] == [0, 1]
+    (alone,) = [r for r in data["runs"] if r["world_size"] == 1 and not r.get("independent")]
+    assert copies["structures"] == 2 * alone["structures"]  # each copy: the same steps
+    together = copies["summary"]["structures_per_s"]
+    assert w2["independent_structures_per_s"] == together
+    assert w2["machine_efficiency"] == pytest.approx(together / (2 * w1["structures_per_s"]))
+    assert w2["framework_efficiency"] == pytest.approx(w2["efficiency"] / w2["machine_efficiency"])
+    assert "machine_efficiency" not in s2 and "machine_efficiency" not in w1
+
+    together_with_ddp = [r for r in data["runs"] if not r.get("independent")]
+    assert len(together_with_ddp) == 3  # the one-rank run serves both modes
+    runs = {r["world_size"]: r for r in together_with_ddp}
+    for entry in together_with_ddp:
         _check_run_breakdown(entry, entry["world_size"])
         assert entry["launcher"] == "mpi"
     assert runs[2]["ranks"][0]["local_atoms"] > 0
