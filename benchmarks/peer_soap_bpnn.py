@@ -43,6 +43,7 @@ import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import yaml
@@ -123,7 +124,9 @@ def hypers_from(args: argparse.Namespace) -> dict:
     }
 
 
-def ours_options(args, model: dict, train: Path, val: Path) -> dict:
+def shared_options(args, model: dict, **training: Any) -> dict:
+    """What both frameworks' options say alike: seed, precision, device, model hypers
+    and the training budget; ``training`` adds each framework's own training keys."""
     return {
         "seed": args.seed,
         "base_precision": args.precision,
@@ -135,49 +138,42 @@ def ours_options(args, model: dict, train: Path, val: Path) -> dict:
                 "num_epochs": args.epochs,
                 "batch_size": args.batch_size,
                 "learning_rate": args.learning_rate,
-                # metatrain warms up over 1% of the steps
-                "warmup_epochs": 0.01 * args.epochs,
+                **training,
             },
         },
-        "training_set": {
-            "systems": str(train),
-            "targets": {"energy": {"unit": "eV", "forces": True, "stress": args.stress}},
-        },
-        "validation_set": {
-            "systems": str(val),
-            "targets": {"energy": {"unit": "eV", "forces": True, "stress": args.stress}},
-        },
         "test_set": 0.0,
+    }
+
+
+def ours_options(args, model: dict, train: Path, val: Path) -> dict:
+    # metatrain warms up over 1% of the steps
+    options = shared_options(args, model, warmup_epochs=0.01 * args.epochs)
+
+    def dataset(path: Path) -> dict:
+        targets = {"energy": {"unit": "eV", "forces": True, "stress": args.stress}}
+        return {"systems": str(path), "targets": targets}
+
+    return {
+        **options,
+        "training_set": dataset(train),
+        "validation_set": dataset(val),
         "distributed": {"threads_per_rank": 1},
         "checkpoint": {"every_n_epochs": 0},
     }
 
 
 def peer_options(args, model: dict, train: Path, val: Path) -> dict:
-    targets = {"energy": {"key": "energy", "unit": "eV", "forces": {"key": "forces"}}}
-    if args.stress:
-        targets["energy"]["stress"] = {"key": "stress"}
-    dataset = {"systems": {"read_from": None, "length_unit": "angstrom"}, "targets": targets}
-    return {
-        "seed": args.seed,
-        "base_precision": args.precision,
-        "device": "cpu",
-        "architecture": {
-            "name": "soap_bpnn",
-            "model": model,
-            "training": {
-                "num_epochs": args.epochs,
-                "batch_size": args.batch_size,
-                "learning_rate": args.learning_rate,
-                "num_workers": 0,
-                "log_interval": 1,
-                "checkpoint_interval": args.epochs + 1,
-            },
-        },
-        "training_set": {**dataset, "systems": {**dataset["systems"], "read_from": str(train)}},
-        "validation_set": {**dataset, "systems": {**dataset["systems"], "read_from": str(val)}},
-        "test_set": 0.0,
-    }
+    options = shared_options(
+        args, model, num_workers=0, log_interval=1, checkpoint_interval=args.epochs + 1
+    )
+
+    def dataset(path: Path) -> dict:
+        targets = {"energy": {"key": "energy", "unit": "eV", "forces": {"key": "forces"}}}
+        if args.stress:
+            targets["energy"]["stress"] = {"key": "stress"}
+        return {"systems": {"read_from": str(path), "length_unit": "angstrom"}, "targets": targets}
+
+    return {**options, "training_set": dataset(train), "validation_set": dataset(val)}
 
 
 def epoch_period(times: list[datetime]) -> float | None:

@@ -286,36 +286,36 @@ def measure(
     print(f"  {name}: {shlex.join(started[0][1][:6])} ...", flush=True)
     before = load_average()
     start = time.perf_counter()
-    processes = [
-        subprocess.Popen(
-            command,
-            env=launch_env(launcher, args.threads_per_rank),
-            cwd=run_dir,
-            stdout=(run_dir / "stdout.txt").open("w"),
-            stderr=(run_dir / "stderr.txt").open("w"),
-            text=True,
-        )
-        for run_dir, command in started
-    ]
     results = []
-    for process, (run_dir, command) in zip(processes, started):
-        try:
-            code = process.wait(timeout=max(1.0, args.timeout - (time.perf_counter() - start)))
-        except subprocess.TimeoutExpired:
-            for other in processes:
-                other.kill()
-            raise BenchmarkError(
-                f"{name}: no result after {args.timeout:.0f} s (--timeout); output so far "
-                f"in {run_dir / 'stderr.txt'}"
-            ) from None
-        out = run_dir / "result.json"
-        if code != 0 or not out.exists():
-            stderr = (run_dir / "stderr.txt").read_text()
-            raise BenchmarkError(
-                f"{name}: the launch exited with status {code} (command: "
-                f"{shlex.join(command)}); its output ends with:\n{stderr[-3000:]}"
+    with contextlib.ExitStack() as stack:
+        processes = []
+        for run_dir, command in started:
+            process = subprocess.Popen(
+                command,
+                env=launch_env(launcher, args.threads_per_rank),
+                cwd=run_dir,
+                stdout=stack.enter_context((run_dir / "stdout.txt").open("w")),
+                stderr=stack.enter_context((run_dir / "stderr.txt").open("w")),
             )
-        results.append(json.loads(out.read_text()))
+            processes.append(process)
+            # a failed or timed-out copy stops the others too
+            stack.callback(lambda p=process: p.poll() is None and p.kill())
+        for process, (run_dir, command) in zip(processes, started):
+            try:
+                code = process.wait(timeout=max(1.0, args.timeout - (time.perf_counter() - start)))
+            except subprocess.TimeoutExpired:
+                raise BenchmarkError(
+                    f"{name}: no result after {args.timeout:.0f} s (--timeout); output so far "
+                    f"in {run_dir / 'stderr.txt'}"
+                ) from None
+            out = run_dir / "result.json"
+            if code != 0 or not out.exists():
+                stderr = (run_dir / "stderr.txt").read_text()
+                raise BenchmarkError(
+                    f"{name}: the launch exited with status {code} (command: "
+                    f"{shlex.join(command)}); its output ends with:\n{stderr[-3000:]}"
+                )
+            results.append(json.loads(out.read_text()))
     wall = time.perf_counter() - start
     data = results[0] if copies == 1 else combine_copies(results)
     data.update(

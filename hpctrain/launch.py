@@ -377,14 +377,7 @@ def all_gather_object(obj: Any) -> list[Any]:
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks, in place (CPU tensors work with NCCL too)."""
-    if is_distributed():
-        if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
-            on_gpu = tensor.to(torch.device("cuda", torch.cuda.current_device()))
-            dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
-            tensor.copy_(on_gpu)
-        else:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
+    return start_all_reduce_sum(tensor).wait()
 
 
 class PendingSum:
@@ -407,13 +400,14 @@ class PendingSum:
 def start_all_reduce_sum(tensor: torch.Tensor) -> PendingSum:
     """Start summing ``tensor`` over ranks, in place, and return at once: the work
     between this and :meth:`PendingSum.wait` overlaps the communication. Every rank
-    must start its collectives in the same order."""
+    must start its collectives in the same order. CPU tensors work with NCCL too
+    (staged through the GPU)."""
     if not is_distributed():
         return PendingSum(tensor)
     if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
         staged = tensor.to(torch.device("cuda", torch.cuda.current_device()))
         return PendingSum(tensor, dist.all_reduce(staged, async_op=True), staged)
-    return PendingSum(tensor, dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True))
+    return PendingSum(tensor, dist.all_reduce(tensor, async_op=True))
 
 
 def barrier() -> None:
