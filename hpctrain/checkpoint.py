@@ -93,6 +93,11 @@ def _atomic_write(path: Path, write: Callable[[Any], None], sync_dir: bool = Tru
         _fsync_dir(path.parent)
 
 
+def write_text_atomically(path: Union[str, Path], text: str) -> None:
+    """``path`` holds ``text`` whole or keeps what it had (a run's small result files)."""
+    _atomic_write(Path(path), lambda file: file.write(text.encode()))
+
+
 def _sync(directory: Path, files: list[Path]) -> None:
     """fsync ``files``, then ``directory`` (their names)."""
     for path in files:

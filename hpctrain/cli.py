@@ -408,7 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser().print_help()
         return 2
-    from .flow import main_guard, train
+    if args.command == "train":
+        return run_train(args)
+    from .flow import main_guard
 
     if args.command == "convert":
         return main_guard(run_convert, args)
@@ -426,12 +428,27 @@ def main(argv: list[str] | None = None) -> int:
         from .export_command import run_export
 
         return main_guard(run_export, args)
-    if args.command == "plot":
-        return main_guard(run_plot, args)
-    return main_guard(
-        train,
-        args.options,
-        output_dir=args.output_dir,
-        continue_from=args.continue_from,
-        requeue=args.requeue_on_signal,
-    )
+    return main_guard(run_plot, args)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """``hpctrain train``, with the stop-signal handlers held from before the heavy
+    imports to the end of the run (:mod:`hpctrain.signals`)."""
+    from .errors import Preempted
+    from .signals import StopRequest
+
+    with StopRequest() as stop:
+        try:
+            with stop.immediately("while starting: nothing was saved, nothing is lost"):
+                from .flow import main_guard, train
+        except Preempted as stopped:
+            print(f"hpctrain: {stopped}", file=sys.stderr)
+            return stopped.exit_code
+        return main_guard(
+            train,
+            args.options,
+            output_dir=args.output_dir,
+            continue_from=args.continue_from,
+            requeue=args.requeue_on_signal,
+            stop=stop,
+        )

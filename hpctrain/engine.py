@@ -377,7 +377,12 @@ class Engine:
             f"training: {hp.num_epochs} epochs of {self.steps_per_epoch} steps, global batch "
             f"{hp.batch_size} on {ctx.world_size} rank(s)"
         )
-        if self.progress.step:
+        if self.progress.epoch >= hp.num_epochs:
+            self.log.info(
+                f"training already ended at step {self.progress.step} (epoch "
+                f"{self.progress.epoch}): nothing left to train"
+            )
+        elif self.progress.step:
             within = (
                 f"{self.sampler.consumed} structures of it done"
                 if self.sampler.epoch == self.progress.epoch and self.sampler.consumed

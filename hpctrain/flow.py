@@ -6,8 +6,10 @@ rank 0 alone writes files and exports.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
+import os
 import random
 import socket
 import sys
@@ -24,7 +26,7 @@ from .architecture import Architecture, DatasetInfo, choose_device_type, choose_
 from .data import AtomisticDataset, read_dataset, split_indices
 from .errors import CheckpointError, DataError, OptionsError, Preempted
 from .evaluation import evaluate_model
-from .options import Options, load_options, write_resolved
+from .options import Options, SlurmOptions, load_options, write_resolved
 from .report import (
     best_and_final,
     block,
@@ -144,91 +146,147 @@ def prepare(
     return options, architecture, dtype, device_type
 
 
+BEFORE_TRAINING = "before training began: nothing was saved, nothing is lost"
+
+
 def train(
     options_path: str | Path,
     output_dir: str | Path | None = None,
     continue_from: str | None = None,
     requeue: bool = False,
     max_requeues: int | None = None,
+    stop: StopRequest | None = None,
 ) -> Path:
     """Run the whole flow; returns the run directory (on every rank).
+
+    Stop signals are handled from start to end (see :mod:`hpctrain.signals`): before
+    training they end the run at once, during training at the next step with a
+    checkpoint, after training once the final checkpoint is written. Each ends with
+    :class:`Preempted` (exit code 75) and, when asked, a requeue of the SLURM job.
 
     :param requeue: requeue the SLURM job after a stop signal (overrides
         ``checkpoint.requeue``), at most ``max_requeues`` times in all (overrides
         ``slurm.max_requeues``)
+    :param stop: the handlers already installed by the caller (else installed here)
     """
-    started = time.perf_counter()
     progress.TOTALS.reset()
-    source = str(options_path)
-    options, architecture, dtype, device_type = prepare(options_path, continue_from)
-    if requeue:
-        options.checkpoint.requeue = True
-    if max_requeues is not None:
-        options.slurm.max_requeues = max_requeues
     env = launch.detect()
-    device = launch.device_for(env, device_type)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    torch.set_num_threads(launch.threads_per_rank(env, options.distributed.threads_per_rank))
-    backend = launch.backend_for(device_type, options.distributed.backend)
-
-    with launch.ProcessGroup(env, backend, options.distributed.timeout_s):
-        run_dir = None
-        if env.is_main:
-            run_dir = Path(output_dir) if output_dir else new_run_dir()
-            run_dir.mkdir(parents=True, exist_ok=True)
-        run_dir = Path(launch.broadcast_object(str(run_dir) if run_dir else None)).resolve()
-        log = setup_logging(env.rank, run_dir / "train.log" if env.is_main else None)
-        resume = resolve_continue(options.continue_from, run_dir, bool(output_dir))
-        resume = launch.broadcast_object(resume)
-        options.seed = choose_seed(options.seed, resume)
-        run.set_current(
-            run.RunContext(
-                rank=env.rank,
-                world_size=env.world_size,
-                seed=options.seed,
-                run_dir=run_dir,
-                checkpoint=options.checkpoint,
-                logging=options.logging,
-                resume_from=Path(resume) if resume else None,
+    requeue_limit = SlurmOptions().max_requeues if max_requeues is None else max_requeues
+    with contextlib.nullcontext(stop) if stop else StopRequest() as stop:
+        try:
+            with stop.immediately(BEFORE_TRAINING):
+                options, architecture, dtype, device_type = prepare(options_path, continue_from)
+            requeue = requeue or options.checkpoint.requeue
+            if max_requeues is None:
+                requeue_limit = options.slurm.max_requeues
+            return run_training(
+                options, architecture, dtype, device_type, env, stop, output_dir, str(options_path)
             )
-        )
-        seed_everything(options.seed)
-        resolved = run_dir / "options.resolved.yaml"
-        if env.is_main:
-            write_resolved(options, resolved)
+        except Preempted:
+            if requeue and env.is_main:
+                launch.requeue_slurm_job(env, requeue_limit)
+            raise
 
-        train_sets, val_sets, test_sets = load_datasets(options, dtype, source)
-        info = dataset_info_of(train_sets)
-        _check_supported(architecture, info)
-        devices = launch.all_gather_object((socket.gethostname(), describe_device(device)))
-        sizes = [sum(map(len, sets)) for sets in (train_sets, val_sets, test_sets)]
-        log.info(banner(architecture.name, env, backend, devices, dtype, info, sizes, run_dir))
 
-        model, trainer = build(architecture, info, resume)
-        with StopRequest() as stop:
-            run.current().stop = stop
-            try:
-                trainer.train(
-                    model=model,
-                    devices=[device],
-                    train_datasets=train_sets,
-                    val_datasets=val_sets,
-                    checkpoint_dir=str(run_dir),
+def run_training(
+    options: Options,
+    architecture: Architecture,
+    dtype: torch.dtype,
+    device_type: str,
+    env: launch.LaunchEnv,
+    stop: StopRequest,
+    output_dir: str | Path | None,
+    source: str,
+) -> Path:
+    """Launch, load, build, train, then finish (:func:`finish`); see :func:`train`."""
+    started = time.perf_counter()
+    with stop.immediately(BEFORE_TRAINING):
+        device = launch.device_for(env, device_type)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.set_num_threads(launch.threads_per_rank(env, options.distributed.threads_per_rank))
+        backend = launch.backend_for(device_type, options.distributed.backend)
+    with launch.ProcessGroup(env, backend, options.distributed.timeout_s):
+        with stop.immediately(BEFORE_TRAINING):
+            run_dir = start_run_dir(env, output_dir)
+            log = setup_logging(env.rank, run_dir / "train.log" if env.is_main else None)
+            resume = resolve_continue(options.continue_from, run_dir, bool(output_dir))
+            resume = launch.broadcast_object(resume)
+            options.seed = choose_seed(options.seed, resume)
+            run.set_current(
+                run.RunContext(
+                    rank=env.rank,
+                    world_size=env.world_size,
+                    seed=options.seed,
+                    run_dir=run_dir,
+                    checkpoint=options.checkpoint,
+                    logging=options.logging,
+                    stop=stop,
+                    resume_from=Path(resume) if resume else None,
                 )
-            except Preempted:
-                if options.checkpoint.requeue and env.is_main:
-                    launch.requeue_slurm_job(env, options.slurm.max_requeues)
-                raise
-        if test_sets:
-            report_test_metrics(model, info, test_sets, device, run_dir, env.is_main)
-        if env.is_main:
-            save_final_checkpoint(trainer, model, run_dir / "model.ckpt")
-            export_model(model, run_dir)
-        launch.barrier()
+            )
+            seed_everything(options.seed)
+            if env.is_main:
+                write_resolved(options, run_dir / "options.resolved.yaml")
+            train_sets, val_sets, test_sets = load_datasets(options, dtype, source)
+            info = dataset_info_of(train_sets)
+            _check_supported(architecture, info)
+            devices = launch.all_gather_object((socket.gethostname(), describe_device(device)))
+            sizes = [sum(map(len, sets)) for sets in (train_sets, val_sets, test_sets)]
+            log.info(banner(architecture.name, env, backend, devices, dtype, info, sizes, run_dir))
+            model, trainer = build(architecture, info, resume)
+        trainer.train(
+            model=model,
+            devices=[device],
+            train_datasets=train_sets,
+            val_datasets=val_sets,
+            checkpoint_dir=str(run_dir),
+        )
+        finish(trainer, model, info, test_sets, device, run_dir, env, stop)
         if env.is_main:
             log.info(summary(run_dir, time.perf_counter() - started))
     return run_dir
+
+
+def start_run_dir(env: launch.LaunchEnv, output_dir: str | Path | None) -> Path:
+    """The run directory, made by rank 0 and shared with every rank."""
+    run_dir = None
+    if env.is_main:
+        run_dir = Path(output_dir) if output_dir else new_run_dir()
+        run_dir.mkdir(parents=True, exist_ok=True)
+    return Path(launch.broadcast_object(str(run_dir) if run_dir else None)).resolve()
+
+
+def finish(
+    trainer: Any,
+    model: Any,
+    info: DatasetInfo,
+    test_sets: list[AtomisticDataset],
+    device: torch.device,
+    run_dir: Path,
+    env: launch.LaunchEnv,
+    stop: StopRequest,
+) -> None:
+    """After the last step: the final checkpoint first (a stop signal waits for it),
+    then, unless a rank was asked to stop, the export and the test metrics, which a
+    stop signal interrupts at once (the next job with ``--continue auto`` resumes
+    after the last step and only does these)."""
+    final = run_dir / "model.ckpt"
+    if env.is_main:
+        save_final_checkpoint(trainer, model, final)
+    received = sorted({name for name in launch.all_gather_object(stop.received) if name})
+    left = (
+        f"the final checkpoint {final} is written; continue with --continue auto and the "
+        "same --output-dir to export the model and compute the test metrics"
+    )
+    if received:
+        raise Preempted(f"stopped by {' and '.join(received)} after training ended: {left}")
+    with stop.immediately(f"while exporting the model or computing test metrics: {left}"):
+        if env.is_main:
+            export_model(model, run_dir)
+        if test_sets:
+            report_test_metrics(model, info, test_sets, device, run_dir, env.is_main)
+        launch.barrier()
 
 
 def describe_device(device: torch.device) -> str:
@@ -391,7 +449,9 @@ def report_test_metrics(
     metrics = evaluate_model(model, info.targets, test_sets, device)
     log.info("test set: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if "RMSE" in k))
     if is_main:
-        (run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        checkpoint.write_text_atomically(
+            run_dir / "test_metrics.json", json.dumps(metrics, indent=2) + "\n"
+        )
 
 
 def save_final_checkpoint(trainer: Any, model: Any, path: Path) -> None:
@@ -409,7 +469,13 @@ def export_model(model: Any, run_dir: Path, metadata: Any = None, name: str = "m
 
     path = run_dir / name
     atomistic = model.export() if metadata is None else with_metadata(model, metadata)
-    atomistic.save(str(path), collect_extensions=str(run_dir / "extensions"))
+    # under a temporary name first: an interrupted export leaves no partial model
+    partial = run_dir / f".{name}.partial"
+    try:
+        atomistic.save(str(partial), collect_extensions=str(run_dir / "extensions"))
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path
 
 

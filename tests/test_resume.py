@@ -1,4 +1,8 @@
-"""A stopped, killed or diverged run: real processes, real signals."""
+"""A stopped, killed or diverged run: real processes, real signals.
+
+Runs pause at a step the test chooses (``tests/hooks``) and the signal or kill is sent
+there, so that each test stops its run at a known step on a fast or a slow machine.
+"""
 
 import json
 import os
@@ -6,13 +10,12 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import BIN, EXAMPLE_XYZ, clean_env, run
+from conftest import BIN, EXAMPLE_XYZ, clean_env, paused_env, release, run, wait_until_paused
 
 from hpctrain import checkpoint
 
@@ -71,24 +74,6 @@ def start(workdir, output, *extra, launcher=(), program=("-m", "hpctrain"), env=
     )
 
 
-def rank_pids(proc, output) -> list[int]:
-    """The ranks that ``mpiexec`` (``proc``) started for the run writing to ``output``."""
-    found = subprocess.run(
-        ["pgrep", "-f", f"options.yaml -o {output}"], capture_output=True, text=True
-    ).stdout.split()
-    return [int(pid) for pid in found if int(pid) != proc.pid]
-
-
-def wait_for_checkpoint(root, minimum_step=1, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        steps = checkpoint.committed_steps(root)
-        if steps and steps[-1][0] >= minimum_step:
-            return steps[-1][0]
-        time.sleep(0.05)
-    raise AssertionError(f"no checkpoint appeared in {root}")
-
-
 def assert_same_weights(run_dir, expected):
     final = torch.load(run_dir / "model.ckpt", weights_only=False)["model_state"]
     for key, value in expected.items():
@@ -96,14 +81,14 @@ def assert_same_weights(run_dir, expected):
 
 
 def test_sigusr1_checkpoints_exits_75_and_resumes_bitwise(workdir, uninterrupted):
-    proc = start(workdir, "signalled")
-    wait_for_checkpoint(workdir / "signalled" / "checkpoints", 4)
+    pauses = workdir / "pauses-signalled"
+    proc = start(workdir, "signalled", env=paused_env(pauses, 4))
+    wait_until_paused(pauses, 4, proc=proc)
     proc.send_signal(signal.SIGUSR1)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err
-    assert "stopped by SIGUSR1" in err and "continue_from: auto" in err
-    stopped_at = checkpoint.committed_steps(workdir / "signalled" / "checkpoints")[-1][0]
-    assert 4 <= stopped_at < 120  # mid-training
+    assert "stopped by SIGUSR1 at step 5;" in err and "continue_from: auto" in err
+    assert checkpoint.committed_steps(workdir / "signalled" / "checkpoints")[-1][0] == 5
     result = run(
         [sys.executable, "-m", "hpctrain", "options.yaml", "-o", "signalled"]
         + ["--continue", "auto"],
@@ -113,6 +98,7 @@ def test_sigusr1_checkpoints_exits_75_and_resumes_bitwise(workdir, uninterrupted
     assert f"newest committed checkpoint is {workdir / 'signalled' / 'checkpoints'}" in (
         result.stdout
     )
+    assert "resuming at step 5 " in result.stdout
     assert_same_weights(workdir / "signalled", uninterrupted)
     rows = (workdir / "signalled" / "metrics.csv").read_text().splitlines()
     epochs = [row.split(",")[0] for row in rows]
@@ -120,18 +106,23 @@ def test_sigusr1_checkpoints_exits_75_and_resumes_bitwise(workdir, uninterrupted
 
 
 def test_sigkill_resumes_from_the_last_committed_checkpoint(workdir, uninterrupted):
-    proc = start(workdir, "killed")
-    step = wait_for_checkpoint(workdir / "killed" / "checkpoints", 8)
+    pauses = workdir / "pauses-killed"
+    proc = start(workdir, "killed", env=paused_env(pauses, 12))
+    wait_until_paused(pauses, 12, proc=proc)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert not (workdir / "killed" / "model.ckpt").exists()
+    # checkpoints at steps 4, 8 and 10 (an epoch's end), each committed at a later step
+    # once its files are on disk: the newest committed is 10, or an older one on a slow disk
+    step = checkpoint.committed_steps(workdir / "killed" / "checkpoints")[-1][0]
+    assert step in (4, 8, 10), step
     result = run(
         [sys.executable, "-m", "hpctrain", "options.yaml", "-o", "killed", "--continue", "auto"],
         workdir,
     )
     assert result.returncode == 0, result.stderr
-    assert step >= 8
+    assert f"resuming at step {step} " in result.stdout
     assert_same_weights(workdir / "killed", uninterrupted)
 
 
@@ -146,26 +137,23 @@ def test_auto_with_nothing_to_continue_starts_afresh(workdir, uninterrupted):
 
 
 def test_stopped_on_two_ranks_resumed_on_one(workdir, uninterrupted):
-    proc = start(workdir, "elastic", launcher=(str(BIN / "mpiexec"), "-n", "2"))
-    wait_for_checkpoint(workdir / "elastic" / "checkpoints", 4)
+    pauses = workdir / "pauses-elastic"
+    proc = start(workdir, "elastic", launcher=MPIEXEC_2, env=paused_env(pauses, 4))
+    ranks = wait_until_paused(pauses, 4, ranks=2, proc=proc)
     # the signal reaches one rank; the ranks agree and stop together
-    ranks = subprocess.run(
-        ["pgrep", "-f", "hpctrain options.yaml -o elastic"], capture_output=True, text=True
-    ).stdout.split()
-    ranks = [int(pid) for pid in ranks if int(pid) != proc.pid]
-    assert len(ranks) == 2, ranks
     os.kill(ranks[-1], signal.SIGUSR1)
+    release(pauses, 4)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
-    stopped = checkpoint.committed_steps(workdir / "elastic" / "checkpoints")[-1][0]
+    assert "stopped by SIGUSR1 at step 5;" in err, err[-3000:]
     record = checkpoint.latest(workdir / "elastic" / "checkpoints") / "COMMITTED"
-    assert '"world_size": 2' in record.read_text()
+    assert '"world_size": 2' in record.read_text() and '"step": 5' in record.read_text()
     result = run(
         [sys.executable, "-m", "hpctrain", "options.yaml", "-o", "elastic", "--continue", "auto"],
         workdir,
     )
     assert result.returncode == 0, result.stderr
-    assert stopped < 120
+    assert "resuming at step 5 " in result.stdout
     # the same global batches in the same order: the weights agree up to summation order
     final = torch.load(workdir / "elastic" / "model.ckpt", weights_only=False)["model_state"]
     for key, value in uninterrupted.items():
@@ -180,31 +168,31 @@ def test_stopped_at_a_random_step_resumes_bitwise(
     workdir, uninterrupted, uninterrupted_on_two_ranks, trial
 ):
     """Three runs on one process and two on two MPI ranks, each stopped by a signal
-    at a random moment (so at a random step, mid-epoch or not), then continued with
-    the same number of ranks: the final weights equal the uninterrupted run's."""
+    at a random step (mid-epoch or at an epoch's end), then continued with the same
+    number of ranks: the final weights equal the uninterrupted run's."""
     rng = random.Random(trial)
     ranks = 1 if trial < 3 else 2
     launcher = MPIEXEC_2 if ranks == 2 else ()
     expected = uninterrupted if ranks == 1 else uninterrupted_on_two_ranks
     output, sig = f"random-{trial}", SIGNALS[trial % 3]
-    proc = start(workdir, output, launcher=launcher)
-    wait_for_checkpoint(workdir / output / "checkpoints", 1)
-    time.sleep(rng.uniform(0.0, 2.0))
-    target = proc.pid if ranks == 1 else rng.choice(rank_pids(proc, output))
-    os.kill(target, sig)
+    pause_at = rng.randint(1, 118)  # 12 epochs of 10 steps: the run stops at the next step
+    pauses = workdir / f"pauses-{output}"
+    proc = start(workdir, output, launcher=launcher, env=paused_env(pauses, pause_at))
+    pids = wait_until_paused(pauses, pause_at, ranks=ranks, proc=proc)
+    os.kill(rng.choice(pids), sig)
+    release(pauses, pause_at)
     out, err = proc.communicate(timeout=300)
-    assert f"stopped by {sig.name}" in err, err[-3000:]
+    assert f"stopped by {sig.name} at step {pause_at + 1};" in err, err[-3000:]
     if ranks == 1:
         assert proc.returncode == 75
-    stopped = checkpoint.committed_steps(workdir / output / "checkpoints")[-1][0]
-    assert 1 <= stopped < 120, stopped  # 12 epochs of 10 steps: stopped during training
+    assert checkpoint.committed_steps(workdir / output / "checkpoints")[-1][0] == pause_at + 1
     result = run(
         [*launcher, sys.executable, "-m", "hpctrain", "options.yaml", "-o", output]
         + ["--continue", "auto"],
         workdir,
     )
     assert result.returncode == 0, result.stderr
-    assert f"resuming at step {stopped} " in result.stdout
+    assert f"resuming at step {pause_at + 1} " in result.stdout
     assert_same_weights(workdir / output, expected)
 
 
@@ -221,27 +209,26 @@ def traced_epochs(trace_dir: Path) -> dict[int, Counter]:
 def test_elastic_two_ranks_then_one_then_two_trains_each_structure_once_per_epoch(workdir):
     trace = workdir / "elastic-trace"
     trace.mkdir()
-    env = clean_env(SAMPLE_TRACE_DIR=str(trace))
+    pauses = workdir / "pauses-elastic-212"
+    env = paused_env(pauses, 15, 28, SAMPLE_TRACE_DIR=str(trace))
     traced = (str(DRIVERS / "sample_trace.py"),)
     output = "elastic-212"
     checkpoints = workdir / output / "checkpoints"
-    stops = []
-    for launcher, minimum_step in ((MPIEXEC_2, 15), ((), 0)):
+    # stopped on two ranks mid-epoch (after step 16), then on one (after step 29)
+    for launcher, ranks, pause_at in ((MPIEXEC_2, 2, 15), ((), 1, 28)):
         proc = start(
             workdir, output, "--continue", "auto", launcher=launcher, program=traced, env=env
         )
-        newest = checkpoint.committed_steps(checkpoints)
-        wait_for_checkpoint(checkpoints, max(minimum_step, newest[-1][0] + 12 if newest else 0))
-        target = rank_pids(proc, output)[-1] if launcher else proc.pid
-        os.kill(target, signal.SIGUSR1)
+        pids = wait_until_paused(pauses, pause_at, ranks=ranks, proc=proc)
+        os.kill(pids[-1], signal.SIGUSR1)
+        release(pauses, pause_at)
         out, err = proc.communicate(timeout=300)
-        assert "stopped by SIGUSR1" in err, err[-3000:]
-        stops.append(checkpoint.committed_steps(checkpoints)[-1][0])
-    assert any(step % 10 for step in stops), stops  # an epoch split between world sizes
+        assert f"stopped by SIGUSR1 at step {pause_at + 1};" in err, err[-3000:]
+        assert checkpoint.committed_steps(checkpoints)[-1][0] == pause_at + 1
     last = start(workdir, output, "--continue", "auto", launcher=MPIEXEC_2, program=traced, env=env)
     out, err = last.communicate(timeout=300)
     assert last.returncode == 0, err[-3000:]
-    assert f"resuming at step {stops[-1]} " in out
+    assert "resuming at step 29 " in out
     n_train = 80  # 100 structures, 10 % validation, 10 % test
     seen = traced_epochs(trace)
     assert sorted(seen) == list(range(12))
