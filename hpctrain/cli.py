@@ -6,8 +6,8 @@
 Exit codes: 0 done; 2 a problem with the options, data, architecture or
 checkpoint (the message says which); 3 this rank lost contact with another rank
 (which died, was killed or hangs); 4 the loss became NaN or infinite; 75 stopped by
-SIGUSR1/SIGUSR2/SIGTERM after a checkpoint (resume with --continue auto); 1 an
-unexpected error (a traceback follows).
+SIGUSR1/SIGUSR2/SIGTERM, after a checkpoint when there was something to save (resume
+with --continue auto); 1 an unexpected error (a traceback follows).
 """
 
 from __future__ import annotations
@@ -443,6 +443,13 @@ def run_train(args: argparse.Namespace) -> int:
                 from .flow import main_guard, train
         except Preempted as stopped:
             print(f"hpctrain: {stopped}", file=sys.stderr)
+            if args.requeue_on_signal:
+                from . import launch
+                from .options import SlurmOptions
+
+                env = launch.detect()
+                if env.is_main:
+                    launch.requeue_slurm_job(env, SlurmOptions().max_requeues)
             return stopped.exit_code
         return main_guard(
             train,

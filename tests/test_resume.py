@@ -235,3 +235,53 @@ def test_elastic_two_ranks_then_one_then_two_trains_each_structure_once_per_epoc
     for epoch, counts in seen.items():
         assert sorted(counts) == list(range(n_train)), f"epoch {epoch}: not every structure"
         assert set(counts.values()) == {1}, f"epoch {epoch}: some structures trained twice"
+
+
+@pytest.mark.parametrize(
+    "point, sig, ranks",
+    [
+        ("load", signal.SIGTERM, 1),
+        ("last-validation", signal.SIGUSR2, 1),
+        ("last-validation", signal.SIGTERM, 2),
+        ("export", signal.SIGUSR1, 1),
+    ],
+)
+def test_a_stop_signal_outside_training_exits_75_and_auto_completes_the_run(
+    workdir, uninterrupted, uninterrupted_on_two_ranks, point, sig, ranks
+):
+    """While the data loads: the run ends at once, nothing to save. During the last
+    validation: training ends, the final checkpoint is written, then the run stops.
+    During the export: the export is abandoned, the final checkpoint stays. Each time
+    ``--continue auto`` completes the run directory with the uninterrupted weights."""
+    output = f"outside-{point}-{ranks}"
+    run_dir, pauses = workdir / output, workdir / f"pauses-{output}"
+    launcher = MPIEXEC_2 if ranks == 2 else ()
+    proc = start(workdir, output, launcher=launcher, env=paused_env(pauses, point))
+    pids = wait_until_paused(pauses, point, ranks=ranks, proc=proc)
+    os.kill(pids[-1], sig)  # one rank only: the ranks agree
+    release(pauses, point)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75 if ranks == 1 else proc.returncode != 0, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    if point == "load":
+        assert f"stopped by {sig.name} before training began" in err, err[-3000:]
+        assert not (run_dir / "checkpoints").exists() and not (run_dir / "model.ckpt").exists()
+    else:
+        expected = "after training ended" if point == "last-validation" else "while exporting"
+        assert f"stopped by {sig.name} {expected}" in err, err[-3000:]
+        assert f"the final checkpoint {run_dir / 'model.ckpt'} is written" in err
+        assert (run_dir / "model.ckpt").exists() and not (run_dir / "model.pt").exists()
+        assert not list(run_dir.glob(".model.pt*"))
+    result = run(
+        [*launcher, sys.executable, "-m", "hpctrain", "options.yaml", "-o", output]
+        + ["--continue", "auto"],
+        workdir,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    if point != "load":
+        assert "training already ended at step 120 (epoch 12)" in result.stdout
+    for name in ("model.ckpt", "model.pt", "test_metrics.json", "options.resolved.yaml"):
+        assert (run_dir / name).exists(), name
+    rows = (run_dir / "metrics.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in rows[1:]] == [str(e) for e in range(1, 13)]
+    assert_same_weights(run_dir, uninterrupted if ranks == 1 else uninterrupted_on_two_ranks)

@@ -14,7 +14,7 @@ import time
 
 import pytest
 import torch
-from conftest import BIN, EXAMPLE_XYZ, ROOT, run
+from conftest import BIN, EXAMPLE_XYZ, ROOT, clean_env, paused_env, release, run
 
 from hpctrain import checkpoint
 from hpctrain.errors import OptionsError
@@ -84,8 +84,7 @@ test_set: 0.1
 checkpoint: {every_n_steps: 5, keep_last: 2}
 slurm: {nodes: 2, tasks_per_node: 1, cpus_per_task: 1, time: "TIME"}
 """
-LONG = 240  # epochs: over a minute of training on two ranks of a quiet 2-core machine,
-# so that the one-minute time limit of the preemption test always cuts a run
+LONG = 30  # epochs; the runs that a test interrupts pause at chosen steps (tests/hooks)
 
 
 def slurm_available() -> bool:
@@ -114,10 +113,14 @@ def options(workdir, name, epochs, time_limit="00:10:00"):
     return path
 
 
-def submit(workdir, options_path, run_dir, *extra):
-    return run(
+def submit(workdir, options_path, run_dir, *extra, env=None):
+    """``hpctrain submit``; the job gets the environment ``env`` (default: clean)."""
+    return subprocess.run(
         [str(BIN / "hpctrain"), "submit", str(options_path), "--output-dir", str(run_dir), *extra],
-        workdir,
+        cwd=workdir,
+        env=env or clean_env(),
+        capture_output=True,
+        text=True,
         timeout=900,
     )
 
@@ -198,9 +201,12 @@ def test_two_nodes_train_and_export_a_model_ase_can_run(workdir, tmp_path):
 @pytest.mark.slow
 @needs_slurm
 def test_preemption_and_time_limit_requeue_and_end_with_the_same_weights(workdir, reference):
-    run_dir = workdir / "interrupted"
-    job = job_id(submit(workdir, options(workdir, "interrupted", LONG, "00:01:00"), run_dir))
-    wait_for(lambda: newest_step(run_dir) >= 5, what="a first checkpoint")
+    """The first job is preempted while it pauses after step 5; the requeued one pauses
+    after step 20 until the one-minute time limit's signal comes; the third finishes."""
+    run_dir, pauses = workdir / "interrupted", workdir / "pauses-interrupted"
+    path = options(workdir, "interrupted", LONG, "00:01:00")
+    job = job_id(submit(workdir, path, run_dir, env=paused_env(pauses, 5, 20)))
+    wait_for(lambda: paused(pauses, 5, ranks=2), what="the job to pause after step 5")
     # a job of the higher-priority partition that needs every core preempts ours
     cpus = os.cpu_count()
     high = subprocess.run(
@@ -215,7 +221,9 @@ def test_preemption_and_time_limit_requeue_and_end_with_the_same_weights(workdir
     log = (run_dir / "train.log").read_text()
     # started, preempted, cut by the time limit: three starts, two continuations
     assert log.count("continue_from auto: newest committed checkpoint") >= 2, log
-    assert "stop requested at step" in log  # the ranks checkpointed on the signal
+    # the ranks checkpointed on each signal
+    assert "stop requested at step 6" in log and "stop requested at step 21" in log, log
+    assert "resuming at step 6 " in log and "resuming at step 21 " in log, log
     assert_same_weights(run_dir, reference)
 
 
@@ -223,32 +231,29 @@ def test_preemption_and_time_limit_requeue_and_end_with_the_same_weights(workdir
 @needs_slurm
 def test_external_requeue_and_a_killed_task_continue_from_the_last_checkpoint(workdir, reference):
     path = options(workdir, "requeued", LONG)
-    run_dir = workdir / "requeued"
-    job = job_id(submit(workdir, path, run_dir))
-    wait_for(lambda: newest_step(run_dir) >= 5, what="a first checkpoint")
-    subprocess.run(["scontrol", "requeue", job], check=True)
-    wait_for(
-        lambda: (run_dir / "train.log").read_text().count("newest committed checkpoint") >= 1,
-        what="the requeued job to continue",
-    )
-    before = newest_step(run_dir)
-    wait_for(lambda: newest_step(run_dir) > before, what="a checkpoint after the requeue")
+    run_dir, pauses = workdir / "requeued", workdir / "pauses-requeued"
+    job = job_id(submit(workdir, path, run_dir, env=paused_env(pauses, 5, 15)))
+    wait_for(lambda: paused(pauses, 5, ranks=2), what="the job to pause after step 5")
+    subprocess.run(["scontrol", "requeue", job], check=True)  # SIGTERM to every task
+    wait_for(lambda: paused(pauses, 15, ranks=2), what="the requeued job to pause after step 15")
+    log = (run_dir / "train.log").read_text()
+    assert "resuming at step 6 " in log, log
     # SIGKILL one task: the job fails (SLURM does not requeue a failure) ...
-    ranks = subprocess.run(
-        ["pgrep", "-f", f"submitit.core._submit {run_dir / 'slurm'}"],
-        capture_output=True,
-        text=True,
-    ).stdout.split()
-    assert ranks
-    os.kill(int(ranks[-1]), signal.SIGKILL)
+    os.kill(int((pauses / "paused-15-rank-1").read_text()), signal.SIGKILL)
+    release(pauses, 15)  # rank 0 goes on into a step whose all-reduce finds no peer
     wait_for(lambda: job_state(job) in {"FAILED", "CANCELLED", "COMPLETED"}, what="the end")
     assert not (run_dir / "model.pt").exists()
     # ... and submitting again continues from the last committed checkpoint
-    again = submit(workdir, path, run_dir, "--wait")
+    again = submit(workdir, path, run_dir, "--wait", env=paused_env(pauses))
     assert again.returncode == 0, again.stdout + again.stderr
     log = (run_dir / "train.log").read_text()
     assert log.count("newest committed checkpoint") >= 2
     assert_same_weights(run_dir, reference)
+
+
+def paused(pauses, point, ranks) -> bool:
+    """Whether ``ranks`` ranks pause at ``point`` (see ``tests/hooks``)."""
+    return all((pauses / f"paused-{point}-rank-{rank}").exists() for rank in range(ranks))
 
 
 @pytest.mark.slow

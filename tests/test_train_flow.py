@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import BIN, EXAMPLE_XYZ, clean_env, run
+from conftest import BIN, EXAMPLE_XYZ, paused_env, release, run, wait_until_paused
 
 from hpctrain.testing import evaluate_exported, predict_in_memory
 
@@ -187,16 +187,17 @@ def test_an_error_after_the_run_directory_exists_is_also_in_train_log(workdir):
 
 def test_a_killed_rank_does_not_leave_the_other_hanging(workdir):
     """Two ranks without a supervising launcher; rank 1 is SIGKILLed mid-training."""
-    slow = OPTIONS.replace("num_epochs: 2", "num_epochs: 200")
-    (workdir / "long.yaml").write_text(slow)
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    pauses = workdir / "pauses-killed"
     procs = []
     for rank in range(2):
-        env = clean_env(
+        env = paused_env(
+            pauses,
+            12,
             RANK=str(rank),
             WORLD_SIZE="2",
             LOCAL_RANK=str(rank),
@@ -206,7 +207,7 @@ def test_a_killed_rank_does_not_leave_the_other_hanging(workdir):
         )
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "hpctrain", "long.yaml", "-o", "killed"],
+                [sys.executable, "-m", "hpctrain", "options.yaml", "-o", "killed"],
                 cwd=workdir,
                 env=env,
                 stdout=subprocess.PIPE,
@@ -215,13 +216,11 @@ def test_a_killed_rank_does_not_leave_the_other_hanging(workdir):
             )
         )
     try:
-        deadline = time.monotonic() + 120
-        log = workdir / "killed" / "metrics.csv"
-        while not log.exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert log.exists(), "training did not start"
+        wait_until_paused(pauses, 12, ranks=2, proc=procs[0])
         procs[1].send_signal(signal.SIGKILL)
+        procs[1].wait(timeout=60)
         killed_at = time.monotonic()
+        release(pauses, 12)  # rank 0 goes on into step 13, whose all-reduce finds no peer
         out, err = procs[0].communicate(timeout=90)
         elapsed = time.monotonic() - killed_at
     finally:
