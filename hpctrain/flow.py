@@ -176,9 +176,11 @@ def train(
         try:
             with stop.immediately(BEFORE_TRAINING):
                 options, architecture, dtype, device_type = prepare(options_path, continue_from)
-            requeue = requeue or options.checkpoint.requeue
-            if max_requeues is None:
-                requeue_limit = options.slurm.max_requeues
+            if requeue:
+                options.checkpoint.requeue = True
+            if max_requeues is not None:
+                options.slurm.max_requeues = max_requeues
+            requeue, requeue_limit = options.checkpoint.requeue, options.slurm.max_requeues
             return run_training(
                 options, architecture, dtype, device_type, env, stop, output_dir, str(options_path)
             )

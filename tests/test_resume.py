@@ -64,13 +64,23 @@ def uninterrupted_on_two_ranks(workdir):
 
 
 def start(workdir, output, *extra, launcher=(), program=("-m", "hpctrain"), env=None):
+    """A run of ``workdir/options.yaml`` into the run directory ``output``."""
     return subprocess.Popen(
-        [*launcher, sys.executable, *program, "options.yaml", "-o", output, *extra],
+        [*launcher, sys.executable, *program, "options.yaml", "-o", str(output), *extra],
         cwd=workdir,
         env=env or clean_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+    )
+
+
+def continue_auto(workdir, run_dir, launcher=()) -> subprocess.CompletedProcess:
+    """``--continue auto`` in ``run_dir``, to its end."""
+    return run(
+        [*launcher, sys.executable, "-m", "hpctrain", "options.yaml", "-o", str(run_dir)]
+        + ["--continue", "auto"],
+        workdir,
     )
 
 
@@ -80,65 +90,53 @@ def assert_same_weights(run_dir, expected):
         assert torch.equal(final[key], value), key
 
 
-def test_sigusr1_checkpoints_exits_75_and_resumes_bitwise(workdir, uninterrupted):
-    pauses = workdir / "pauses-signalled"
-    proc = start(workdir, "signalled", env=paused_env(pauses, 4))
+def test_sigusr1_checkpoints_exits_75_and_resumes_bitwise(workdir, uninterrupted, tmp_path):
+    run_dir, pauses = tmp_path / "run", tmp_path / "pauses"
+    proc = start(workdir, run_dir, env=paused_env(pauses, 4))
     wait_until_paused(pauses, 4, proc=proc)
     proc.send_signal(signal.SIGUSR1)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, err
     assert "stopped by SIGUSR1 at step 5;" in err and "continue_from: auto" in err
-    assert checkpoint.committed_steps(workdir / "signalled" / "checkpoints")[-1][0] == 5
-    result = run(
-        [sys.executable, "-m", "hpctrain", "options.yaml", "-o", "signalled"]
-        + ["--continue", "auto"],
-        workdir,
-    )
+    assert checkpoint.committed_steps(run_dir / "checkpoints")[-1][0] == 5
+    result = continue_auto(workdir, run_dir)
     assert result.returncode == 0, result.stderr
-    assert f"newest committed checkpoint is {workdir / 'signalled' / 'checkpoints'}" in (
-        result.stdout
-    )
+    assert f"newest committed checkpoint is {run_dir / 'checkpoints'}" in result.stdout
     assert "resuming at step 5 " in result.stdout
-    assert_same_weights(workdir / "signalled", uninterrupted)
-    rows = (workdir / "signalled" / "metrics.csv").read_text().splitlines()
+    assert_same_weights(run_dir, uninterrupted)
+    rows = (run_dir / "metrics.csv").read_text().splitlines()
     epochs = [row.split(",")[0] for row in rows]
     assert epochs[0] == "epoch" and epochs[1:] == [str(e) for e in range(1, 13)]
 
 
-def test_sigkill_resumes_from_the_last_committed_checkpoint(workdir, uninterrupted):
-    pauses = workdir / "pauses-killed"
-    proc = start(workdir, "killed", env=paused_env(pauses, 12))
+def test_sigkill_resumes_from_the_last_committed_checkpoint(workdir, uninterrupted, tmp_path):
+    run_dir, pauses = tmp_path / "run", tmp_path / "pauses"
+    proc = start(workdir, run_dir, env=paused_env(pauses, 12))
     wait_until_paused(pauses, 12, proc=proc)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    assert not (workdir / "killed" / "model.ckpt").exists()
+    assert not (run_dir / "model.ckpt").exists()
     # checkpoints at steps 4, 8 and 10 (an epoch's end), each committed at a later step
     # once its files are on disk: the newest committed is 10, or an older one on a slow disk
-    step = checkpoint.committed_steps(workdir / "killed" / "checkpoints")[-1][0]
+    step = checkpoint.committed_steps(run_dir / "checkpoints")[-1][0]
     assert step in (4, 8, 10), step
-    result = run(
-        [sys.executable, "-m", "hpctrain", "options.yaml", "-o", "killed", "--continue", "auto"],
-        workdir,
-    )
+    result = continue_auto(workdir, run_dir)
     assert result.returncode == 0, result.stderr
     assert f"resuming at step {step} " in result.stdout
-    assert_same_weights(workdir / "killed", uninterrupted)
+    assert_same_weights(run_dir, uninterrupted)
 
 
-def test_auto_with_nothing_to_continue_starts_afresh(workdir, uninterrupted):
-    result = run(
-        [sys.executable, "-m", "hpctrain", "options.yaml", "-o", "fresh", "--continue", "auto"],
-        workdir,
-    )
+def test_auto_with_nothing_to_continue_starts_afresh(workdir, uninterrupted, tmp_path):
+    result = continue_auto(workdir, tmp_path / "run")
     assert result.returncode == 0, result.stderr
     assert "no checkpoint in" in result.stdout
-    assert_same_weights(workdir / "fresh", uninterrupted)
+    assert_same_weights(tmp_path / "run", uninterrupted)
 
 
-def test_stopped_on_two_ranks_resumed_on_one(workdir, uninterrupted):
-    pauses = workdir / "pauses-elastic"
-    proc = start(workdir, "elastic", launcher=MPIEXEC_2, env=paused_env(pauses, 4))
+def test_stopped_on_two_ranks_resumed_on_one(workdir, uninterrupted, tmp_path):
+    run_dir, pauses = tmp_path / "run", tmp_path / "pauses"
+    proc = start(workdir, run_dir, launcher=MPIEXEC_2, env=paused_env(pauses, 4))
     ranks = wait_until_paused(pauses, 4, ranks=2, proc=proc)
     # the signal reaches one rank; the ranks agree and stop together
     os.kill(ranks[-1], signal.SIGUSR1)
@@ -146,16 +144,13 @@ def test_stopped_on_two_ranks_resumed_on_one(workdir, uninterrupted):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert "stopped by SIGUSR1 at step 5;" in err, err[-3000:]
-    record = checkpoint.latest(workdir / "elastic" / "checkpoints") / "COMMITTED"
+    record = checkpoint.latest(run_dir / "checkpoints") / "COMMITTED"
     assert '"world_size": 2' in record.read_text() and '"step": 5' in record.read_text()
-    result = run(
-        [sys.executable, "-m", "hpctrain", "options.yaml", "-o", "elastic", "--continue", "auto"],
-        workdir,
-    )
+    result = continue_auto(workdir, run_dir)
     assert result.returncode == 0, result.stderr
     assert "resuming at step 5 " in result.stdout
     # the same global batches in the same order: the weights agree up to summation order
-    final = torch.load(workdir / "elastic" / "model.ckpt", weights_only=False)["model_state"]
+    final = torch.load(run_dir / "model.ckpt", weights_only=False)["model_state"]
     for key, value in uninterrupted.items():
         torch.testing.assert_close(final[key], value, rtol=1e-7, atol=1e-10)
 
@@ -165,7 +160,7 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 @pytest.mark.parametrize("trial", range(5))
 def test_stopped_at_a_random_step_resumes_bitwise(
-    workdir, uninterrupted, uninterrupted_on_two_ranks, trial
+    workdir, uninterrupted, uninterrupted_on_two_ranks, tmp_path, trial
 ):
     """Three runs on one process and two on two MPI ranks, each stopped by a signal
     at a random step (mid-epoch or at an epoch's end), then continued with the same
@@ -174,10 +169,10 @@ def test_stopped_at_a_random_step_resumes_bitwise(
     ranks = 1 if trial < 3 else 2
     launcher = MPIEXEC_2 if ranks == 2 else ()
     expected = uninterrupted if ranks == 1 else uninterrupted_on_two_ranks
-    output, sig = f"random-{trial}", SIGNALS[trial % 3]
+    sig = SIGNALS[trial % 3]
     pause_at = rng.randint(1, 118)  # 12 epochs of 10 steps: the run stops at the next step
-    pauses = workdir / f"pauses-{output}"
-    proc = start(workdir, output, launcher=launcher, env=paused_env(pauses, pause_at))
+    run_dir, pauses = tmp_path / "run", tmp_path / "pauses"
+    proc = start(workdir, run_dir, launcher=launcher, env=paused_env(pauses, pause_at))
     pids = wait_until_paused(pauses, pause_at, ranks=ranks, proc=proc)
     os.kill(rng.choice(pids), sig)
     release(pauses, pause_at)
@@ -185,15 +180,11 @@ def test_stopped_at_a_random_step_resumes_bitwise(
     assert f"stopped by {sig.name} at step {pause_at + 1};" in err, err[-3000:]
     if ranks == 1:
         assert proc.returncode == 75
-    assert checkpoint.committed_steps(workdir / output / "checkpoints")[-1][0] == pause_at + 1
-    result = run(
-        [*launcher, sys.executable, "-m", "hpctrain", "options.yaml", "-o", output]
-        + ["--continue", "auto"],
-        workdir,
-    )
+    assert checkpoint.committed_steps(run_dir / "checkpoints")[-1][0] == pause_at + 1
+    result = continue_auto(workdir, run_dir, launcher)
     assert result.returncode == 0, result.stderr
     assert f"resuming at step {pause_at + 1} " in result.stdout
-    assert_same_weights(workdir / output, expected)
+    assert_same_weights(run_dir, expected)
 
 
 def traced_epochs(trace_dir: Path) -> dict[int, Counter]:
@@ -206,14 +197,15 @@ def traced_epochs(trace_dir: Path) -> dict[int, Counter]:
     return seen
 
 
-def test_elastic_two_ranks_then_one_then_two_trains_each_structure_once_per_epoch(workdir):
-    trace = workdir / "elastic-trace"
+def test_elastic_two_ranks_then_one_then_two_trains_each_structure_once_per_epoch(
+    workdir, tmp_path
+):
+    trace = tmp_path / "trace"
     trace.mkdir()
-    pauses = workdir / "pauses-elastic-212"
-    env = paused_env(pauses, 15, 28, SAMPLE_TRACE_DIR=str(trace))
+    env = paused_env(tmp_path / "pauses", 15, 28, SAMPLE_TRACE_DIR=str(trace))
     traced = (str(DRIVERS / "sample_trace.py"),)
-    output = "elastic-212"
-    checkpoints = workdir / output / "checkpoints"
+    output, pauses = tmp_path / "run", tmp_path / "pauses"
+    checkpoints = output / "checkpoints"
     # stopped on two ranks mid-epoch (after step 16), then on one (after step 29)
     for launcher, ranks, pause_at in ((MPIEXEC_2, 2, 15), ((), 1, 28)):
         proc = start(
@@ -247,16 +239,15 @@ def test_elastic_two_ranks_then_one_then_two_trains_each_structure_once_per_epoc
     ],
 )
 def test_a_stop_signal_outside_training_exits_75_and_auto_completes_the_run(
-    workdir, uninterrupted, uninterrupted_on_two_ranks, point, sig, ranks
+    workdir, uninterrupted, uninterrupted_on_two_ranks, tmp_path, point, sig, ranks
 ):
     """While the data loads: the run ends at once, nothing to save. During the last
     validation: training ends, the final checkpoint is written, then the run stops.
     During the export: the export is abandoned, the final checkpoint stays. Each time
     ``--continue auto`` completes the run directory with the uninterrupted weights."""
-    output = f"outside-{point}-{ranks}"
-    run_dir, pauses = workdir / output, workdir / f"pauses-{output}"
+    run_dir, pauses = tmp_path / "run", tmp_path / "pauses"
     launcher = MPIEXEC_2 if ranks == 2 else ()
-    proc = start(workdir, output, launcher=launcher, env=paused_env(pauses, point))
+    proc = start(workdir, run_dir, launcher=launcher, env=paused_env(pauses, point))
     pids = wait_until_paused(pauses, point, ranks=ranks, proc=proc)
     os.kill(pids[-1], sig)  # one rank only: the ranks agree
     release(pauses, point)
@@ -272,11 +263,7 @@ def test_a_stop_signal_outside_training_exits_75_and_auto_completes_the_run(
         assert f"the final checkpoint {run_dir / 'model.ckpt'} is written" in err
         assert (run_dir / "model.ckpt").exists() and not (run_dir / "model.pt").exists()
         assert not list(run_dir.glob(".model.pt*"))
-    result = run(
-        [*launcher, sys.executable, "-m", "hpctrain", "options.yaml", "-o", output]
-        + ["--continue", "auto"],
-        workdir,
-    )
+    result = continue_auto(workdir, run_dir, launcher)
     assert result.returncode == 0, result.stderr[-3000:]
     if point != "load":
         assert "training already ended at step 120 (epoch 12)" in result.stdout

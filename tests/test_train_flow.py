@@ -185,14 +185,14 @@ def test_an_error_after_the_run_directory_exists_is_also_in_train_log(workdir):
     assert message in (workdir / "nokey" / "train.log").read_text()
 
 
-def test_a_killed_rank_does_not_leave_the_other_hanging(workdir):
+def test_a_killed_rank_does_not_leave_the_other_hanging(workdir, tmp_path):
     """Two ranks without a supervising launcher; rank 1 is SIGKILLed mid-training."""
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    pauses = workdir / "pauses-killed"
+    pauses = tmp_path / "pauses"
     procs = []
     for rank in range(2):
         env = paused_env(
@@ -207,7 +207,7 @@ def test_a_killed_rank_does_not_leave_the_other_hanging(workdir):
         )
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "hpctrain", "options.yaml", "-o", "killed"],
+                [sys.executable, "-m", "hpctrain", "options.yaml", "-o", str(tmp_path / "run")],
                 cwd=workdir,
                 env=env,
                 stdout=subprocess.PIPE,
