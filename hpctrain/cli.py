@@ -6,8 +6,9 @@
 Exit codes: 0 done; 2 a problem with the options, data, architecture or
 checkpoint (the message says which); 3 this rank lost contact with another rank
 (which died, was killed or hangs); 4 the loss became NaN or infinite; 75 stopped by
-SIGUSR1/SIGUSR2/SIGTERM, after a checkpoint when there was something to save (resume
-with --continue auto); 1 an unexpected error (a traceback follows).
+SIGUSR1/SIGUSR2/SIGTERM or a first Ctrl-C, after a checkpoint when there was
+something to save (resume with --continue auto); 130 a second Ctrl-C; 1 an
+unexpected error (a traceback follows).
 """
 
 from __future__ import annotations
@@ -443,7 +444,7 @@ def run_train(args: argparse.Namespace) -> int:
                 from .flow import main_guard, train
         except Preempted as stopped:
             print(f"hpctrain: {stopped}", file=sys.stderr)
-            if args.requeue_on_signal:
+            if args.requeue_on_signal and stop.requeue:
                 from . import launch
                 from .options import SlurmOptions
 

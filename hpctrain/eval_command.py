@@ -283,7 +283,7 @@ def write_predictions(path: Path, dataset: AtomisticDataset, predictions: list[P
                         prediction.stress[1]
                     )
                 atoms.calc = SinglePointCalculator(atoms, **reference)
-                ase.io.write(file, atoms, format="extxyz")
+                ase.io.write(file, atoms, format="extxyz", parallel=False)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -318,3 +318,25 @@ def test_learning_curves_keep_the_latest_row_of_a_repeated_epoch(tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert rows[1]["train_loss"] == 1.1
     assert_png(learning_curves(tmp_path))
+
+
+@pytest.mark.slow
+def test_eval_under_mpiexec_writes_predictions_of_a_shard_directory(trained, evaluated):
+    """Only rank 0 writes the predictions; ASE's writers must not wait for the others."""
+    converted = run(
+        [HPCTRAIN, "convert", "test.xyz", "-o", "shards-mpi", "--shard-size", "4"], trained
+    )
+    assert converted.returncode == 0, converted.stderr
+    result = run(
+        [str(BIN / "mpiexec"), "-n", "2", HPCTRAIN, "eval", "run/model.pt", "shards-mpi"]
+        + ["-o", "predictions-shards-mpi.xyz"],
+        trained,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    one = ase.io.read(trained / "predictions.xyz", ":")
+    two = ase.io.read(trained / "predictions-shards-mpi.xyz", ":")
+    assert len(two) == len(one) == 10
+    for a, b in zip(one, two):
+        np.testing.assert_allclose(b.positions, a.positions, atol=1e-12)
+        assert b.info["predicted_energy"] == pytest.approx(a.info["predicted_energy"], rel=1e-9)

@@ -551,3 +551,34 @@ def test_an_epoch_reads_each_structure_once_across_unaligned_shards(tmp_path):
         for index in step.local:
             dataset[int(index)]
     assert sum(reads) > len(dataset)
+
+
+def test_damaged_hdf5_metadata_is_named_never_a_traceback(ethanol, copy_of):
+    """Bytes flipped in the first 4 KiB of a shard (superblock, groups, object headers
+    and attributes): ``verify`` names the shard every time, ``summarize`` reports it
+    or (when what it reads is intact) summarizes; no other exception escapes."""
+    import random
+
+    shard_name = "shard-0000-00001.h5"
+    broken, unreadable = copy_of(ethanol), None
+    for seed in range(24):
+        shard = broken / shard_name
+        data = bytearray((ethanol / shard_name).read_bytes())
+        rng = random.Random(seed)
+        for _ in range(8):
+            data[rng.randrange(4096)] ^= 0xFF
+        shard.write_bytes(bytes(data))
+        with pytest.raises(DataError, match=shard_name):
+            verify(broken)
+        try:
+            summarize(broken)
+        except DataError as error:
+            assert shard_name in str(error)
+            if "HDF5 structure cannot be read" in str(error):
+                unreadable = bytes(data)
+    assert unreadable is not None  # the library's own errors were among those met
+    (broken / shard_name).write_bytes(unreadable)
+    for command in (["inspect", str(broken)], ["inspect", str(broken), "--verify"]):
+        result = run([str(BIN / "hpctrain"), *command], ROOT)
+        assert result.returncode == 2, result.stderr
+        assert shard_name in result.stderr and "Traceback" not in result.stderr
