@@ -343,16 +343,16 @@ def load_options(path: Union[str, Path], overrides: dict[str, Any] | None = None
     data = load_yaml(path)
     data.update(overrides or {})
     source = str(path)
+    valid = [f.name for f in dataclasses.fields(Options) if f.init]
+    for key in data:  # first: a misspelt key is the likely cause of a missing one
+        if key not in valid:
+            raise OptionsError(f"unknown key '{key}' in {source}{suggest(str(key), valid)}")
     for key in ("architecture", "training_set"):
         if key not in data:
             raise OptionsError(f"missing required key '{key}' in {source}")
     if isinstance(data["architecture"], str):
         data["architecture"] = {"name": data["architecture"]}
     datasets = {k: data.pop(k) for k in ("training_set", "validation_set", "test_set") if k in data}
-    for key in list(data):
-        if key not in {f.name for f in dataclasses.fields(Options) if f.init}:
-            valid = [f.name for f in dataclasses.fields(Options) if f.init]
-            raise OptionsError(f"unknown key '{key}' in {source}{suggest(key, valid)}")
     options = parse(Options, {**data, "training_set": None}, "", source)
     base = path.resolve().parent
     options.training_set = _datasets(datasets["training_set"], "training_set", base, source)

@@ -69,6 +69,11 @@ MALFORMED = {
     "not yaml": ("architecture: [mp_transformer\n", "is not valid YAML"),
     "not a mapping": ("- architecture\n- training_set\n", "must hold a mapping"),
     "top-level typo": (GOOD + "sed: 3\n", "unknown key 'sed'", "did you mean 'seed'?"),
+    "misspelt required key": (
+        "architecture: mp_transformer\ntrainig_set: ethanol.xyz\n",
+        "unknown key 'trainig_set'",
+        "did you mean 'training_set'?",
+    ),
     "no architecture": ("training_set: ethanol.xyz\n", "missing required key 'architecture'"),
     "no training set": ("architecture: mp_transformer\n", "missing required key 'training_set'"),
     "unknown architecture": (
