@@ -56,6 +56,8 @@ def load_exported(path: str | Path, extensions: str | Path | None = None) -> Any
         raise ModelError(
             f"extensions directory {str(extensions)!r} (--extensions-directory) does not exist"
         )
+    if path.is_dir() and (path / "model.pt").is_file():
+        raise ModelError(f"{path} is a run directory: evaluate its model, {path / 'model.pt'}")
     if path.is_dir() or _is_checkpoint(path):
         raise ModelError(
             f"{path} is a training checkpoint, not an exported model; export it first: "

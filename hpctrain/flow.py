@@ -153,6 +153,8 @@ def prepare(
     options = load_options(options_path)
     if continue_from is not None:
         options.continue_from = continue_from
+    if options.continue_from not in (None, "auto"):
+        check_checkpoint_path(options.continue_from)  # before a run directory is made
     architecture = resolve(
         options.architecture.name, options.architecture.model, options.architecture.training, source
     )
@@ -419,9 +421,7 @@ def resolve_continue(
     if continue_from is None:
         return None
     if continue_from != "auto":
-        if not Path(continue_from).exists():
-            raise CheckpointError(f"checkpoint {continue_from!r} (continue_from) does not exist")
-        return str(Path(continue_from).resolve())
+        return str(check_checkpoint_path(continue_from).resolve())
     if not is_main:
         return None
     root = run_dir / "checkpoints"
@@ -452,6 +452,20 @@ def resolve_continue(
         )
     log.info(f"continue_from auto: no checkpoint in {root}, starting")
     return None
+
+
+def check_checkpoint_path(continue_from: str) -> Path:
+    """An explicit ``continue_from`` exists and is a checkpoint file or step directory."""
+    path = Path(continue_from)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {continue_from!r} (continue_from) does not exist")
+    if path.is_dir() and not checkpoint.is_step_dir(path):
+        raise CheckpointError(
+            f"{path} (continue_from) is a directory, not a checkpoint: to continue the "
+            f"run it holds, use {path / 'model.ckpt'} or a step checkpoint in "
+            f"{path / 'checkpoints'}, or --output-dir {path} --continue auto"
+        )
+    return path
 
 
 def choose_seed(seed: int | None, resume: str | None) -> int:

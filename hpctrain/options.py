@@ -318,6 +318,10 @@ def _fraction_or_datasets(value: Any, key: str, base: Path, source: str) -> Any:
 def load_yaml(path: Union[str, Path]) -> dict[str, Any]:
     """Read an options file as a mapping, with messages that name the file."""
     path = Path(path)
+    if path.is_dir():
+        resolved = path / "options.resolved.yaml"
+        hint = f"; to repeat the run it holds, give {resolved}" if resolved.is_file() else ""
+        raise OptionsError(f"{path} is a directory, not an options file{hint}")
     if not path.is_file():
         raise OptionsError(f"options file {str(path)!r} does not exist")
     try:

@@ -117,6 +117,11 @@ def learning_curves(run_dir: Path, output: Path | None = None) -> Path:
     from matplotlib.ticker import MaxNLocator
 
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise DataError(
+            f"{run_dir} is a file; hpctrain plot takes a run directory (the one holding "
+            f"metrics.csv), e.g. hpctrain plot {run_dir.parent}"
+        )
     if not run_dir.is_dir():
         raise DataError(f"run directory {str(run_dir)!r} does not exist")
     rows = read_metrics_csv(run_dir / "metrics.csv")

@@ -281,6 +281,14 @@ def test_export_of_the_best_step_directory(trained):
         (["export", "run", "-o", "x.pt"], "run/model.ckpt"),
         (["plot", "run/checkpoints"], "run/checkpoints/metrics.csv"),
         (["plot", "missing-run"], "missing-run"),
+        # paths of the wrong kind: the message says which path was meant
+        (["eval", "run", "test.xyz"], "run is a run directory: evaluate its model, run/model.pt"),
+        (["plot", "run/metrics.csv"], "hpctrain plot takes a run directory"),
+        (["train", "run"], "run is a directory, not an options file; to repeat the run"),
+        (
+            ["train", "options.yaml", "-o", "again", "--continue", "run"],
+            "is a directory, not a checkpoint: to continue the run it holds, use",
+        ),
     ],
 )
 def test_bad_inputs_exit_2_naming_the_file(trained, args, named):
@@ -289,7 +297,7 @@ def test_bad_inputs_exit_2_naming_the_file(trained, args, named):
     assert "Traceback" not in result.stderr
     assert "hpctrain: error:" in result.stderr
     assert named in result.stderr
-    assert not (trained / "x.pt").exists()
+    assert not (trained / "x.pt").exists() and not (trained / "again").exists()
 
 
 @pytest.mark.parametrize(
