@@ -93,8 +93,14 @@ def _atomic_write(path: Path, write: Callable[[Any], None], sync_dir: bool = Tru
         _fsync_dir(path.parent)
 
 
+def write_atomically(path: Union[str, Path], write: Callable[[Any], None]) -> None:
+    """``write(file)`` into a binary file that becomes ``path`` only once whole, with the
+    permissions a new file gets (a run's result files: models, plots, predictions)."""
+    _atomic_write(Path(path), write)
+
+
 def write_text_atomically(path: Union[str, Path], text: str) -> None:
-    """``path`` holds ``text`` whole or keeps what it had (a run's small result files)."""
+    """``path`` holds ``text`` whole or keeps what it had."""
     _atomic_write(Path(path), lambda file: file.write(text.encode()))
 
 

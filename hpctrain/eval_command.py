@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import tempfile
+import io
 from pathlib import Path
 from typing import Any
 
@@ -262,34 +261,30 @@ def write_predictions(path: Path, dataset: AtomisticDataset, predictions: list[P
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.stress import full_3x3_to_voigt_6_stress
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as file:
-            for index, prediction in enumerate(predictions):
-                structure = dataset[index]
-                atoms = ase.Atoms(
-                    numbers=structure.numbers.numpy(),
-                    positions=structure.positions.double().numpy(),
-                    cell=structure.cell.double().numpy(),
-                    pbc=structure.pbc.numpy(),
-                )
-                reference: dict[str, Any] = {"energy": prediction.energy[0]}
-                atoms.info["predicted_energy"] = prediction.energy[1]
-                if prediction.forces is not None:
-                    reference["forces"] = prediction.forces[0]
-                    atoms.arrays["predicted_forces"] = prediction.forces[1]
-                if prediction.stress is not None:
-                    reference["stress"] = full_3x3_to_voigt_6_stress(prediction.stress[0])
-                    atoms.info["predicted_stress"] = full_3x3_to_voigt_6_stress(
-                        prediction.stress[1]
-                    )
-                atoms.calc = SinglePointCalculator(atoms, **reference)
-                ase.io.write(file, atoms, format="extxyz", parallel=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    def write(binary) -> None:
+        file = io.TextIOWrapper(binary, encoding="utf-8")
+        for index, prediction in enumerate(predictions):
+            structure = dataset[index]
+            atoms = ase.Atoms(
+                numbers=structure.numbers.numpy(),
+                positions=structure.positions.double().numpy(),
+                cell=structure.cell.double().numpy(),
+                pbc=structure.pbc.numpy(),
+            )
+            reference: dict[str, Any] = {"energy": prediction.energy[0]}
+            atoms.info["predicted_energy"] = prediction.energy[1]
+            if prediction.forces is not None:
+                reference["forces"] = prediction.forces[0]
+                atoms.arrays["predicted_forces"] = prediction.forces[1]
+            if prediction.stress is not None:
+                reference["stress"] = full_3x3_to_voigt_6_stress(prediction.stress[0])
+                atoms.info["predicted_stress"] = full_3x3_to_voigt_6_stress(prediction.stress[1])
+            atoms.calc = SinglePointCalculator(atoms, **reference)
+            ase.io.write(file, atoms, format="extxyz", parallel=False)
+        file.flush()
+        file.detach()
+
+    checkpoint.write_atomically(path, write)
 
 
 def parity_series(predictions: list[Prediction]) -> dict[str, tuple[np.ndarray, np.ndarray]]:

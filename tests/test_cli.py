@@ -206,6 +206,15 @@ def test_parity_and_learning_curve_plots_are_pngs(trained, evaluated):
     assert_png(trained / "plots" / "curves.png")
 
 
+@pytest.mark.slow
+def test_plots_and_predictions_get_the_permissions_of_the_run_files(trained, evaluated):
+    """Written through temporary files, yet as readable as what the run wrote itself."""
+    expected = (trained / "run" / "metrics.csv").stat().st_mode & 0o777
+    assert expected & 0o044  # the umask of the tests lets others read
+    for name in ("parity.png", "predictions.xyz", "run/model.pt", "run/test_metrics.json"):
+        assert (trained / name).stat().st_mode & 0o777 == expected, name
+
+
 def best_step(run_dir):
     records = [
         json.loads((step / "COMMITTED").read_text()) for step in (run_dir / "checkpoints").iterdir()
