@@ -9,6 +9,7 @@ The format is metatrain's (``seed``, ``base_precision``, ``device``,
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -99,7 +100,8 @@ class DatasetOptions:
     systems: SystemsOptions = option(doc="Structures (a path string is accepted).")
     targets: dict[str, TargetOptions] = option(
         factory=lambda: {"energy": TargetOptions()},
-        doc="Targets by name. Default: ``energy`` with forces.",
+        doc="Targets by name. Default: ``energy`` with forces; a validation or test "
+        "set without ``targets`` takes the training set's.",
     )
 
 
@@ -366,6 +368,8 @@ def load_options(path: Union[str, Path], overrides: dict[str, Any] | None = None
     options.test_set = _fraction_or_datasets(
         datasets.get("test_set", 0.0), "test_set", base, source
     )
+    for key in ("validation_set", "test_set"):
+        _inherit_targets(datasets.get(key), getattr(options, key), options.training_set)
     fractions = [v for v in (options.validation_set, options.test_set) if isinstance(v, float)]
     if sum(fractions) >= 1.0:
         raise OptionsError(
@@ -373,6 +377,21 @@ def load_options(path: Union[str, Path], overrides: dict[str, Any] | None = None
             f"{sum(fractions)}, leaving no training data; make them sum to less than 1"
         )
     return options
+
+
+def _inherit_targets(raw: Any, parsed: Any, training: list[DatasetOptions]) -> None:
+    """A validation or test dataset given without ``targets`` (a bare path, or only
+    ``systems``) is read with the training set's targets, when all training sets
+    have the same, so that it is measured on everything the model learns (stress
+    too)."""
+    if isinstance(parsed, float):
+        return
+    first = training[0].targets
+    if any(dataset.targets != first for dataset in training[1:]):
+        return
+    for value, dataset in zip(raw if isinstance(raw, list) else [raw], parsed):
+        if isinstance(value, str) or (isinstance(value, dict) and "targets" not in value):
+            dataset.targets = copy.deepcopy(first)
 
 
 def resolved_dict(options: Options) -> dict[str, Any]:

@@ -183,3 +183,26 @@ def test_malformed_options(case, write_options):
 def test_missing_options_file(tmp_path):
     with pytest.raises(HpctrainError, match="nothing.yaml' does not exist"):
         prepare(tmp_path / "nothing.yaml")
+
+
+def test_validation_and_test_sets_without_targets_inherit_the_training_targets(write_options):
+    path = write_options(
+        """
+        architecture: mp_transformer
+        training_set:
+          systems: ethanol.xyz
+          targets:
+            energy: {key: E_dft, unit: kcal/mol, forces: {key: F_dft}, stress: true}
+        validation_set: ethanol.xyz
+        test_set:
+          - {systems: ethanol.xyz}
+          - {systems: ethanol.xyz, targets: {energy: {key: energy}}}
+        """
+    )
+    options = load_options(path)
+    trained = options.training_set[0].targets
+    assert options.validation_set[0].targets == trained
+    assert options.test_set[0].targets == trained
+    assert options.test_set[0].targets is not trained  # a copy
+    assert options.test_set[1].targets["energy"].key == "energy"  # given: kept
+    assert options.test_set[1].targets["energy"].unit == "eV"
