@@ -72,8 +72,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 CONVERT_EXAMPLE = """example:
-  # extxyz with energy, forces and stress in the file's 'stress' entry, 50,000 per shard
-  hpctrain convert md-*.xyz -o shards/ --stress stress --shard-size 50000
+  # extxyz with energy, forces and stress (every label found is stored), 50,000 per shard
+  hpctrain convert md-*.xyz -o shards/ --shard-size 50000
   # Hartree and bohr, converted to eV and angstrom; a second energy without gradients
   hpctrain convert data.extxyz -o shards/ --energy-unit Hartree --length-unit bohr \\
       --energy E_total --forces F --target dispersion:E_d3
@@ -118,15 +118,23 @@ def add_convert(commands: argparse._SubParsersAction) -> None:
     )
     convert.add_argument(
         "--forces",
-        default="forces",
-        metavar="KEY|none",
-        help="key of the forces, or 'none' (default: forces)",
+        default="auto",
+        metavar="KEY|none|auto",
+        help="key of the forces; auto: 'forces' when the first structure has it (default)",
     )
     convert.add_argument(
-        "--stress", default="none", metavar="KEY|none", help="key of the stress (default: none)"
+        "--stress",
+        default="auto",
+        metavar="KEY|none|auto",
+        help="key of the stress; auto: 'stress' when the first structure is periodic and "
+        "has it (default)",
     )
     convert.add_argument(
-        "--virial", metavar="KEY", help="key of the virial (energy), stored as stress"
+        "--virial",
+        default="auto",
+        metavar="KEY|none|auto",
+        help="key of the virial (energy), stored as stress; auto: 'virial' when no stress "
+        "is stored and the first structure is periodic and has it (default)",
     )
     convert.add_argument(
         "--energy-unit", default="eV", metavar="U", help="energy unit of the input (default: eV)"
@@ -173,13 +181,19 @@ def add_inspect(commands: argparse._SubParsersAction) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> None:
-    from .data.convert import convert, spec_from_args
+    from .data.convert import choose_labels, convert, spec_from_args
+    from .launch import rank_hint
 
+    forces, stress, virial, report = choose_labels(
+        args.inputs[0], args.format, args.energy, args.forces, args.stress, args.virial
+    )
+    if rank_hint() == 0:
+        print(report, flush=True)
     spec = spec_from_args(
         energy=args.energy,
-        forces=args.forces,
-        stress=args.stress,
-        virial=args.virial,
+        forces=forces,
+        stress=stress,
+        virial=virial,
         energy_unit=args.energy_unit,
         length_unit=args.length_unit,
         targets=args.target,

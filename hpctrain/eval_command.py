@@ -86,18 +86,6 @@ def _is_checkpoint(path: Path) -> bool:
     return True
 
 
-def _first_frame(path: Path, reader: str | None) -> Any:
-    import ase.io
-
-    try:
-        return ase.io.read(path, 0, format=reader, parallel=False)
-    except Exception as error:
-        raise DataError(
-            f"cannot read {path} with ASE ({type(error).__name__}: {error}); give a file ASE "
-            "reads (extxyz, ...; --format names its format) or a shard directory"
-        ) from None
-
-
 def dataset_options(
     data: str | Path,
     energy: str = "energy",
@@ -131,27 +119,19 @@ def dataset_options(
         use_stress = has_stress if stress == "auto" else stress != "none"
         target = TargetOptions(key=chosen, forces=use_forces, stress=use_stress)
     else:
-        from .data.dataset import _keys_of, _lookup
+        from .data.dataset import first_frame, keys_of, label_key, lookup
 
-        atoms = _first_frame(path, reader)
-        if _lookup(atoms, energy) is None:
+        atoms = first_frame(path, reader)
+        if lookup(atoms, energy) is None:
             raise DataError(
                 f"{path}, structure 0 has no '{energy}' (name the energy's key with --energy "
-                f"KEY); its keys: {', '.join(sorted(_keys_of(atoms)))}"
+                f"KEY); its keys: {', '.join(sorted(keys_of(atoms)))}"
             )
-
-        def choose(value: str, default: str, usable: bool) -> str | bool:
-            if value == "none":
-                return False
-            if value == "auto":
-                return default if usable and _lookup(atoms, default) is not None else False
-            return value
-
         target = TargetOptions(
             key=energy,
             unit=energy_unit,
-            forces=choose(forces, "forces", True),
-            stress=choose(stress, "stress", bool(atoms.pbc.all())),
+            forces=label_key(atoms, forces, "forces") or False,
+            stress=label_key(atoms, stress, "stress", bool(atoms.pbc.all())) or False,
         )
     return DatasetOptions(
         systems=SystemsOptions(read_from=str(path), reader=reader, length_unit=length_unit),
