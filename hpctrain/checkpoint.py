@@ -93,8 +93,14 @@ def _atomic_write(path: Path, write: Callable[[Any], None], sync_dir: bool = Tru
         _fsync_dir(path.parent)
 
 
+def write_atomically(path: Union[str, Path], write: Callable[[Any], None]) -> None:
+    """``write(file)`` into a binary file that becomes ``path`` only once whole, with the
+    permissions a new file gets (a run's result files: models, plots, predictions)."""
+    _atomic_write(Path(path), write)
+
+
 def write_text_atomically(path: Union[str, Path], text: str) -> None:
-    """``path`` holds ``text`` whole or keeps what it had (a run's small result files)."""
+    """``path`` holds ``text`` whole or keeps what it had."""
     _atomic_write(Path(path), lambda file: file.write(text.encode()))
 
 
@@ -223,6 +229,37 @@ def committed_steps(root: Union[str, Path]) -> list[tuple[int, Path]]:
         if match and (path / COMMITTED).is_file():
             found.append((int(match.group(1)), path))
     return sorted(found)
+
+
+def verify(path: Union[str, Path]) -> None:
+    """Read a committed step directory whole: its record, the shared part and every
+    rank's part. Raises :class:`CheckpointError` naming what cannot be read."""
+    path = Path(path)
+    try:
+        world_size = int(json.loads((path / COMMITTED).read_text())["world_size"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{path / COMMITTED} is not readable ({error})") from None
+    load(path)
+    for rank in range(world_size):
+        part = path / f"rank-{rank:05d}.pt"
+        try:
+            torch.load(part, map_location="cpu", weights_only=False)
+        except Exception as error:
+            raise CheckpointError(
+                f"{part} is not readable ({type(error).__name__}: {error})"
+            ) from None
+
+
+def set_aside(path: Union[str, Path]) -> Path:
+    """Rename the step directory ``path`` so that it is never chosen or pruned again,
+    keeping its files (``step-N`` -> ``step-N.damaged``, ``.damaged-2``, ...)."""
+    path = Path(path)
+    target, n = path.with_name(f"{path.name}.damaged"), 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.damaged-{n}")
+    os.replace(path, target)
+    return target
 
 
 def latest(root: Union[str, Path]) -> Path | None:

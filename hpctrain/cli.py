@@ -6,8 +6,9 @@
 Exit codes: 0 done; 2 a problem with the options, data, architecture or
 checkpoint (the message says which); 3 this rank lost contact with another rank
 (which died, was killed or hangs); 4 the loss became NaN or infinite; 75 stopped by
-SIGUSR1/SIGUSR2/SIGTERM, after a checkpoint when there was something to save (resume
-with --continue auto); 1 an unexpected error (a traceback follows).
+SIGUSR1/SIGUSR2/SIGTERM or a first Ctrl-C, after a checkpoint when there was
+something to save (resume with --continue auto); 130 a second Ctrl-C; 1 an
+unexpected error (a traceback follows).
 """
 
 from __future__ import annotations
@@ -71,8 +72,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 CONVERT_EXAMPLE = """example:
-  # extxyz with energy, forces and stress in the file's 'stress' entry, 50,000 per shard
-  hpctrain convert md-*.xyz -o shards/ --stress stress --shard-size 50000
+  # extxyz with energy, forces and stress (every label found is stored), 50,000 per shard
+  hpctrain convert md-*.xyz -o shards/ --shard-size 50000
   # Hartree and bohr, converted to eV and angstrom; a second energy without gradients
   hpctrain convert data.extxyz -o shards/ --energy-unit Hartree --length-unit bohr \\
       --energy E_total --forces F --target dispersion:E_d3
@@ -117,15 +118,23 @@ def add_convert(commands: argparse._SubParsersAction) -> None:
     )
     convert.add_argument(
         "--forces",
-        default="forces",
-        metavar="KEY|none",
-        help="key of the forces, or 'none' (default: forces)",
+        default="auto",
+        metavar="KEY|none|auto",
+        help="key of the forces; auto: 'forces' when the first structure has it (default)",
     )
     convert.add_argument(
-        "--stress", default="none", metavar="KEY|none", help="key of the stress (default: none)"
+        "--stress",
+        default="auto",
+        metavar="KEY|none|auto",
+        help="key of the stress; auto: 'stress' when the first structure is periodic and "
+        "has it (default)",
     )
     convert.add_argument(
-        "--virial", metavar="KEY", help="key of the virial (energy), stored as stress"
+        "--virial",
+        default="auto",
+        metavar="KEY|none|auto",
+        help="key of the virial (energy), stored as stress; auto: 'virial' when no stress "
+        "is stored and the first structure is periodic and has it (default)",
     )
     convert.add_argument(
         "--energy-unit", default="eV", metavar="U", help="energy unit of the input (default: eV)"
@@ -172,13 +181,19 @@ def add_inspect(commands: argparse._SubParsersAction) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> None:
-    from .data.convert import convert, spec_from_args
+    from .data.convert import choose_labels, convert, spec_from_args
+    from .launch import rank_hint
 
+    forces, stress, virial, report = choose_labels(
+        args.inputs[0], args.format, args.energy, args.forces, args.stress, args.virial
+    )
+    if rank_hint() == 0:
+        print(report, flush=True)
     spec = spec_from_args(
         energy=args.energy,
-        forces=args.forces,
-        stress=args.stress,
-        virial=args.virial,
+        forces=forces,
+        stress=stress,
+        virial=virial,
         energy_unit=args.energy_unit,
         length_unit=args.length_unit,
         targets=args.target,
@@ -443,7 +458,7 @@ def run_train(args: argparse.Namespace) -> int:
                 from .flow import main_guard, train
         except Preempted as stopped:
             print(f"hpctrain: {stopped}", file=sys.stderr)
-            if args.requeue_on_signal:
+            if args.requeue_on_signal and stop.requeue:
                 from . import launch
                 from .options import SlurmOptions
 

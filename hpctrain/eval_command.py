@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import tempfile
+import io
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +55,8 @@ def load_exported(path: str | Path, extensions: str | Path | None = None) -> Any
         raise ModelError(
             f"extensions directory {str(extensions)!r} (--extensions-directory) does not exist"
         )
+    if path.is_dir() and (path / "model.pt").is_file():
+        raise ModelError(f"{path} is a run directory: evaluate its model, {path / 'model.pt'}")
     if path.is_dir() or _is_checkpoint(path):
         raise ModelError(
             f"{path} is a training checkpoint, not an exported model; export it first: "
@@ -83,18 +84,6 @@ def _is_checkpoint(path: Path) -> bool:
     except CheckpointError:
         return False
     return True
-
-
-def _first_frame(path: Path, reader: str | None) -> Any:
-    import ase.io
-
-    try:
-        return ase.io.read(path, 0, format=reader, parallel=False)
-    except Exception as error:
-        raise DataError(
-            f"cannot read {path} with ASE ({type(error).__name__}: {error}); give a file ASE "
-            "reads (extxyz, ...; --format names its format) or a shard directory"
-        ) from None
 
 
 def dataset_options(
@@ -130,27 +119,19 @@ def dataset_options(
         use_stress = has_stress if stress == "auto" else stress != "none"
         target = TargetOptions(key=chosen, forces=use_forces, stress=use_stress)
     else:
-        from .data.dataset import _keys_of, _lookup
+        from .data.dataset import first_frame, keys_of, label_key, lookup
 
-        atoms = _first_frame(path, reader)
-        if _lookup(atoms, energy) is None:
+        atoms = first_frame(path, reader)
+        if lookup(atoms, energy) is None:
             raise DataError(
                 f"{path}, structure 0 has no '{energy}' (name the energy's key with --energy "
-                f"KEY); its keys: {', '.join(sorted(_keys_of(atoms)))}"
+                f"KEY); its keys: {', '.join(sorted(keys_of(atoms)))}"
             )
-
-        def choose(value: str, default: str, usable: bool) -> str | bool:
-            if value == "none":
-                return False
-            if value == "auto":
-                return default if usable and _lookup(atoms, default) is not None else False
-            return value
-
         target = TargetOptions(
             key=energy,
             unit=energy_unit,
-            forces=choose(forces, "forces", True),
-            stress=choose(stress, "stress", bool(atoms.pbc.all())),
+            forces=label_key(atoms, forces, "forces") or False,
+            stress=label_key(atoms, stress, "stress", bool(atoms.pbc.all())) or False,
         )
     return DatasetOptions(
         systems=SystemsOptions(read_from=str(path), reader=reader, length_unit=length_unit),
@@ -260,34 +241,30 @@ def write_predictions(path: Path, dataset: AtomisticDataset, predictions: list[P
     from ase.calculators.singlepoint import SinglePointCalculator
     from ase.stress import full_3x3_to_voigt_6_stress
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as file:
-            for index, prediction in enumerate(predictions):
-                structure = dataset[index]
-                atoms = ase.Atoms(
-                    numbers=structure.numbers.numpy(),
-                    positions=structure.positions.double().numpy(),
-                    cell=structure.cell.double().numpy(),
-                    pbc=structure.pbc.numpy(),
-                )
-                reference: dict[str, Any] = {"energy": prediction.energy[0]}
-                atoms.info["predicted_energy"] = prediction.energy[1]
-                if prediction.forces is not None:
-                    reference["forces"] = prediction.forces[0]
-                    atoms.arrays["predicted_forces"] = prediction.forces[1]
-                if prediction.stress is not None:
-                    reference["stress"] = full_3x3_to_voigt_6_stress(prediction.stress[0])
-                    atoms.info["predicted_stress"] = full_3x3_to_voigt_6_stress(
-                        prediction.stress[1]
-                    )
-                atoms.calc = SinglePointCalculator(atoms, **reference)
-                ase.io.write(file, atoms, format="extxyz")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    def write(binary) -> None:
+        file = io.TextIOWrapper(binary, encoding="utf-8")
+        for index, prediction in enumerate(predictions):
+            structure = dataset[index]
+            atoms = ase.Atoms(
+                numbers=structure.numbers.numpy(),
+                positions=structure.positions.double().numpy(),
+                cell=structure.cell.double().numpy(),
+                pbc=structure.pbc.numpy(),
+            )
+            reference: dict[str, Any] = {"energy": prediction.energy[0]}
+            atoms.info["predicted_energy"] = prediction.energy[1]
+            if prediction.forces is not None:
+                reference["forces"] = prediction.forces[0]
+                atoms.arrays["predicted_forces"] = prediction.forces[1]
+            if prediction.stress is not None:
+                reference["stress"] = full_3x3_to_voigt_6_stress(prediction.stress[0])
+                atoms.info["predicted_stress"] = full_3x3_to_voigt_6_stress(prediction.stress[1])
+            atoms.calc = SinglePointCalculator(atoms, **reference)
+            ase.io.write(file, atoms, format="extxyz", parallel=False)
+        file.flush()
+        file.detach()
+
+    checkpoint.write_atomically(path, write)
 
 
 def parity_series(predictions: list[Prediction]) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -123,6 +123,25 @@ def _check_supported(architecture: Architecture, info: DatasetInfo) -> None:
         check(info)
 
 
+def check_elements(info: DatasetInfo, datasets: list[AtomisticDataset]) -> None:
+    """Every element of the validation and test sets is one the model learns from
+    the training set (the model cannot predict the others)."""
+    from ase.data import chemical_symbols
+
+    known = set(info.atomic_types)
+    for dataset in datasets:
+        unknown = sorted(set(dataset.info.atomic_types) - known)
+        if unknown:
+            names = ", ".join(chemical_symbols[z] for z in unknown)
+            trained = ", ".join(chemical_symbols[z] for z in sorted(known))
+            raise DataError(
+                f"{dataset.name} holds elements ({names}) that no training structure has "
+                f"(the training set has {trained}); the model cannot predict them: add "
+                "structures with these elements to the training set, or leave them out of "
+                "the validation and test sets"
+            )
+
+
 def prepare(
     options_path: str | Path,
     continue_from: str | None = None,
@@ -134,6 +153,8 @@ def prepare(
     options = load_options(options_path)
     if continue_from is not None:
         options.continue_from = continue_from
+    if options.continue_from not in (None, "auto"):
+        check_checkpoint_path(options.continue_from)  # before a run directory is made
     architecture = resolve(
         options.architecture.name, options.architecture.model, options.architecture.training, source
     )
@@ -185,7 +206,7 @@ def train(
                 options, architecture, dtype, device_type, env, stop, output_dir, str(options_path)
             )
         except Preempted:
-            if requeue and env.is_main:
+            if requeue and stop.requeue and env.is_main:
                 launch.requeue_slurm_job(env, requeue_limit)
             raise
 
@@ -210,9 +231,9 @@ def run_training(
         backend = launch.backend_for(device_type, options.distributed.backend)
     with launch.ProcessGroup(env, backend, options.distributed.timeout_s):
         with stop.immediately(BEFORE_TRAINING):
-            run_dir = start_run_dir(env, output_dir)
+            run_dir = start_run_dir(env, output_dir, options.continue_from)
             log = setup_logging(env.rank, run_dir / "train.log" if env.is_main else None)
-            resume = resolve_continue(options.continue_from, run_dir, bool(output_dir))
+            resume = resolve_continue(options.continue_from, run_dir, bool(output_dir), env.is_main)
             resume = launch.broadcast_object(resume)
             options.seed = choose_seed(options.seed, resume)
             run.set_current(
@@ -233,6 +254,7 @@ def run_training(
             train_sets, val_sets, test_sets = load_datasets(options, dtype, source)
             info = dataset_info_of(train_sets)
             _check_supported(architecture, info)
+            check_elements(info, val_sets + test_sets)
             devices = launch.all_gather_object((socket.gethostname(), describe_device(device)))
             sizes = [sum(map(len, sets)) for sets in (train_sets, val_sets, test_sets)]
             log.info(banner(architecture.name, env, backend, devices, dtype, info, sizes, run_dir))
@@ -250,8 +272,23 @@ def run_training(
     return run_dir
 
 
-def start_run_dir(env: launch.LaunchEnv, output_dir: str | Path | None) -> Path:
-    """The run directory, made by rank 0 and shared with every rank."""
+RUN_FILES = ("options.resolved.yaml", "metrics.csv", "checkpoints", "model.ckpt", "model.pt")
+
+
+def start_run_dir(
+    env: launch.LaunchEnv, output_dir: str | Path | None, continue_from: str | None
+) -> Path:
+    """The run directory, made by rank 0 and shared with every rank. One that holds
+    a run already is refused unless the run continues (from any checkpoint)."""
+    if output_dir is not None and continue_from is None:
+        found = [name for name in RUN_FILES if (Path(output_dir) / name).exists()]
+        if found:
+            state = "a finished run" if "model.pt" in found else "a run"
+            raise OptionsError(
+                f"{output_dir} holds {state} already ({', '.join(found)}); training into "
+                "it again would mix two runs. Continue it with --continue auto, or choose "
+                "a new --output-dir"
+            )
     run_dir = None
     if env.is_main:
         run_dir = Path(output_dir) if output_dir else new_run_dir()
@@ -372,27 +409,63 @@ def summary(run_dir: Path, wall_s: float) -> str:
     return block("training finished", rows)
 
 
-def resolve_continue(continue_from: str | None, run_dir: Path, fixed_dir: bool) -> str | None:
+def resolve_continue(
+    continue_from: str | None, run_dir: Path, fixed_dir: bool, is_main: bool
+) -> str | None:
     """The checkpoint to continue from: an explicit path, or for ``auto`` the newest
-    committed step checkpoint of the run directory (None: start afresh)."""
+    committed step checkpoint of the run directory that reads whole (None: start
+    afresh). Rank 0 alone answers ``auto`` (its answer is shared): it sets aside, with
+    a loud message, a newest checkpoint that cannot be read, and takes the one before.
+    """
     log = get_logger()
     if continue_from is None:
         return None
     if continue_from != "auto":
-        if not Path(continue_from).exists():
-            raise CheckpointError(f"checkpoint {continue_from!r} (continue_from) does not exist")
-        return str(Path(continue_from).resolve())
-    found = checkpoint.latest(run_dir / "checkpoints")
-    if found is None:
-        if not fixed_dir:
-            log.warning(
-                "'continue_from: auto' without --output-dir: a new run directory never holds "
-                "a checkpoint; give --output-dir so that a restarted job finds its own"
-            )
-        log.info(f"continue_from auto: no checkpoint in {run_dir / 'checkpoints'}, starting")
+        return str(check_checkpoint_path(continue_from).resolve())
+    if not is_main:
         return None
-    log.info(f"continue_from auto: newest committed checkpoint is {found}")
-    return str(found)
+    root = run_dir / "checkpoints"
+    committed = checkpoint.committed_steps(root)
+    set_aside = []
+    for _, path in reversed(committed):
+        try:
+            checkpoint.verify(path)
+        except CheckpointError as error:
+            set_aside.append(checkpoint.set_aside(path))
+            log.error(
+                f"continue_from auto: checkpoint {path} cannot be read: {error}. Set aside as "
+                f"{set_aside[-1]} (kept, not deleted); trying the one before"
+            )
+            continue
+        log.info(f"continue_from auto: newest committed checkpoint is {path}")
+        return str(path)
+    if set_aside:
+        raise CheckpointError(
+            f"continue_from auto: no committed checkpoint in {root} can be read (set aside: "
+            f"{', '.join(p.name for p in set_aside)}); continue from {run_dir / 'model.ckpt'} "
+            "if it exists, or start a new run with another --output-dir"
+        )
+    if not fixed_dir:
+        log.warning(
+            "'continue_from: auto' without --output-dir: a new run directory never holds "
+            "a checkpoint; give --output-dir so that a restarted job finds its own"
+        )
+    log.info(f"continue_from auto: no checkpoint in {root}, starting")
+    return None
+
+
+def check_checkpoint_path(continue_from: str) -> Path:
+    """An explicit ``continue_from`` exists and is a checkpoint file or step directory."""
+    path = Path(continue_from)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {continue_from!r} (continue_from) does not exist")
+    if path.is_dir() and not checkpoint.is_step_dir(path):
+        raise CheckpointError(
+            f"{path} (continue_from) is a directory, not a checkpoint: to continue the "
+            f"run it holds, use {path / 'model.ckpt'} or a step checkpoint in "
+            f"{path / 'checkpoints'}, or --output-dir {path} --continue auto"
+        )
+    return path
 
 
 def choose_seed(seed: int | None, resume: str | None) -> int:
@@ -520,7 +593,10 @@ def main_guard(function, *args: Any, **kwargs: Any) -> int:
         )
         return EXIT_LOST_RANK
     except KeyboardInterrupt:
-        report("hpctrain: interrupted", all_ranks=True)
+        report(
+            "hpctrain: interrupted (a second Ctrl-C stops at once, without a checkpoint)",
+            all_ranks=True,
+        )
         return 130
     except Exception:
         log_to_file(f"hpctrain: unexpected error\n{traceback.format_exc()}")

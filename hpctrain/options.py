@@ -9,6 +9,7 @@ The format is metatrain's (``seed``, ``base_precision``, ``device``,
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -99,7 +100,8 @@ class DatasetOptions:
     systems: SystemsOptions = option(doc="Structures (a path string is accepted).")
     targets: dict[str, TargetOptions] = option(
         factory=lambda: {"energy": TargetOptions()},
-        doc="Targets by name. Default: ``energy`` with forces.",
+        doc="Targets by name. Default: ``energy`` with forces; a validation or test "
+        "set without ``targets`` takes the training set's.",
     )
 
 
@@ -318,6 +320,10 @@ def _fraction_or_datasets(value: Any, key: str, base: Path, source: str) -> Any:
 def load_yaml(path: Union[str, Path]) -> dict[str, Any]:
     """Read an options file as a mapping, with messages that name the file."""
     path = Path(path)
+    if path.is_dir():
+        resolved = path / "options.resolved.yaml"
+        hint = f"; to repeat the run it holds, give {resolved}" if resolved.is_file() else ""
+        raise OptionsError(f"{path} is a directory, not an options file{hint}")
     if not path.is_file():
         raise OptionsError(f"options file {str(path)!r} does not exist")
     try:
@@ -343,16 +349,16 @@ def load_options(path: Union[str, Path], overrides: dict[str, Any] | None = None
     data = load_yaml(path)
     data.update(overrides or {})
     source = str(path)
+    valid = [f.name for f in dataclasses.fields(Options) if f.init]
+    for key in data:  # first: a misspelt key is the likely cause of a missing one
+        if key not in valid:
+            raise OptionsError(f"unknown key '{key}' in {source}{suggest(str(key), valid)}")
     for key in ("architecture", "training_set"):
         if key not in data:
             raise OptionsError(f"missing required key '{key}' in {source}")
     if isinstance(data["architecture"], str):
         data["architecture"] = {"name": data["architecture"]}
     datasets = {k: data.pop(k) for k in ("training_set", "validation_set", "test_set") if k in data}
-    for key in list(data):
-        if key not in {f.name for f in dataclasses.fields(Options) if f.init}:
-            valid = [f.name for f in dataclasses.fields(Options) if f.init]
-            raise OptionsError(f"unknown key '{key}' in {source}{suggest(key, valid)}")
     options = parse(Options, {**data, "training_set": None}, "", source)
     base = path.resolve().parent
     options.training_set = _datasets(datasets["training_set"], "training_set", base, source)
@@ -362,6 +368,8 @@ def load_options(path: Union[str, Path], overrides: dict[str, Any] | None = None
     options.test_set = _fraction_or_datasets(
         datasets.get("test_set", 0.0), "test_set", base, source
     )
+    for key in ("validation_set", "test_set"):
+        _inherit_targets(datasets.get(key), getattr(options, key), options.training_set)
     fractions = [v for v in (options.validation_set, options.test_set) if isinstance(v, float)]
     if sum(fractions) >= 1.0:
         raise OptionsError(
@@ -369,6 +377,21 @@ def load_options(path: Union[str, Path], overrides: dict[str, Any] | None = None
             f"{sum(fractions)}, leaving no training data; make them sum to less than 1"
         )
     return options
+
+
+def _inherit_targets(raw: Any, parsed: Any, training: list[DatasetOptions]) -> None:
+    """A validation or test dataset given without ``targets`` (a bare path, or only
+    ``systems``) is read with the training set's targets, when all training sets
+    have the same, so that it is measured on everything the model learns (stress
+    too)."""
+    if isinstance(parsed, float):
+        return
+    first = training[0].targets
+    if any(dataset.targets != first for dataset in training[1:]):
+        return
+    for value, dataset in zip(raw if isinstance(raw, list) else [raw], parsed):
+        if isinstance(value, str) or (isinstance(value, dict) and "targets" not in value):
+            dataset.targets = copy.deepcopy(first)
 
 
 def resolved_dict(options: Options) -> dict[str, Any]:

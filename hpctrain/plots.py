@@ -7,9 +7,7 @@ that they work on nodes without a display and inside any program.
 from __future__ import annotations
 
 import math
-import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,15 +32,9 @@ def _figure(rows: int, columns: int, size: tuple[float, float]):
 
 def _save(figure, path: Path) -> Path:
     """Write the PNG atomically: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        figure.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from .checkpoint import write_atomically
+
+    write_atomically(path, lambda file: figure.savefig(file, format="png", dpi=120))
     return path
 
 
@@ -117,6 +109,11 @@ def learning_curves(run_dir: Path, output: Path | None = None) -> Path:
     from matplotlib.ticker import MaxNLocator
 
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise DataError(
+            f"{run_dir} is a file; hpctrain plot takes a run directory (the one holding "
+            f"metrics.csv), e.g. hpctrain plot {run_dir.parent}"
+        )
     if not run_dir.is_dir():
         raise DataError(f"run directory {str(run_dir)!r} does not exist")
     rows = read_metrics_csv(run_dir / "metrics.csv")

@@ -1,4 +1,4 @@
-"""Stop requests from the scheduler: SIGUSR1, SIGUSR2 and SIGTERM.
+"""Stop requests: SIGUSR1, SIGUSR2 and SIGTERM from the scheduler, SIGINT (Ctrl-C).
 
 SLURM sends them before a time limit or at preemption (``--signal``), ``scancel``
 and ``scontrol requeue`` send SIGTERM. The flow holds the handlers for the whole
@@ -11,6 +11,9 @@ run, and what a signal does depends on where the run is:
   handler raises :class:`~hpctrain.errors.Preempted` at once (exit code 75);
 - while the final checkpoint is written (``deferred`` again): the write finishes,
   then the run stops.
+
+A first Ctrl-C stops the run like SIGTERM (without requeuing a SLURM job: a person
+asked it to stop); a second one raises :class:`KeyboardInterrupt` at once.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 
 from .errors import Preempted
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 
 
 class StopRequest:
@@ -36,16 +39,26 @@ class StopRequest:
 
     def __init__(self, immediate: bool = False, when: str = "before training began") -> None:
         self.received: str | None = None
+        self.interrupted = False  # Ctrl-C (SIGINT) came
         self.immediate = immediate
         self.when = when
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and self.interrupted:
+            raise KeyboardInterrupt
+        self.interrupted = self.interrupted or name == "SIGINT"
         if self.received is None:
-            self.received = signal.Signals(signum).name
+            self.received = name
         if self.immediate:
             self.immediate = False  # one exception, even if more signals follow
-            raise Preempted(f"stopped by {signal.Signals(signum).name} {self.when}")
+            raise Preempted(f"stopped by {name} {self.when}")
+
+    @property
+    def requeue(self) -> bool:
+        """Whether the job should run again: not when a person pressed Ctrl-C."""
+        return not self.interrupted
 
     @contextlib.contextmanager
     def immediately(self, when: str) -> Iterator[None]:

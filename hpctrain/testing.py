@@ -90,7 +90,7 @@ def predict_in_memory(model: torch.nn.Module, structures: Path) -> list[dict[str
     dtype = next(model.parameters()).dtype
     neighbors = NeighborLists(model.requested_neighbor_lists())
     results = []
-    for atoms in ase.io.read(structures, ":"):
+    for atoms in ase.io.read(structures, ":", parallel=False):
         positions = torch.tensor(atoms.positions, dtype=dtype, requires_grad=True)
         strain = torch.zeros(3, 3, dtype=dtype, requires_grad=True)
         deform = torch.eye(3, dtype=dtype) + strain
@@ -220,8 +220,8 @@ class ArchitectureTests:
 
         folder = tmp_path_factory.mktemp("conformance-data")
         paths = {"molecules": folder / "molecules.xyz", "crystals": folder / "crystals.xyz"}
-        ase.io.write(paths["molecules"], emt_structures(False, 24, seed=1))
-        ase.io.write(paths["crystals"], emt_structures(True, 24, seed=2))
+        ase.io.write(paths["molecules"], emt_structures(False, 24, seed=1), parallel=False)
+        ase.io.write(paths["crystals"], emt_structures(True, 24, seed=2), parallel=False)
         return paths
 
     @pytest.fixture(scope="class")
@@ -309,7 +309,7 @@ class ArchitectureTests:
         rotated.cell = atoms.cell.array @ matrix.T
         permuted = atoms[np.random.default_rng(4).permutation(len(atoms))]
         path = tmp_path / "variants.xyz"
-        ase.io.write(path, [atoms, rotated, permuted])
+        ase.io.write(path, [atoms, rotated, permuted], parallel=False)
         results = predict_in_memory(model, path)
         energy = results[0]["energy"]
         assert results[1]["energy"] == pytest.approx(energy, rel=1e-10, abs=1e-10)
@@ -379,7 +379,7 @@ class ArchitectureTests:
             sample = tmp_path / f"{name}-sample.xyz"
             import ase.io
 
-            ase.io.write(sample, ase.io.read(data[name], ":4"))
+            ase.io.write(sample, ase.io.read(data[name], ":4", parallel=False), parallel=False)
             expected = predict_in_memory(model, sample)
             exported = evaluate_exported(path, sample, tmp_path / "extensions")
             for mine, theirs in zip(expected, exported):

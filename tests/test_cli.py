@@ -206,6 +206,15 @@ def test_parity_and_learning_curve_plots_are_pngs(trained, evaluated):
     assert_png(trained / "plots" / "curves.png")
 
 
+@pytest.mark.slow
+def test_plots_and_predictions_get_the_permissions_of_the_run_files(trained, evaluated):
+    """Written through temporary files, yet as readable as what the run wrote itself."""
+    expected = (trained / "run" / "metrics.csv").stat().st_mode & 0o777
+    assert expected & 0o044  # the umask of the tests lets others read
+    for name in ("parity.png", "predictions.xyz", "run/model.pt", "run/test_metrics.json"):
+        assert (trained / name).stat().st_mode & 0o777 == expected, name
+
+
 def best_step(run_dir):
     records = [
         json.loads((step / "COMMITTED").read_text()) for step in (run_dir / "checkpoints").iterdir()
@@ -281,6 +290,14 @@ def test_export_of_the_best_step_directory(trained):
         (["export", "run", "-o", "x.pt"], "run/model.ckpt"),
         (["plot", "run/checkpoints"], "run/checkpoints/metrics.csv"),
         (["plot", "missing-run"], "missing-run"),
+        # paths of the wrong kind: the message says which path was meant
+        (["eval", "run", "test.xyz"], "run is a run directory: evaluate its model, run/model.pt"),
+        (["plot", "run/metrics.csv"], "hpctrain plot takes a run directory"),
+        (["train", "run"], "run is a directory, not an options file; to repeat the run"),
+        (
+            ["train", "options.yaml", "-o", "again", "--continue", "run"],
+            "is a directory, not a checkpoint: to continue the run it holds, use",
+        ),
     ],
 )
 def test_bad_inputs_exit_2_naming_the_file(trained, args, named):
@@ -289,7 +306,7 @@ def test_bad_inputs_exit_2_naming_the_file(trained, args, named):
     assert "Traceback" not in result.stderr
     assert "hpctrain: error:" in result.stderr
     assert named in result.stderr
-    assert not (trained / "x.pt").exists()
+    assert not (trained / "x.pt").exists() and not (trained / "again").exists()
 
 
 @pytest.mark.parametrize(
@@ -318,3 +335,25 @@ def test_learning_curves_keep_the_latest_row_of_a_repeated_epoch(tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert rows[1]["train_loss"] == 1.1
     assert_png(learning_curves(tmp_path))
+
+
+@pytest.mark.slow
+def test_eval_under_mpiexec_writes_predictions_of_a_shard_directory(trained, evaluated):
+    """Only rank 0 writes the predictions; ASE's writers must not wait for the others."""
+    converted = run(
+        [HPCTRAIN, "convert", "test.xyz", "-o", "shards-mpi", "--shard-size", "4"], trained
+    )
+    assert converted.returncode == 0, converted.stderr
+    result = run(
+        [str(BIN / "mpiexec"), "-n", "2", HPCTRAIN, "eval", "run/model.pt", "shards-mpi"]
+        + ["-o", "predictions-shards-mpi.xyz"],
+        trained,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    one = ase.io.read(trained / "predictions.xyz", ":")
+    two = ase.io.read(trained / "predictions-shards-mpi.xyz", ":")
+    assert len(two) == len(one) == 10
+    for a, b in zip(one, two):
+        np.testing.assert_allclose(b.positions, a.positions, atol=1e-12)
+        assert b.info["predicted_energy"] == pytest.approx(a.info["predicted_energy"], rel=1e-9)

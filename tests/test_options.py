@@ -69,6 +69,11 @@ MALFORMED = {
     "not yaml": ("architecture: [mp_transformer\n", "is not valid YAML"),
     "not a mapping": ("- architecture\n- training_set\n", "must hold a mapping"),
     "top-level typo": (GOOD + "sed: 3\n", "unknown key 'sed'", "did you mean 'seed'?"),
+    "misspelt required key": (
+        "architecture: mp_transformer\ntrainig_set: ethanol.xyz\n",
+        "unknown key 'trainig_set'",
+        "did you mean 'training_set'?",
+    ),
     "no architecture": ("training_set: ethanol.xyz\n", "missing required key 'architecture'"),
     "no training set": ("architecture: mp_transformer\n", "missing required key 'training_set'"),
     "unknown architecture": (
@@ -178,3 +183,26 @@ def test_malformed_options(case, write_options):
 def test_missing_options_file(tmp_path):
     with pytest.raises(HpctrainError, match="nothing.yaml' does not exist"):
         prepare(tmp_path / "nothing.yaml")
+
+
+def test_validation_and_test_sets_without_targets_inherit_the_training_targets(write_options):
+    path = write_options(
+        """
+        architecture: mp_transformer
+        training_set:
+          systems: ethanol.xyz
+          targets:
+            energy: {key: E_dft, unit: kcal/mol, forces: {key: F_dft}, stress: true}
+        validation_set: ethanol.xyz
+        test_set:
+          - {systems: ethanol.xyz}
+          - {systems: ethanol.xyz, targets: {energy: {key: energy}}}
+        """
+    )
+    options = load_options(path)
+    trained = options.training_set[0].targets
+    assert options.validation_set[0].targets == trained
+    assert options.test_set[0].targets == trained
+    assert options.test_set[0].targets is not trained  # a copy
+    assert options.test_set[1].targets["energy"].key == "energy"  # given: kept
+    assert options.test_set[1].targets["energy"].unit == "eV"

@@ -10,6 +10,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -272,3 +273,83 @@ def test_a_stop_signal_outside_training_exits_75_and_auto_completes_the_run(
     rows = (run_dir / "metrics.csv").read_text().splitlines()
     assert [row.split(",")[0] for row in rows[1:]] == [str(e) for e in range(1, 13)]
     assert_same_weights(run_dir, uninterrupted if ranks == 1 else uninterrupted_on_two_ranks)
+
+
+def test_ctrl_c_checkpoints_like_sigterm_and_a_second_one_stops_at_once(
+    workdir, uninterrupted, tmp_path
+):
+    run_dir, pauses = tmp_path / "run", tmp_path / "pauses"
+    proc = start(workdir, run_dir, env=paused_env(pauses, 4))
+    wait_until_paused(pauses, 4, proc=proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-3000:]
+    assert "stopped by SIGINT at step 5;" in err and "Traceback" not in err
+    assert checkpoint.committed_steps(run_dir / "checkpoints")[-1][0] == 5
+    result = continue_auto(workdir, run_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming at step 5 " in result.stdout
+    assert_same_weights(run_dir, uninterrupted)
+
+    # pressed twice: the second one ends the run at once, without a checkpoint
+    run_dir, pauses = tmp_path / "twice", tmp_path / "pauses-twice"
+    proc = start(workdir, run_dir, env=paused_env(pauses, "12!"))
+    wait_until_paused(pauses, 12, proc=proc)
+    proc.send_signal(signal.SIGINT)
+    received = pauses / "received-12-rank-0"  # the first is handled (a flag) ...
+    deadline = time.monotonic() + 120
+    while not received.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert received.read_text() == "SIGINT"
+    proc.send_signal(signal.SIGINT)  # ... before the second comes
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "hpctrain: interrupted" in err and "Traceback" not in err, err[-3000:]
+    assert not (run_dir / "model.ckpt").exists()
+    assert checkpoint.committed_steps(run_dir / "checkpoints")[-1][0] <= 12
+
+
+def test_auto_sets_a_damaged_newest_checkpoint_aside_and_continues_the_one_before(
+    workdir, uninterrupted, tmp_path
+):
+    run_dir, pauses = tmp_path / "run", tmp_path / "pauses"
+    proc = start(workdir, run_dir, env=paused_env(pauses, 12))
+    wait_until_paused(pauses, 12, proc=proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-3000:]
+    steps = checkpoint.committed_steps(run_dir / "checkpoints")
+    (newest_step, newest), (before, _) = steps[-1], steps[-2]
+    assert newest_step == 13
+    shared = newest / "replicated.pt"
+    shared.write_bytes(shared.read_bytes()[: shared.stat().st_size // 2])  # truncated
+    explicit = run(
+        [sys.executable, "-m", "hpctrain", "options.yaml", "-o", str(tmp_path / "strict")]
+        + ["--continue", str(newest)],
+        workdir,
+    )
+    assert explicit.returncode == 2 and "not a readable checkpoint" in explicit.stderr
+    result = continue_auto(workdir, run_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    aside = run_dir / "checkpoints" / "step-000000013.damaged"
+    assert f"checkpoint {newest} cannot be read" in result.stdout
+    assert f"Set aside as {aside} (kept, not deleted)" in result.stdout
+    assert "cannot be read" in (run_dir / "train.log").read_text()
+    assert (aside / "replicated.pt").exists() and (aside / "COMMITTED").exists()
+    assert f"resuming at step {before} " in result.stdout
+    assert_same_weights(run_dir, uninterrupted)
+
+
+def test_auto_with_every_checkpoint_damaged_stops_naming_them(workdir, tmp_path):
+    run_dir, pauses = tmp_path / "run", tmp_path / "pauses"
+    proc = start(workdir, run_dir, env=paused_env(pauses, 5))
+    wait_until_paused(pauses, 5, proc=proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    for _, path in checkpoint.committed_steps(run_dir / "checkpoints"):
+        (path / "replicated.pt").write_bytes(b"garbage")
+    result = continue_auto(workdir, run_dir)
+    assert result.returncode == 2, result.stderr[-3000:]
+    message = result.stderr.strip().splitlines()[-1]
+    assert "no committed checkpoint in" in message and "step-000000006.damaged" in message
+    assert "Traceback" not in result.stderr

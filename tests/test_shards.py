@@ -269,7 +269,7 @@ def test_two_mpi_ranks_write_the_same_bytes_as_one(tmp_path, emt_xyz):
     failed = run([*mpiexec, *args, "-o", "three"], tmp_path, timeout=120)
     assert failed.returncode == 2, failed.stderr
     assert "part0.xyz, structure 3: target 'energy' holds NaN or inf values" in failed.stderr
-    assert list((tmp_path / "three").iterdir()) == []
+    assert not (tmp_path / "three").exists()  # nor an empty folder
 
 
 def test_a_truncated_shard_is_named(ethanol, copy_of):
@@ -349,7 +349,11 @@ def test_nan_in_an_input_stops_conversion_naming_file_and_structure(tmp_path, ca
     assert convert_cli(bad, "-o", out, "--shard-size", 16) == 2
     err = capsys.readouterr().err
     assert f"{bad}, structure 37: forces of 'energy' holds NaN or inf values" in err
-    assert sorted(p.name for p in out.iterdir()) == []  # no manifest, no partial shards
+    assert not out.exists()  # no manifest, no partial shards, no empty folder
+    # into a folder that was there: it stays, empty
+    out.mkdir()
+    assert convert_cli(bad, "-o", out, "--shard-size", 16) == 2
+    assert out.is_dir() and sorted(p.name for p in out.iterdir()) == []
 
 
 def test_missing_keys_and_bad_flags_name_the_flag(tmp_path, capsys):
@@ -551,3 +555,63 @@ def test_an_epoch_reads_each_structure_once_across_unaligned_shards(tmp_path):
         for index in step.local:
             dataset[int(index)]
     assert sum(reads) > len(dataset)
+
+
+def test_damaged_hdf5_metadata_is_named_never_a_traceback(ethanol, copy_of):
+    """Bytes flipped in the first 4 KiB of a shard (superblock, groups, object headers
+    and attributes): ``verify`` names the shard every time, ``summarize`` reports it
+    or (when what it reads is intact) summarizes; no other exception escapes."""
+    import random
+
+    shard_name = "shard-0000-00001.h5"
+    broken, unreadable = copy_of(ethanol), None
+    for seed in range(24):
+        shard = broken / shard_name
+        data = bytearray((ethanol / shard_name).read_bytes())
+        rng = random.Random(seed)
+        for _ in range(8):
+            data[rng.randrange(4096)] ^= 0xFF
+        shard.write_bytes(bytes(data))
+        with pytest.raises(DataError, match=shard_name):
+            verify(broken)
+        try:
+            summarize(broken)
+        except DataError as error:
+            assert shard_name in str(error)
+            if "HDF5 structure cannot be read" in str(error):
+                unreadable = bytes(data)
+    assert unreadable is not None  # the library's own errors were among those met
+    (broken / shard_name).write_bytes(unreadable)
+    for command in (["inspect", str(broken)], ["inspect", str(broken), "--verify"]):
+        result = run([str(BIN / "hpctrain"), *command], ROOT)
+        assert result.returncode == 2, result.stderr
+        assert shard_name in result.stderr and "Traceback" not in result.stderr
+
+
+def test_convert_stores_every_label_the_data_has_by_default(emt_xyz, tmp_path, capsys):
+    assert convert_cli(emt_xyz, "-o", tmp_path / "default") == 0
+    out = capsys.readouterr().out
+    assert "storing energy ('energy'), forces ('forces'), stress ('stress')" in out
+    assert "not storing virial (stress is stored)" in out
+    assert convert_cli(emt_xyz, "-o", tmp_path / "explicit", "--stress", "stress") == 0
+    assert files_of(tmp_path / "default") == files_of(tmp_path / "explicit")
+    # molecules: forces, no stress
+    assert convert_cli(EXAMPLE_XYZ, "-o", tmp_path / "molecules") == 0
+    out = capsys.readouterr().out
+    assert "storing energy ('energy'), forces ('forces'); not storing stress (structure 0" in out
+    assert ShardDataset(tmp_path / "molecules").info.targets["energy"].gradients == ["positions"]
+    # a virial instead of a stress is found and stored as stress
+    frames = ase.io.read(emt_xyz, ":")
+    for atoms in frames:
+        virial = -atoms.get_stress(voigt=False) * atoms.get_volume()
+        atoms.calc.results.pop("stress")
+        atoms.info["virial"] = virial.reshape(9)
+    ase.io.write(tmp_path / "virial.xyz", frames, format="extxyz")
+    assert convert_cli(tmp_path / "virial.xyz", "-o", tmp_path / "from-virial") == 0
+    assert "stress ('stress')" not in capsys.readouterr().out
+    stored = ShardDataset(tmp_path / "from-virial")
+    reference = ShardDataset(tmp_path / "default")
+    for index in (0, 29):
+        torch.testing.assert_close(
+            stored[index].stress["energy"], reference[index].stress["energy"], rtol=1e-9, atol=1e-12
+        )

@@ -265,3 +265,33 @@ def test_fine_tuning_on_other_data_and_transfer_to_a_new_target(workdir, single_
     rows = (workdir / "transfer" / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
     assert "val energy/formation RMSE [eV/atom]" in rows[0]
+
+
+def test_elements_the_training_set_lacks_are_refused_before_training(workdir):
+    frames = ase.io.read(EXAMPLE_XYZ, ":4")
+    for atoms in frames:
+        atoms.numbers[atoms.numbers == 8] = 7  # the oxygen of ethanol becomes a nitrogen
+    ase.io.write(workdir / "nitrogen.xyz", frames)
+    (workdir / "nitrogen.yaml").write_text(
+        OPTIONS.replace("validation_set: 0.1", "validation_set: nitrogen.xyz")
+    )
+    result = run([sys.executable, "-m", "hpctrain", "nitrogen.yaml", "-o", "nitrogen"], workdir)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert "nitrogen.xyz" in message and "elements (N)" in message, message
+    assert "the training set has H, C, O" in message, message
+    assert not (workdir / "nitrogen" / "checkpoints").exists()
+
+
+def test_training_again_into_a_run_directory_is_refused_without_continue(workdir, single_run):
+    run_dir, _ = single_run
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
+    rows = (run_dir / "metrics.csv").read_text()
+    result = run([sys.executable, "-m", "hpctrain", "options.yaml", "-o", "single"], workdir)
+    assert result.returncode == 2, result.stderr[-3000:]
+    message = result.stderr.strip().splitlines()[-1]
+    assert "single holds a finished run already" in message, message
+    assert "--continue auto" in message and "a new --output-dir" in message, message
+    assert (run_dir / "metrics.csv").read_text() == rows  # nothing appended
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before

@@ -10,6 +10,7 @@ temporary file and a rename: a directory with a manifest is complete.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -272,6 +273,7 @@ def convert(
     output = Path(output)
     group = ranks()
     started = time.monotonic()
+    existed = output.exists()  # (rank 0's answer is the one used)
     _on_rank_0(group, lambda: _prepare_output(output, inputs, overwrite))
     sizes = [Path(p).stat().st_size for p in inputs]
     mine = assign(sizes, group.size)[group.rank]
@@ -301,6 +303,10 @@ def convert(
     first_error = group.bcast(first_error)
     if first_error:
         _remove(output, result["records"])
+        group.gather(None)  # every rank has removed its shards
+        if group.rank == 0 and not existed:
+            with contextlib.suppress(OSError):  # only an empty directory goes
+                output.rmdir()
         _raise(*first_error[1:])
 
     def finish() -> None:
@@ -329,6 +335,52 @@ def convert(
 
     _on_rank_0(group, finish)
     return result.get("manifest")
+
+
+def choose_labels(
+    first_input: str,
+    reader: str | None,
+    energy: str,
+    forces: str,
+    stress: str,
+    virial: str,
+) -> tuple[str | None, str | None, str | None, str]:
+    """The forces, stress and virial keys to store (``auto`` resolved on the first
+    structure of the first input) and a line saying what is stored and what is not."""
+    from .dataset import first_frame, keys_of, label_key
+
+    if not Path(first_input).is_file():
+        raise DataError(f"input {first_input} does not exist or is not a file")
+    atoms = first_frame(Path(first_input), reader)
+    periodic = bool(atoms.pbc.all())
+    forces_key = label_key(atoms, forces, "forces")
+    virial_given = virial not in (None, "", "none", "auto")
+    stress_key = (
+        None if virial_given and stress == "auto" else label_key(atoms, stress, "stress", periodic)
+    )
+    virial_key = None if stress_key else label_key(atoms, virial, "virial", periodic)
+    chosen = {"forces": forces_key, "stress": stress_key, "virial": virial_key}
+    flags = {"forces": forces, "stress": stress, "virial": virial}
+
+    def why_not(label: str) -> str:
+        if flags[label] in (None, "", "none"):
+            return f"--{label} none"
+        if label == "virial" and stress_key:
+            return "stress is stored"
+        if label == "stress" and virial_key:
+            return "the virial is stored as stress"
+        if label != "forces" and not periodic:
+            return "structure 0 is not periodic"
+        return "not in the data"
+
+    stored = [f"energy ('{energy}')"] + [f"{k} ('{v}')" for k, v in chosen.items() if v]
+    skipped = [f"{label} ({why_not(label)})" for label, key in chosen.items() if key is None]
+    read = {energy, "numbers", "positions", *filter(None, chosen.values())}
+    others = ", ".join(sorted(keys_of(atoms) - read))
+    line = f"storing {', '.join(stored)}; not storing {', '.join(skipped) or 'anything else'}"
+    if others:
+        line += f"; other keys of {first_input}: {others}"
+    return forces_key, stress_key, virial_key, line
 
 
 def spec_from_args(

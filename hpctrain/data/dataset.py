@@ -241,7 +241,9 @@ class Frame:
     stress: dict[str, np.ndarray]  # [3, 3]
 
 
-def _lookup(atoms, key: str):
+def lookup(atoms, key: str):
+    """The value stored under ``key`` in an ASE structure (info, arrays or calculator
+    results), or None."""
     if key in atoms.info:
         return atoms.info[key]
     if key in atoms.arrays:
@@ -297,11 +299,11 @@ def extract_frame(atoms, spec: FrameSpec, where: str) -> Frame:
     )
     for target in spec.targets:
         name, factor, hints = target.name, target.energy_factor, target.hints
-        value = _lookup(atoms, target.key)
+        value = lookup(atoms, target.key)
         if value is None:
             raise DataError(
                 f"{where} has no '{target.key}' for target '{name}' ({hints.get('key', '')}); "
-                f"available keys: {sorted(_keys_of(atoms))}"
+                f"available keys: {sorted(keys_of(atoms))}"
             )
         value = np.asarray(value, dtype=np.float64) * factor
         if value.size != (n if target.per_atom else 1):
@@ -311,7 +313,7 @@ def extract_frame(atoms, spec: FrameSpec, where: str) -> Frame:
             )
         frame.targets[name] = value.reshape(n if target.per_atom else 1)
         if target.forces_key:
-            f = _lookup(atoms, target.forces_key)
+            f = lookup(atoms, target.forces_key)
             if f is None:
                 raise DataError(
                     f"{where} has no forces '{target.forces_key}' for target '{name}'; "
@@ -323,7 +325,7 @@ def extract_frame(atoms, spec: FrameSpec, where: str) -> Frame:
             frame.forces[name] = f * factor / length
         skey = target.stress_key or target.virial_key
         if skey:
-            raw = _lookup(atoms, skey)
+            raw = lookup(atoms, skey)
             if raw is None:
                 raise DataError(
                     f"{where} has no '{skey}' for target '{name}'; {hints.get('stress', '')}"
@@ -341,11 +343,36 @@ def extract_frame(atoms, spec: FrameSpec, where: str) -> Frame:
     return frame
 
 
-def _keys_of(atoms) -> set[str]:
+def keys_of(atoms) -> set[str]:
+    """Every key an ASE structure stores a value under."""
     keys = set(atoms.info) | set(atoms.arrays)
     if atoms.calc is not None:
         keys |= set(getattr(atoms.calc, "results", {}))
     return keys
+
+
+def first_frame(path: Path, reader: str | None) -> Any:
+    """The first structure of a file ASE reads, or a :class:`DataError` naming it."""
+    import ase.io
+
+    try:
+        return ase.io.read(path, 0, format=reader, parallel=False)
+    except Exception as error:
+        raise DataError(
+            f"cannot read {path} with ASE ({type(error).__name__}: {error}); give a file ASE "
+            "reads (extxyz, ...; --format names its format) or a shard directory"
+        ) from None
+
+
+def label_key(atoms, requested: str | None, default: str, usable: bool = True) -> str | None:
+    """The key of a label (forces, stress, virial) from a flag: ``none`` or None ->
+    not read; ``auto`` -> ``default`` when ``atoms`` (a first structure) has it and the
+    label is ``usable`` there (stress: a periodic structure); else ``requested``."""
+    if requested in (None, "", "none"):
+        return None
+    if requested == "auto":
+        return default if usable and lookup(atoms, default) is not None else None
+    return requested
 
 
 def _check_finite(frame: Frame, where: str) -> None:

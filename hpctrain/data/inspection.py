@@ -20,6 +20,7 @@ from .shards import (
     REMEDY,
     all_selections,
     check_shard,
+    damage_named,
     read_manifest,
     sha256_of,
 )
@@ -77,7 +78,8 @@ def summarize(directory: str | Path) -> str:
         counts.add(n_atoms)
         smallest = min(int(n_atoms.min()), smallest)
         largest = max(int(n_atoms.max()), largest)
-        with h5py.File(directory / record["file"], "r") as file:
+        path = directory / record["file"]
+        with h5py.File(path, "r") as file, damage_named(path):
             for name, target in stored.items():
                 data = file[f"targets/{name}"][:]
                 values[name].add(data)
@@ -154,7 +156,7 @@ def verify(directory: str | Path) -> int:
                 f"{MANIFEST}; the file was damaged or changed: {REMEDY}"
             )
         offsets = check_shard(directory, record, stored, selections)
-        with h5py.File(path, "r") as file:
+        with h5py.File(path, "r") as file, damage_named(path):
             _verify_contents(file, path, offsets, record, stored)
     return int(manifest["n_structures"])
 

@@ -14,11 +14,12 @@ one HDF5 read per block, not per structure.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -202,44 +203,62 @@ def check_shard(
         file = h5py.File(path, "r")
     except OSError as error:
         raise DataError(f"shard {path} is not a readable HDF5 file ({error}); {REMEDY}") from None
-    with file:
-        attrs = {k: file.attrs.get(k) for k in ("format", "n_structures", "n_atoms")}
-        if attrs["format"] != FORMAT or file.attrs.get("format_version") != FORMAT_VERSION:
-            raise DataError(f"shard {path} is not a version {FORMAT_VERSION} '{FORMAT}' file")
-        if (attrs["n_structures"], attrs["n_atoms"]) != (n, n_atoms):
-            raise DataError(
-                f"shard {path} holds {attrs['n_structures']} structures and "
-                f"{attrs['n_atoms']} atoms, the manifest says {n} and {n_atoms}; {REMEDY}"
-            )
-        shapes = {
-            "offsets": (n + 1,),
-            "numbers": (n_atoms,),
-            "positions": (n_atoms, 3),
-            "cells": (n, 3, 3),
-            "pbc": (n, 3),
-        }
-        for selection in selections.values():
-            name = selection.stored
-            shapes[f"targets/{name}"] = (n_atoms,) if stored[name]["per_atom"] else (n,)
-            if selection.forces:
-                shapes[f"forces/{name}"] = (n_atoms, 3)
-            if selection.stress:
-                shapes[f"stress/{name}"] = (n, 3, 3)
-        for name, shape in shapes.items():
-            dataset = file.get(name)
-            if not isinstance(dataset, h5py.Dataset):
-                raise DataError(f"shard {path} has no dataset '{name}'; {REMEDY}")
-            if dataset.shape != shape:
-                raise DataError(
-                    f"shard {path}: dataset '{name}' has shape {dataset.shape}, expected "
-                    f"{shape}; {REMEDY}"
-                )
-        try:
-            offsets = file["offsets"][:]
-        except OSError as error:
-            raise DataError(f"shard {path}: cannot read 'offsets' ({error}); {REMEDY}") from None
+    with file, damage_named(path):
+        offsets = _check_layout(file, path, n, n_atoms, stored, selections)
     check_offsets(offsets, n_atoms, str(path))
     return offsets
+
+
+@contextlib.contextmanager
+def damage_named(path: Path) -> Iterator[None]:
+    """Within: an HDF5 library error (a shard whose structure is damaged, not only its
+    values) becomes a :class:`DataError` naming the shard."""
+    try:
+        yield
+    except (OSError, KeyError, ValueError, RuntimeError, TypeError) as error:
+        raise DataError(
+            f"shard {path} is damaged: its HDF5 structure cannot be read ({error}); {REMEDY}"
+        ) from None
+
+
+def _check_layout(
+    file, path: Path, n: int, n_atoms: int, stored: dict, selections: dict[str, Selection]
+) -> np.ndarray:
+    """The attributes and dataset shapes of an open shard; returns its ``offsets``."""
+    import h5py
+
+    attrs = {k: file.attrs.get(k) for k in ("format", "n_structures", "n_atoms")}
+    if attrs["format"] != FORMAT or file.attrs.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"shard {path} is not a version {FORMAT_VERSION} '{FORMAT}' file")
+    if (attrs["n_structures"], attrs["n_atoms"]) != (n, n_atoms):
+        raise DataError(
+            f"shard {path} holds {attrs['n_structures']} structures and "
+            f"{attrs['n_atoms']} atoms, the manifest says {n} and {n_atoms}; {REMEDY}"
+        )
+    shapes = {
+        "offsets": (n + 1,),
+        "numbers": (n_atoms,),
+        "positions": (n_atoms, 3),
+        "cells": (n, 3, 3),
+        "pbc": (n, 3),
+    }
+    for selection in selections.values():
+        name = selection.stored
+        shapes[f"targets/{name}"] = (n_atoms,) if stored[name]["per_atom"] else (n,)
+        if selection.forces:
+            shapes[f"forces/{name}"] = (n_atoms, 3)
+        if selection.stress:
+            shapes[f"stress/{name}"] = (n, 3, 3)
+    for name, shape in shapes.items():
+        dataset = file.get(name)
+        if not isinstance(dataset, h5py.Dataset):
+            raise DataError(f"shard {path} has no dataset '{name}'; {REMEDY}")
+        if dataset.shape != shape:
+            raise DataError(
+                f"shard {path}: dataset '{name}' has shape {dataset.shape}, expected "
+                f"{shape}; {REMEDY}"
+            )
+    return file["offsets"][:]
 
 
 def check_offsets(offsets: np.ndarray, n_atoms: int, where: str) -> None:

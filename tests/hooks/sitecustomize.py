@@ -12,8 +12,10 @@ It does nothing unless ``HPCTRAIN_TEST_PAUSE_AT`` is set:
     validation after the last epoch, ``export`` before the model is exported
 ``HPCTRAIN_TEST_PAUSE_DIR=DIR``
     where a pausing rank writes ``paused-POINT-rank-R`` (holding its process id); it
-    goes on once it has received a stop signal (SIGUSR1, SIGUSR2, SIGTERM) or when
-    ``DIR/release-POINT`` exists
+    goes on once it has received a stop signal (SIGUSR1, SIGUSR2, SIGTERM, SIGINT) or
+    when ``DIR/release-POINT`` exists. A point written ``POINT!`` waits for the
+    release alone, and writes ``received-POINT-rank-R`` once a stop signal came (for
+    tests that send more than one signal).
 """
 
 import functools
@@ -31,7 +33,8 @@ def pause(point) -> None:
     from hpctrain import run
 
     context = run.current()
-    if str(point) not in PAUSE_AT:
+    deaf = f"{point}!" in PAUSE_AT
+    if str(point) not in PAUSE_AT and not deaf:
         return
     folder = Path(os.environ["HPCTRAIN_TEST_PAUSE_DIR"])
     marker = folder / f"paused-{point}-rank-{context.rank}"
@@ -39,7 +42,10 @@ def pause(point) -> None:
         return
     marker.write_text(str(os.getpid()))
     deadline = time.monotonic() + TIMEOUT_S
-    while not (context.stop and context.stop.received):
+    noticed = folder / f"received-{point}-rank-{context.rank}"
+    while deaf or not (context.stop and context.stop.received):
+        if deaf and context.stop and context.stop.received and not noticed.exists():
+            noticed.write_text(context.stop.received)
         if (folder / f"release-{point}").exists():
             return
         if time.monotonic() > deadline:
