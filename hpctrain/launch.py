@@ -342,16 +342,20 @@ class ProcessGroup:
             )
             self._owned = True
 
-    def close(self) -> None:
+    def close(self, together: bool = False) -> None:
+        """Destroy the group; ``together``: once every rank is here (a normal end), so
+        that no rank tears its connections down while another still uses them."""
         if self._owned and dist.is_initialized():
+            if together:
+                dist.barrier()
             dist.destroy_process_group()
         self._owned = False
 
     def __enter__(self) -> ProcessGroup:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, kind: Any, *exc: Any) -> None:
+        self.close(together=kind is None)
 
 
 def is_distributed() -> bool:
