@@ -558,6 +558,7 @@ def worker(config_path: Path) -> None:
                 "ranks": gathered,
             }
             Path(config["out"]).write_text(json.dumps(result, indent=1))
+        del engine, trainer, model  # DDP and its pending work go before the group
         launch.barrier()
 
 

@@ -269,6 +269,7 @@ def run_training(
         finish(trainer, model, info, test_sets, device, run_dir, env, stop)
         if env.is_main:
             log.info(summary(run_dir, time.perf_counter() - started))
+        del model, trainer  # (with DDP and its pending work) before the group goes
     return run_dir
 
 

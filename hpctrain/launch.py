@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import gc
 import os
 import re
 import socket
@@ -344,11 +345,18 @@ class ProcessGroup:
 
     def close(self, together: bool = False) -> None:
         """Destroy the group; ``together``: once every rank is here (a normal end), so
-        that no rank tears its connections down while another still uses them."""
+        that no rank tears its connections down while another still uses them.
+
+        Objects that hold its pending work (DDP's reducer, in reference cycles with the
+        engine) are collected first: destroyed later, while the interpreter shuts
+        down, such work aborts the process (gloo: "terminate called without an active
+        exception")."""
         if self._owned and dist.is_initialized():
+            gc.collect()
             if together:
                 dist.barrier()
             dist.destroy_process_group()
+            gc.collect()
         self._owned = False
 
     def __enter__(self) -> ProcessGroup:
