@@ -76,6 +76,16 @@ def start(workdir, output, *extra, launcher=(), program=("-m", "hpctrain"), env=
     )
 
 
+def stopped_at(workdir, run_dir, step, sig) -> subprocess.Popen:
+    """A run into ``run_dir`` paused after ``step`` and sent ``sig`` there; ended."""
+    pauses = run_dir.parent / f"pauses-{run_dir.name}"
+    proc = start(workdir, run_dir, env=paused_env(pauses, step))
+    wait_until_paused(pauses, step, proc=proc)
+    proc.send_signal(sig)
+    proc.communicate(timeout=120)
+    return proc
+
+
 def continue_auto(workdir, run_dir, launcher=()) -> subprocess.CompletedProcess:
     """``--continue auto`` in ``run_dir``, to its end."""
     return run(
@@ -312,12 +322,8 @@ def test_ctrl_c_checkpoints_like_sigterm_and_a_second_one_stops_at_once(
 def test_auto_sets_a_damaged_newest_checkpoint_aside_and_continues_the_one_before(
     workdir, uninterrupted, tmp_path
 ):
-    run_dir, pauses = tmp_path / "run", tmp_path / "pauses"
-    proc = start(workdir, run_dir, env=paused_env(pauses, 12))
-    wait_until_paused(pauses, 12, proc=proc)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 75, err[-3000:]
+    run_dir = tmp_path / "run"
+    assert stopped_at(workdir, run_dir, 12, signal.SIGTERM).returncode == 75
     steps = checkpoint.committed_steps(run_dir / "checkpoints")
     (newest_step, newest), (before, _) = steps[-1], steps[-2]
     assert newest_step == 13
@@ -341,11 +347,8 @@ def test_auto_sets_a_damaged_newest_checkpoint_aside_and_continues_the_one_befor
 
 
 def test_auto_with_every_checkpoint_damaged_stops_naming_them(workdir, tmp_path):
-    run_dir, pauses = tmp_path / "run", tmp_path / "pauses"
-    proc = start(workdir, run_dir, env=paused_env(pauses, 5))
-    wait_until_paused(pauses, 5, proc=proc)
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=120)
+    run_dir = tmp_path / "run"
+    assert stopped_at(workdir, run_dir, 5, signal.SIGTERM).returncode == 75
     for _, path in checkpoint.committed_steps(run_dir / "checkpoints"):
         (path / "replicated.pt").write_bytes(b"garbage")
     result = continue_auto(workdir, run_dir)
