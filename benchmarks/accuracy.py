@@ -57,10 +57,10 @@ def baseline(data: Path, stress: bool) -> dict[str, float]:
             stresses.append(s.stress["energy"].numpy().ravel())
     result = {
         "energy RMSE [eV/atom]": float(np.sqrt(np.mean(np.square(energy)))),
-        "energy forces RMSE [eV/A]": float(np.sqrt(np.mean(np.square(np.concatenate(forces))))),
+        "forces RMSE [eV/A]": float(np.sqrt(np.mean(np.square(np.concatenate(forces))))),
     }
     if stress:
-        result["energy stress RMSE [eV/A^3]"] = float(
+        result["stress RMSE [eV/A^3]"] = float(
             np.sqrt(np.mean(np.square(np.concatenate(stresses))))
         )
     return result

@@ -209,9 +209,9 @@ def run_ours(options: dict, workdir: Path, env: dict) -> dict:
         "epoch_period_s": epoch_period(stamps),
         "train_epoch_s": statistics.mean(train_times[1:] or train_times),
         "val_energy_rmse_ev_per_atom": float(last["val energy RMSE [eV/atom]"]),
-        "val_forces_rmse_ev_per_a": float(last["val energy forces RMSE [eV/A]"]),
+        "val_forces_rmse_ev_per_a": float(last["val forces RMSE [eV/A]"]),
         "per_epoch": [
-            [float(r["val energy RMSE [eV/atom]"]), float(r["val energy forces RMSE [eV/A]"])]
+            [float(r["val energy RMSE [eV/atom]"]), float(r["val forces RMSE [eV/A]"])]
             for r in rows
         ],
     }

@@ -454,7 +454,7 @@ def worker(config_path: Path) -> None:
     device = launch.device_for(env, device_type)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    torch.set_num_threads(launch.threads_per_rank(env, options.distributed.threads_per_rank))
+    torch.set_num_threads(launch.threads_per_rank(env, options.distributed.threads_per_rank).count)
     backend = launch.backend_for(device_type, options.distributed.backend)
     with launch.ProcessGroup(env, backend, options.distributed.timeout_s):
         run_dir = Path(config["run_dir"])

@@ -273,7 +273,7 @@ EVAL_EXAMPLE = """example:
 
 prints MAE and RMSE of the energy per atom and per structure, the forces and the
 stress (here of a small model after 3 epochs on examples/rmd17_ethanol_100.xyz):
-  run/model.pt on test.xyz: 10 structures (energy, forces), float64, 1 rank(s), cpu
+  run/model.pt on test.xyz: 10 structures (energy, forces), float64, 1 rank, cpu
   target                         MAE          RMSE
   energy [eV/atom]         0.0188236     0.0251161
   energy [eV]               0.169413      0.226045

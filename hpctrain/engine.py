@@ -30,10 +30,10 @@ from .data.batch import Batch, collate
 from .data.dataset import AtomisticDataset
 from .data.sampler import DistributedBatchSampler, work_estimates
 from .errors import CheckpointError, DataError, OptionsError, Preempted, TrainingDiverged
-from .evaluation import EnergyModule, evaluate, predict, split_key
+from .evaluation import GRADIENT_NAMES, EnergyModule, evaluate, gradient_of, predict
 from .optim import ExponentialMovingAverage, LearningRate
 from .progress import ProgressMeter
-from .report import MetricsLog, get_logger
+from .report import MetricsLog, errors_text, get_logger, plural, significant
 from .signals import STOP_SIGNALS
 from .systems import NeighborLists
 
@@ -122,15 +122,37 @@ class ConcatDataset:
         return np.concatenate([d.volumes for d in self.datasets])
 
 
-def _check_same_targets(datasets: Sequence[AtomisticDataset], what: str) -> None:
-    first = datasets[0]
-    for other in datasets[1:]:
-        if other.info.targets != first.info.targets:
+def labels_of(dataset: AtomisticDataset) -> set[tuple[str, str]]:
+    """``{("energy", ""), ("energy", "forces")}``: each target, and its gradients."""
+    return {
+        (name, GRADIENT_NAMES.get(g, g))
+        for name, target in dataset.info.targets.items()
+        for g in ["", *target.gradients]
+    }
+
+
+def check_datasets(hypers: TrainingHypers, world_size: int, train_datasets: Sequence) -> None:
+    """What the engine cannot train, found before training (the flow asks through
+    :meth:`~hpctrain.trainer.EngineTrainer.check_datasets`, before its banner): training
+    sets with different labels, and fewer structures or a smaller batch than ranks."""
+    keys = [f"training_set[{i}]" for i in range(len(train_datasets))]
+    labels = [labels_of(d) for d in train_datasets]
+    for i in range(1, len(train_datasets)):
+        if labels[i] != labels[0]:
+            target, gradient = sorted(labels[i] ^ labels[0])[0]
+            has, lacks = (0, i) if (target, gradient) in labels[0] else (i, 0)
+            what = f"'{target}' {gradient}" if gradient else f"target '{target}'"
+            setting = f"targets.{target}.{gradient}" if gradient else f"targets.{target}"
             raise DataError(
-                f"{what} datasets {first.name} and {other.name} provide different "
-                "targets or gradients; the reference engine trains on datasets with "
-                "identical targets"
+                f"the training sets carry different labels: {keys[has]} "
+                f"({train_datasets[has].name}) has {what}, {keys[lacks]} "
+                f"({train_datasets[lacks].name}) has not. Every training set needs the same "
+                f"labels for now: give {keys[lacks]} {what} too, or leave {setting} out of "
+                f"{keys[has]}"
             )
+    DistributedBatchSampler.check_fits(
+        sum(len(d) for d in train_datasets), hypers.batch_size, world_size
+    )
 
 
 @dataclasses.dataclass
@@ -163,7 +185,7 @@ class Engine:
         self.checkpoint_dir = Path(checkpoint_dir)
         self.save_checkpoint = save_checkpoint
         self.log = get_logger()
-        _check_same_targets(train_datasets, "training")
+        check_datasets(hypers, self.context.world_size, train_datasets)
         self.train_set = ConcatDataset(train_datasets)
         self.val_sets = list(val_datasets)
         self.targets = dict(model.dataset_info.targets)
@@ -374,8 +396,9 @@ class Engine:
             metrics = MetricsLog(ctx.run_dir, ctx.logging.tensorboard, self.progress.step)
         meter = ProgressMeter(ctx.logging, ctx.is_main)
         self.log.info(
-            f"training: {hp.num_epochs} epochs of {self.steps_per_epoch} steps, global batch "
-            f"{hp.batch_size} on {ctx.world_size} rank(s)"
+            f"training: {plural(hp.num_epochs, 'epoch')} of "
+            f"{plural(self.steps_per_epoch, 'step')}, global batch {hp.batch_size} on "
+            f"{plural(ctx.world_size, 'rank')}"
         )
         if self.progress.epoch >= hp.num_epochs:
             self.log.info(
@@ -490,8 +513,7 @@ class Engine:
         loss = 0.0
         for key, value in metrics.items():
             if " RMSE [" in key:
-                gradient = split_key(key.split(" RMSE [")[0])[1]
-                loss += weights[gradient] * value**2
+                loss += weights[gradient_of(key)] * value**2
         return loss
 
     def validate(self) -> dict[str, float]:
@@ -575,10 +597,7 @@ def wrap_ddp(network: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
 def _format_row(row: dict[str, float], num_epochs: int, rate: float) -> str:
     parts = [f"epoch {row['epoch']:>4}/{num_epochs}", f"loss {row['train_loss']:.4g}"]
-    for key, value in row.items():
-        if key.startswith("val ") and " RMSE [" in key:
-            label, unit = key[4:].split(" RMSE [")
-            parts.append(f"{label} RMSE {value:.4g} {unit[:-1]}")
+    parts.append(errors_text({k: v for k, v in row.items() if k.startswith("val ")}))
     parts.append(f"lr {row['learning_rate']:.3g}")
-    parts.append(f"{row['epoch_time_s']:.2f} s ({rate:.0f} structures/s)")
-    return "  ".join(parts)
+    parts.append(f"{row['epoch_time_s']:.2f} s ({significant(rate)} structures/s)")
+    return "  ".join(p for p in parts if p)

@@ -2,7 +2,13 @@
 
 
 class HpctrainError(Exception):
-    """Base class of every error that the command line reports without a traceback."""
+    """Base class of every error that the command line reports without a traceback.
+
+    ``agreed``: every rank of the run holds this error, with every rank's message (see
+    :func:`hpctrain.launch.agree_on_errors`), so rank 0 alone reports it.
+    """
+
+    agreed = False
 
 
 class OptionsError(HpctrainError):

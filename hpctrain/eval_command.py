@@ -25,6 +25,7 @@ from .data.batch import Batch
 from .errors import CheckpointError, DataError, HpctrainError
 from .evaluation import evaluate_exported_model, split_key
 from .options import DatasetOptions, SystemsOptions, TargetOptions
+from .report import plural
 
 TARGET = "energy"
 SOURCE = "the command line of hpctrain eval"
@@ -303,7 +304,7 @@ def evaluate_file(args: argparse.Namespace) -> dict[str, float]:
     device = launch.device_for(env, device_type)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    torch.set_num_threads(launch.threads_per_rank(env))
+    torch.set_num_threads(launch.threads_per_rank(env).count)
     with launch.ProcessGroup(env, launch.backend_for(device_type), args.timeout):
         run.set_current(run.RunContext(rank=env.rank, world_size=env.world_size))
         # references in float64, whatever the model's dtype: written files keep them exact
@@ -327,7 +328,7 @@ def evaluate_file(args: argparse.Namespace) -> dict[str, float]:
             )
             print(
                 f"{model_path} on {dataset.name}: {len(dataset)} structures ({gradients}), "
-                f"{capabilities.dtype}, {env.world_size} rank(s), {device_type}",
+                f"{capabilities.dtype}, {plural(env.world_size, 'rank')}, {device_type}",
                 flush=True,
             )
             print(format_table(metrics), flush=True)

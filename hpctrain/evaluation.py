@@ -147,6 +147,9 @@ def evaluate(
     return errors.metrics()
 
 
+GRADIENT_NAMES = {"positions": "forces", "strain": "stress"}  # (TargetInfo.gradients)
+
+
 def split_key(key: str) -> tuple[str, str]:
     """``"energy/pbe forces"`` -> ``("energy/pbe", "forces")``; ``"energy"`` -> ``("energy", "")``.
 
@@ -157,13 +160,27 @@ def split_key(key: str) -> tuple[str, str]:
     return name, gradient
 
 
+def display_name(key: str) -> str:
+    """What messages and metrics call a prediction: ``forces`` and ``stress`` for the
+    gradients of ``energy``; other targets keep their name (``energy/pbe forces``)."""
+    name, gradient = split_key(key)
+    return gradient if gradient and name == "energy" else key
+
+
+def gradient_of(label: str) -> str:
+    """The gradient a metric names: ``forces RMSE [eV/A]`` and ``energy/pbe forces RMSE
+    [eV/A]`` -> ``forces``; ``energy RMSE [eV/atom]`` -> ``""``."""
+    words = label.split(" [")[0].split(" ")
+    return words[-2] if len(words) >= 2 and words[-2] in ("forces", "stress") else ""
+
+
 def metric_label(key: str, targets: dict[str, Any], total: bool = False) -> str:
-    """``energy {} [eV/atom]``, ``energy forces {} [eV/A]``, ... with units;
+    """``energy {} [eV/atom]``, ``forces {} [eV/A]``, ``stress {} [eV/A^3]`` with units;
     ``energy {} [eV]`` for the energy per structure (``total``)."""
     name, gradient = split_key(key)
     unit = targets[name].unit
     suffix = "" if total else {"": "/atom", "forces": "/A", "stress": "/A^3"}[gradient]
-    return f"{key} {{}} [{unit}{suffix}]"
+    return f"{display_name(key)} {{}} [{unit}{suffix}]"
 
 
 def evaluate_model(

@@ -16,7 +16,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -24,17 +24,20 @@ import torch
 from . import __version__, checkpoint, launch, progress, run
 from .architecture import Architecture, DatasetInfo, choose_device_type, choose_dtype, resolve
 from .data import AtomisticDataset, read_dataset, split_indices
-from .errors import CheckpointError, DataError, OptionsError, Preempted
-from .evaluation import evaluate_model
-from .options import Options, SlurmOptions, load_options, write_resolved
+from .errors import CheckpointError, DataError, HpctrainError, OptionsError, Preempted
+from .evaluation import GRADIENT_NAMES, display_name, evaluate_model
+from .options import DistributedOptions, Options, SlurmOptions, load_options, write_resolved
 from .report import (
     best_and_final,
     block,
     end_status_line,
+    errors_text,
     get_logger,
     log_to_file,
+    plural,
     read_metrics,
     setup_logging,
+    significant,
     validation_errors,
 )
 from .signals import StopRequest
@@ -123,6 +126,16 @@ def _check_supported(architecture: Architecture, info: DatasetInfo) -> None:
         check(info)
 
 
+def check_trainer(
+    architecture: Architecture, world_size: int, train_sets: list[AtomisticDataset]
+) -> None:
+    """A trainer may declare ``check_datasets(training_hypers, world_size, train_sets)``
+    raising on what its ``train`` would refuse; hpctrain asks before the banner."""
+    check = getattr(architecture.trainer_class, "check_datasets", None)
+    if check is not None:
+        check(architecture.training_hypers, world_size, train_sets)
+
+
 def check_elements(info: DatasetInfo, datasets: list[AtomisticDataset]) -> None:
     """Every element of the validation and test sets is one the model learns from
     the training set (the model cannot predict the others)."""
@@ -196,14 +209,27 @@ def train(
     with contextlib.nullcontext(stop) if stop else StopRequest() as stop:
         try:
             with stop.immediately(BEFORE_TRAINING):
-                options, architecture, dtype, device_type = prepare(options_path, continue_from)
+                try:
+                    options, architecture, dtype, device_type = prepare(options_path, continue_from)
+                    backend = launch.backend_for(device_type, options.distributed.backend)
+                except HpctrainError as error:
+                    if isinstance(error, Preempted) or not env.distributed:
+                        raise
+                    fail_together(env, error)
             if requeue:
                 options.checkpoint.requeue = True
             if max_requeues is not None:
                 options.slurm.max_requeues = max_requeues
             requeue, requeue_limit = options.checkpoint.requeue, options.slurm.max_requeues
             return run_training(
-                options, architecture, dtype, device_type, env, stop, output_dir, str(options_path)
+                options,
+                architecture,
+                dtype,
+                (device_type, backend),
+                env,
+                stop,
+                output_dir,
+                str(options_path),
             )
         except Preempted:
             if requeue and stop.requeue and env.is_main:
@@ -211,31 +237,63 @@ def train(
             raise
 
 
+def fail_together(env: launch.LaunchEnv, error: HpctrainError) -> NoReturn:
+    """End a rank whose options failed once it has met the other ranks, so that the
+    run ends with one message (:func:`launch.agree_on_errors`) rather than one per rank.
+
+    Its own options being unreadable, it joins with the default backend of this
+    machine (ranks that read different options files may then wait for the timeout).
+    """
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_type == "cuda":
+        torch.cuda.set_device(launch.device_for(env, device_type))
+    timeout_s = DistributedOptions().timeout_s
+    with launch.ProcessGroup(env, launch.backend_for(device_type), timeout_s):
+        launch.agree_on_errors(error)
+    raise error  # (agree_on_errors raised already)
+
+
 def run_training(
     options: Options,
     architecture: Architecture,
     dtype: torch.dtype,
-    device_type: str,
+    launch_choice: tuple[str, str],
     env: launch.LaunchEnv,
     stop: StopRequest,
     output_dir: str | Path | None,
     source: str,
 ) -> Path:
-    """Launch, load, build, train, then finish (:func:`finish`); see :func:`train`."""
+    """Launch, load, build, train, then finish (:func:`finish`); see :func:`train`.
+
+    :param launch_choice: the device type and the process-group backend
+
+    Errors that ranks meet before training are agreed between them and reported once
+    (:func:`launch.agree_on_errors`): rank 0 decides the run directory and the
+    checkpoint to continue from; every rank loads and checks its data and builds.
+    """
     started = time.perf_counter()
+    device_type, backend = launch_choice
     with stop.immediately(BEFORE_TRAINING):
         device = launch.device_for(env, device_type)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        torch.set_num_threads(launch.threads_per_rank(env, options.distributed.threads_per_rank))
-        backend = launch.backend_for(device_type, options.distributed.backend)
+        threads = launch.threads_per_rank(env, options.distributed.threads_per_rank)
+        torch.set_num_threads(threads.count)
     with launch.ProcessGroup(env, backend, options.distributed.timeout_s):
+        launch.agree_on_errors(None)  # (the options of every rank are good)
         with stop.immediately(BEFORE_TRAINING):
-            run_dir = start_run_dir(env, output_dir, options.continue_from)
+            run_dir = launch.decided_by_main(
+                lambda: start_run_dir(output_dir, options.continue_from)
+            )
             log = setup_logging(env.rank, run_dir / "train.log" if env.is_main else None)
-            resume = resolve_continue(options.continue_from, run_dir, bool(output_dir), env.is_main)
-            resume = launch.broadcast_object(resume)
-            options.seed = choose_seed(options.seed, resume)
+            if threads.warning and env.is_main:
+                log.warning(threads.warning)
+            resume = launch.decided_by_main(
+                lambda: resolve_continue(options.continue_from, run_dir, bool(output_dir))
+            )
+            with launch.errors_agreed():
+                saved_seed = checkpoint.load(resume).get("seed") if resume else None
+            options.seed = choose_seed(options.seed, saved_seed)
             run.set_current(
                 run.RunContext(
                     rank=env.rank,
@@ -249,16 +307,23 @@ def run_training(
                 )
             )
             seed_everything(options.seed)
-            if env.is_main:
+            with launch.errors_agreed():
+                train_sets, val_sets, test_sets = load_datasets(options, dtype, source)
+                info = dataset_info_of(train_sets)
+                _check_supported(architecture, info)
+                check_elements(info, val_sets + test_sets)
+                check_trainer(architecture, env.world_size, train_sets)
+            if env.is_main:  # (a run that failed its checks leaves only train.log)
                 write_resolved(options, run_dir / "options.resolved.yaml")
-            train_sets, val_sets, test_sets = load_datasets(options, dtype, source)
-            info = dataset_info_of(train_sets)
-            _check_supported(architecture, info)
-            check_elements(info, val_sets + test_sets)
             devices = launch.all_gather_object((socket.gethostname(), describe_device(device)))
             sizes = [sum(map(len, sets)) for sets in (train_sets, val_sets, test_sets)]
-            log.info(banner(architecture.name, env, backend, devices, dtype, info, sizes, run_dir))
-            model, trainer = build(architecture, info, resume)
+            log.info(
+                banner(
+                    architecture.name, env, backend, threads, devices, dtype, info, sizes, run_dir
+                )
+            )
+            with launch.errors_agreed():
+                model, trainer = build(architecture, info, resume)
         trainer.train(
             model=model,
             devices=[device],
@@ -276,10 +341,8 @@ def run_training(
 RUN_FILES = ("options.resolved.yaml", "metrics.csv", "checkpoints", "model.ckpt", "model.pt")
 
 
-def start_run_dir(
-    env: launch.LaunchEnv, output_dir: str | Path | None, continue_from: str | None
-) -> Path:
-    """The run directory, made by rank 0 and shared with every rank. One that holds
+def start_run_dir(output_dir: str | Path | None, continue_from: str | None) -> Path:
+    """The run directory, made (by rank 0, see :func:`run_training`). One that holds
     a run already is refused unless the run continues (from any checkpoint)."""
     if output_dir is not None and continue_from is None:
         found = [name for name in RUN_FILES if (Path(output_dir) / name).exists()]
@@ -290,11 +353,15 @@ def start_run_dir(
                 "it again would mix two runs. Continue it with --continue auto, or choose "
                 "a new --output-dir"
             )
-    run_dir = None
-    if env.is_main:
-        run_dir = Path(output_dir) if output_dir else new_run_dir()
+    run_dir = Path(output_dir) if output_dir else new_run_dir()
+    try:
         run_dir.mkdir(parents=True, exist_ok=True)
-    return Path(launch.broadcast_object(str(run_dir) if run_dir else None)).resolve()
+    except OSError as error:
+        raise OptionsError(
+            f"cannot create the run directory {run_dir}: {error.strerror}; choose another "
+            "--output-dir"
+        ) from None
+    return run_dir.resolve()
 
 
 def finish(
@@ -340,6 +407,7 @@ def banner(
     architecture: str,
     env: launch.LaunchEnv,
     backend: str,
+    threads: launch.Threads,
     devices: list[tuple[str, str]],
     dtype: torch.dtype,
     info: DatasetInfo,
@@ -358,15 +426,17 @@ def banner(
     on = ", ".join(f"{n} x {d}" if n > 1 else d for d, n in counts.items())
     group = f", {backend}" if env.distributed else ""
     targets = ", ".join(
-        f"{k} ({'+'.join(['energy', *v.gradients])})" for k, v in info.targets.items()
+        display_name(f"{name} {GRADIENT_NAMES.get(g, g)}".strip())
+        for name, target in info.targets.items()
+        for g in ["", *target.gradients]
     )
     return block(
         f"hpctrain {__version__}, architecture {architecture}",
         [
             (
                 "ranks",
-                f"{env.world_size} rank(s) via {env.launcher}{group}, "
-                f"{torch.get_num_threads()} thread(s) per rank",
+                f"{plural(env.world_size, 'rank')} via {env.launcher}{group}, "
+                f"{plural(threads.count, 'thread')} per rank ({threads.source})",
             ),
             ("devices", f"{on} on {len(hosts)} node(s)" if len(hosts) > 1 else on),
             ("dtype", str(dtype).replace("torch.", "")),
@@ -402,7 +472,7 @@ def summary(run_dir: Path, wall_s: float) -> str:
         (
             "time",
             f"{wall_s:.1f} s in all, {totals.seconds:.1f} s in training steps "
-            f"({totals.structures} structures, {totals.rate:.1f} structures/s)",
+            f"({totals.structures} structures, {significant(totals.rate)} structures/s)",
         )
     )
     rows.append(("model", f"{run_dir / 'model.pt'} (extensions in {run_dir / 'extensions'})"))
@@ -410,21 +480,17 @@ def summary(run_dir: Path, wall_s: float) -> str:
     return block("training finished", rows)
 
 
-def resolve_continue(
-    continue_from: str | None, run_dir: Path, fixed_dir: bool, is_main: bool
-) -> str | None:
+def resolve_continue(continue_from: str | None, run_dir: Path, fixed_dir: bool) -> str | None:
     """The checkpoint to continue from: an explicit path, or for ``auto`` the newest
     committed step checkpoint of the run directory that reads whole (None: start
-    afresh). Rank 0 alone answers ``auto`` (its answer is shared): it sets aside, with
-    a loud message, a newest checkpoint that cannot be read, and takes the one before.
+    afresh). Rank 0 alone answers (its answer is shared): it sets aside, with a loud
+    message, a newest checkpoint that cannot be read, and takes the one before.
     """
     log = get_logger()
     if continue_from is None:
         return None
     if continue_from != "auto":
         return str(check_checkpoint_path(continue_from).resolve())
-    if not is_main:
-        return None
     root = run_dir / "checkpoints"
     committed = checkpoint.committed_steps(root)
     set_aside = []
@@ -469,18 +535,16 @@ def check_checkpoint_path(continue_from: str) -> Path:
     return path
 
 
-def choose_seed(seed: int | None, resume: str | None) -> int:
-    """The options' seed; else the seed of the run being continued; else one drawn on
-    rank 0 and shared, so that splits and order are identical on every rank."""
-    if resume is not None:
-        saved = checkpoint.load(resume).get("seed")
-        if seed is None and saved is not None:
-            return int(saved)
-        if saved is not None and seed != saved:
-            get_logger().warning(
-                f"the options' seed {seed} differs from the checkpoint's {saved}: the data "
-                "split and order change"
-            )
+def choose_seed(seed: int | None, saved: int | None) -> int:
+    """The options' seed; else ``saved``, the seed of the run being continued; else one
+    drawn on rank 0 and shared, so that splits and order are identical on every rank."""
+    if seed is None and saved is not None:
+        return int(saved)
+    if saved is not None and seed != saved:
+        get_logger().warning(
+            f"the options' seed {seed} differs from the checkpoint's {saved}: the data "
+            "split and order change"
+        )
     if seed is None:
         seed = launch.broadcast_object(random.SystemRandom().randrange(2**31))
     return seed
@@ -523,7 +587,7 @@ def report_test_metrics(
         log.info("test set: this model is no metatomic torch module; evaluate model.pt instead")
         return
     metrics = evaluate_model(model, info.targets, test_sets, device)
-    log.info("test set: " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if "RMSE" in k))
+    log.info(f"test set: {errors_text(metrics)}")
     if is_main:
         checkpoint.write_text_atomically(
             run_dir / "test_metrics.json", json.dumps(metrics, indent=2) + "\n"
@@ -560,14 +624,17 @@ EXIT_LOST_RANK = 3
 
 
 def main_guard(function, *args: Any, **kwargs: Any) -> int:
-    """Run ``function``; report hpctrain errors without a traceback, on rank 0 only
-    (other ranks prefix theirs), on stderr and in the run's ``train.log``."""
-    from .errors import HpctrainError
+    """Run ``function``; report hpctrain errors without a traceback, on stderr and in
+    the run's ``train.log``: by rank 0 alone when the ranks agreed on it, else by every
+    rank that has one (other ranks than 0 prefix theirs)."""
 
     def report(message: str, all_ranks: bool = False) -> None:
         rank = launch.rank_hint()
         if rank == 0 or all_ranks:
             print(("" if rank == 0 else f"[rank {rank}] ") + message, file=sys.stderr)
+            launch.tell_launcher(message)
+        else:
+            launch.tell_launcher("hpctrain: stopped with rank 0, which says why")
         log_to_file(message)
 
     try:
@@ -580,7 +647,7 @@ def main_guard(function, *args: Any, **kwargs: Any) -> int:
         report(f"hpctrain: {stop}")
         return stop.exit_code
     except HpctrainError as error:
-        report(f"hpctrain: error: {error}", all_ranks=True)
+        report(f"hpctrain: error: {error}", all_ranks=not error.agreed)
         return getattr(error, "exit_code", EXIT_USER_ERROR)
     except RuntimeError as error:
         if not launch.is_communication_failure(error):

@@ -11,21 +11,27 @@ these variables.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import gc
+import json
 import os
 import re
 import socket
 import subprocess
+import time
 import warnings
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from .errors import LaunchError
+from .errors import HpctrainError, LaunchError, Preempted
+from .report import plural
+
+T = TypeVar("T")
 
 # SLURM step ids of the batch shell and the extern step, which are not tasks
 _NON_TASK_STEPS = {
@@ -277,6 +283,21 @@ def rank_hint(environ: Mapping[str, str] | None = None) -> int:
     return 0
 
 
+def tell_launcher(message: str, environ: Mapping[str, str] | None = None) -> None:
+    """Give torchrun the message that ends this rank: its failure summary shows it
+    (in place of a pointer to its documentation). Other launchers print what the rank
+    printed, and need nothing."""
+    environ = os.environ if environ is None else environ
+    path = environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "w") as file:
+            json.dump({"message": message, "timestamp": int(time.time())}, file)
+    except OSError:
+        pass  # (the message is printed anyway)
+
+
 def detect(environ: Mapping[str, str] | None = None) -> LaunchEnv:
     """The launch environment of this process."""
     environ = os.environ if environ is None else environ
@@ -294,17 +315,82 @@ def detect(environ: Mapping[str, str] | None = None) -> LaunchEnv:
     return env
 
 
-def threads_per_rank(env: LaunchEnv, requested: int | None = None) -> int:
-    """CPU threads for this rank, so that ranks on a node do not oversubscribe it."""
+@dataclasses.dataclass(frozen=True)
+class Threads:
+    """The CPU threads of a rank, where that number came from, and what to warn of."""
+
+    count: int
+    source: str
+    warning: str | None = None
+
+
+def cgroup_cpu_limit(root: str = "/sys/fs/cgroup") -> float | None:
+    """The CPUs that this process's cgroup may use (its CPU quota), or None: cgroup v2
+    ``cpu.max`` or v1 ``cpu.cfs_quota_us``/``cpu.cfs_period_us`` (containers, some
+    batch systems)."""
+    for quota_file, period_file in (
+        ("cpu.max", None),
+        ("cpu/cpu.cfs_quota_us", "cpu/cpu.cfs_period_us"),
+    ):
+        try:
+            with open(os.path.join(root, quota_file)) as file:
+                fields = file.read().split()
+            if period_file is not None:
+                with open(os.path.join(root, period_file)) as file:
+                    fields.append(file.read().strip())
+            quota, period = fields[0], fields[1]
+            if quota in ("max", "-1"):
+                return None
+            return int(quota) / int(period)
+        except (OSError, ValueError, IndexError, ZeroDivisionError):
+            continue
+    return None
+
+
+def usable_cores() -> int:
+    """The cores this process may use: its CPU affinity, within its cgroup's quota."""
+    cores = os.cpu_count() or 1
+    if hasattr(os, "sched_getaffinity"):
+        cores = len(os.sched_getaffinity(0)) or cores
+    limit = cgroup_cpu_limit()
+    if limit is not None:
+        cores = min(cores, max(1, int(limit)))
+    return cores
+
+
+def threads_per_rank(
+    env: LaunchEnv, requested: int | None = None, environ: Mapping[str, str] | None = None
+) -> Threads:
+    """CPU threads for this rank: ``requested`` (``distributed.threads_per_rank``), else
+    ``OMP_NUM_THREADS``, else ``SLURM_CPUS_PER_TASK``, else the usable cores shared by
+    the ranks of the node; never more than the cores this process may use (affinity,
+    cgroup quota), so that ranks and runs sharing a machine do not oversubscribe it."""
+    environ = os.environ if environ is None else environ
+    cores = usable_cores()
+    omp = environ.get("OMP_NUM_THREADS", "").strip()
+    omp_count = int(omp) if omp.isdigit() and int(omp) > 0 else None
+    warning = None
     if requested:
-        return requested
-    if env.cpus_per_task:
-        return env.cpus_per_task
-    total = os.cpu_count() or 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else total
-    if env.launcher == "slurm" and cores < total:
-        return cores  # srun bound this task to its own cores
-    return max(1, cores // max(1, env.local_world_size))
+        count, source = requested, "distributed.threads_per_rank"
+        if omp_count is not None and omp_count != requested:
+            warning = f"distributed.threads_per_rank {requested} overrides OMP_NUM_THREADS={omp}"
+    elif omp_count is not None:
+        count, source = omp_count, "OMP_NUM_THREADS"
+    elif env.cpus_per_task:
+        count, source = env.cpus_per_task, "SLURM_CPUS_PER_TASK"
+    elif env.launcher == "slurm" and cores < (os.cpu_count() or 1):
+        count, source = cores, "the cores srun bound this task to"
+    else:
+        ranks = max(1, env.local_world_size)
+        count = max(1, cores // ranks)
+        source = f"{cores} usable cores / {plural(ranks, 'rank')} on this node"
+    if count > cores:
+        warning = (
+            f"{source} asks for {count} threads but this process may use {cores} "
+            f"cores (CPU affinity or cgroup quota); using {cores}"
+        )
+        count, source = cores, f"{cores} usable cores"
+    return Threads(count, source, warning)
 
 
 def device_for(env: LaunchEnv, device_type: str) -> torch.device:
@@ -420,6 +506,80 @@ def start_all_reduce_sum(tensor: torch.Tensor) -> PendingSum:
         staged = tensor.to(torch.device("cuda", torch.cuda.current_device()))
         return PendingSum(tensor, dist.all_reduce(staged, async_op=True), staged)
     return PendingSum(tensor, dist.all_reduce(tensor, async_op=True))
+
+
+def agree_on_errors(error: HpctrainError | None) -> None:
+    """Raise on every rank when any rank has an error (``error`` is this rank's).
+
+    Checks run by every rank (options, data, checkpoints) then end a run once, with one
+    message that rank 0 reports: the message when all ranks agree, else each distinct
+    message with the ranks that hold it. A rank that fails alone no longer leaves the
+    others waiting in their next collective. Every rank must call this at the same point.
+    """
+    if not is_distributed():
+        if error is not None:
+            raise error
+        return
+    gathered = all_gather_object(error)
+    failed = [(rank, e) for rank, e in enumerate(gathered) if e is not None]
+    if not failed:
+        return
+    by_message: dict[str, list[int]] = {}
+    for rank, e in failed:
+        by_message.setdefault(str(e), []).append(rank)
+    world = len(gathered)
+    if len(by_message) == 1 and len(failed) == world:
+        message = str(failed[0][1])
+    else:
+        message = "\n".join(f"{_ranks(ranks, world)}: {text}" for text, ranks in by_message.items())
+    agreed = type(failed[0][1])(message)
+    agreed.agreed = True
+    raise agreed
+
+
+def _ranks(ranks: list[int], world: int) -> str:
+    """``rank 3 of 4`` or ``ranks 1, 2 of 4``."""
+    word = "rank" if len(ranks) == 1 else "ranks"
+    return f"{word} {', '.join(map(str, ranks))} of {world}"
+
+
+@contextlib.contextmanager
+def errors_agreed() -> Iterator[None]:
+    """Run the block on every rank, then :func:`agree_on_errors` on what it raised.
+
+    The block must not itself call collectives that a failing rank would skip. A stop
+    signal (:class:`~hpctrain.errors.Preempted`) is not agreed: it ends the run at once.
+    """
+    error = None
+    try:
+        yield
+    except HpctrainError as raised:
+        if isinstance(raised, Preempted):
+            raise
+        error = raised
+    agree_on_errors(error)
+
+
+def decided_by_main(function: Callable[[], T]) -> T:
+    """``function()`` run by rank 0 alone, its result (or its error) on every rank."""
+    result: Any = None
+    if rank_of_group() == 0:
+        try:
+            result = ("ok", function())
+        except HpctrainError as error:
+            if isinstance(error, Preempted):
+                raise
+            result = ("error", error)
+    kind, value = broadcast_object(result)
+    if kind == "error":
+        value.agreed = True
+        raise value
+    return value
+
+
+def rank_of_group() -> int:
+    """This process's rank in the run's process group (0 without one)."""
+    return dist.get_rank() if is_distributed() else 0
 
 
 def barrier() -> None:

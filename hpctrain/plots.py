@@ -16,8 +16,13 @@ import numpy as np
 from .errors import DataError
 from .report import read_metrics
 
-# "val energy forces RMSE [eV/A]" -> ("val", "energy forces", "RMSE", "eV/A")
+# "val forces RMSE [eV/A]" -> ("val", "forces", "RMSE", "eV/A")
 _ERROR_COLUMN = re.compile(r"^(val|train) (.+) (RMSE|MAE) \[(.+)\]$")
+
+
+def typeset(unit: str) -> str:
+    """A unit as plots show it: ``eV/A^3`` -> ``eV/Å³``, ``eV/A`` -> ``eV/Å``."""
+    return re.sub(r"\bA\b", "Å", unit).replace("^3", "³").replace("^2", "²")
 
 
 def _figure(rows: int, columns: int, size: tuple[float, float]):
@@ -62,8 +67,8 @@ def parity_plot(
         ax.tick_params(axis="x", labelrotation=30)
         name, _, unit = label.partition(" [")
         ax.set_title(name)
-        ax.set_xlabel(f"reference [{unit}")
-        ax.set_ylabel(f"predicted [{unit}")
+        ax.set_xlabel(f"reference [{typeset(unit)}")
+        ax.set_ylabel(f"predicted [{typeset(unit)}")
         rmse = math.sqrt(float(np.mean(error**2)))
         mae = float(np.mean(np.abs(error)))
         ax.text(
@@ -132,7 +137,7 @@ def learning_curves(run_dir: Path, output: Path | None = None) -> Path:
         if match:
             split, target, kind, unit = match.groups()
             legend = f"{'validation' if split == 'val' else 'training'} {kind}"
-            panels.setdefault(f"{target} [{unit}]", []).append(
+            panels.setdefault(f"{target} [{typeset(unit)}]", []).append(
                 (name, legend, "-" if kind == "RMSE" else "--")
             )
     if "learning_rate" in columns:

@@ -1,7 +1,7 @@
 """Progress within an epoch, as rank 0 prints it.
 
 On a terminal, a bar redrawn in place (carriage return) with the rate in
-structures/s, the time left in the epoch and the running training loss; the
+structures/s, the time left in the epoch and in the run, and the running training loss; the
 epoch's line replaces it. Elsewhere (SLURM output files, pipes, CI logs), one plain
 log line every ``logging.progress_every_seconds`` (or ``progress_every_n_steps``),
 never carriage returns. Other ranks print nothing.
@@ -87,17 +87,21 @@ class ProgressMeter:
         self.epoch = self.num_epochs = 0
         self.total_steps = self.first_step = self.steps = self.structures = 0
         self.started = self.last_output = 0.0
+        self.epoch_wall: float | None = None  # seconds of the last epoch, validation included
         self.loss_sum: torch.Tensor | None = None
 
     def start_epoch(self, epoch: int, num_epochs: int, total_steps: int, remaining: int) -> None:
         """Epoch ``epoch`` (from 1) of ``num_epochs`` begins, ``remaining`` of its
         ``total_steps`` steps to go (fewer when a run continues mid-epoch)."""
+        now = self.clock()
+        if self.started and self.first_step == 0 and self.done:  # the last epoch was whole
+            self.epoch_wall = now - self.started
         self.epoch, self.num_epochs = epoch, num_epochs
         self.total_steps = max(total_steps, remaining)
         self.first_step = self.total_steps - remaining
         self.steps = self.structures = 0
         self.loss_sum = None
-        self.started = self.last_output = self.clock()
+        self.started = self.last_output = now
 
     def step(self, structures: int, loss_sum: torch.Tensor) -> None:
         """One optimizer step of ``structures`` (global batch) is done; ``loss_sum``
@@ -136,32 +140,39 @@ class ProgressMeter:
 
     # -- text -------------------------------------------------------------------------
 
-    def _figures(self, now: float) -> tuple[int, float, float, float]:
+    def _figures(self, now: float) -> tuple[int, float, str, float]:
+        """Step, rate, ``ETA 0:12`` (with the run's: ``ETA 0:12 (run 3:07)``), loss."""
         elapsed = max(now - self.started, 1e-9)
         rate = self.structures / elapsed
         left = self.total_steps - self.first_step - self.steps
-        eta = left * elapsed / self.steps if self.steps else float("nan")
+        per_step = elapsed / self.steps if self.steps else float("nan")
+        eta = f"ETA {format_duration(left * per_step)}"
+        if self.epoch < self.num_epochs:
+            per_epoch = self.epoch_wall or self.total_steps * per_step
+            run_left = left * per_step + (self.num_epochs - self.epoch) * per_epoch
+            eta += f" (run {format_duration(run_left)})"
         loss = float(self.loss_sum) / self.steps if self.loss_sum is not None else float("nan")
         return self.first_step + self.steps, rate, eta, loss
 
     def bar(self, now: float, note: str = "") -> str:
-        """``epoch 3/10 [#####-----]  45/100  812 structures/s  ETA 0:12  loss 0.0123``,
-        cut to the terminal's width (a wrapped line could not be redrawn)."""
+        """``epoch 3/10 [#####-----]  45/100  810 structures/s  ETA 0:12 (run 3:07)  loss
+        0.0123``, cut to the terminal's width (a wrapped line could not be redrawn); the
+        run's ETA counts the last epoch's time, validation included."""
         step, rate, eta, loss = self._figures(now)
         filled = int(BAR_WIDTH * step / max(1, self.total_steps))
         text = (
             f"epoch {self.epoch}/{self.num_epochs} [{'#' * filled}{'-' * (BAR_WIDTH - filled)}]"
-            f"  {step}/{self.total_steps}  {rate:.0f} structures/s  "
-            + (note if note else f"ETA {format_duration(eta)}")
+            f"  {step}/{self.total_steps}  {report.significant(rate)} structures/s  "
+            + (note if note else eta)
             + f"  loss {loss:.4g}"
         )
         width = shutil.get_terminal_size((100, 24)).columns - 1
         return text[:width]
 
     def line(self, now: float) -> str:
-        """``epoch 3/10  step 45/100  812 structures/s  ETA 0:12  loss 0.0123``."""
+        """``epoch 3/10  step 45/100  810 structures/s  ETA 0:12 (run 3:07)  loss 0.0123``."""
         step, rate, eta, loss = self._figures(now)
         return (
             f"epoch {self.epoch}/{self.num_epochs}  step {step}/{self.total_steps}  "
-            f"{rate:.0f} structures/s  ETA {format_duration(eta)}  loss {loss:.4g}"
+            f"{report.significant(rate)} structures/s  {eta}  loss {loss:.4g}"
         )

@@ -216,14 +216,37 @@ class MetricsLog:
             self.tensorboard.close()
 
 
-def validation_errors(row: dict[str, float]) -> str:
-    """``energy RMSE 0.012 eV/atom, energy forces RMSE 0.3 eV/A`` from a metrics row."""
+def plural(count: int, word: str) -> str:
+    """``1 epoch``, ``2 epochs``."""
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+def significant(value: float, digits: int = 2) -> str:
+    """``value`` to at most ``digits`` significant digits, without an exponent or
+    trailing zeros: 1234 -> ``1200``, 72.1 -> ``72``, 8.0 -> ``8``, 0.0123 -> ``0.012``."""
+    if not math.isfinite(value) or value == 0:
+        return f"{value:g}"
+    decimals = digits - 1 - math.floor(math.log10(abs(value)))
+    text = f"{round(value, decimals):.{max(decimals, 0)}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def errors_text(metrics: dict[str, float], sep: str = "  ") -> str:
+    """``energy RMSE 0.012 eV/atom  forces RMSE 0.3 eV/A``: the RMSEs among ``metrics``
+    (``val `` prefixes dropped), one format for epoch, test and summary lines."""
     parts = []
-    for key, value in row.items():
-        if key.startswith("val ") and " RMSE [" in key:
-            label, unit = key[4:].split(" RMSE [")
+    for key, value in metrics.items():
+        if " RMSE [" in key:
+            label, unit = key.removeprefix("val ").split(" RMSE [")
             parts.append(f"{label} RMSE {value:.4g} {unit[:-1]}")
-    return ", ".join(parts) or "none recorded"
+    return sep.join(parts)
+
+
+def validation_errors(row: dict[str, float]) -> str:
+    """``energy RMSE 0.012 eV/atom, forces RMSE 0.3 eV/A`` from a metrics row."""
+    return errors_text({k: v for k, v in row.items() if k.startswith("val ")}, ", ") or (
+        "none recorded"
+    )
 
 
 def best_and_final(

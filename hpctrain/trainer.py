@@ -15,7 +15,7 @@ import torch
 from . import checkpoint, run
 from .architecture import TrainerInterface
 from .config import parse, to_dict
-from .engine import Engine, TrainingHypers
+from .engine import Engine, TrainingHypers, check_datasets
 
 
 class EngineTrainer(TrainerInterface):
@@ -29,6 +29,14 @@ class EngineTrainer(TrainerInterface):
         self.model: torch.nn.Module | None = None
         self.engine: Engine | None = None
         self._state: dict[str, Any] | None = None
+
+    @classmethod
+    def check_datasets(
+        cls, train_hypers: dict[str, Any], world_size: int, train_datasets: list[Any]
+    ) -> None:
+        """Raise now on what :meth:`train` would refuse (the flow asks before training)."""
+        hypers = parse(cls.__hypers__, train_hypers, "architecture.training")
+        check_datasets(hypers, world_size, train_datasets)
 
     def train(
         self,

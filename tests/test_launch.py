@@ -526,29 +526,85 @@ def test_slurm_port_range(job, step):
 # -- threads, devices, backends -------------------------------------------------------------
 
 
-def test_threads_per_rank_explicit_request_wins():
+@pytest.fixture
+def cores(monkeypatch):
+    """Pretend this process may use ``n`` of the machine's 64 cores."""
+
+    def pretend(n: int, limit: float | None = None) -> None:
+        monkeypatch.setattr(launch.os, "cpu_count", lambda: 64)
+        monkeypatch.setattr(
+            launch.os, "sched_getaffinity", lambda pid: set(range(n)), raising=False
+        )
+        monkeypatch.setattr(launch, "cgroup_cpu_limit", lambda: limit)
+
+    return pretend
+
+
+def test_threads_per_rank_explicit_request_wins(cores):
+    cores(16)
     env = LaunchEnv(launcher="slurm", world_size=4, local_world_size=2, cpus_per_task=8)
-    assert threads_per_rank(env, 3) == 3
-    assert threads_per_rank(env, None) == 8
+    assert threads_per_rank(env, 3, {}) == launch.Threads(3, "distributed.threads_per_rank")
+    assert threads_per_rank(env, None, {}).count == 8
+    overridden = threads_per_rank(env, 3, {"OMP_NUM_THREADS": "4"})
+    assert overridden.count == 3
+    assert overridden.warning == "distributed.threads_per_rank 3 overrides OMP_NUM_THREADS=4"
 
 
-def test_threads_per_rank_from_slurm_cpus_per_task():
+def test_threads_per_rank_respects_omp_num_threads(cores):
+    cores(16)
+    env = LaunchEnv(launcher="slurm", world_size=4, local_world_size=2, cpus_per_task=8)
+    assert threads_per_rank(env, None, {"OMP_NUM_THREADS": "3"}) == launch.Threads(
+        3, "OMP_NUM_THREADS"
+    )
+    # a value that is no count is ignored, as OpenMP ignores it
+    assert threads_per_rank(env, None, {"OMP_NUM_THREADS": "three"}).count == 8
+
+
+@pytest.mark.parametrize("requested, omp", [(32, None), (None, "32")])
+def test_threads_never_exceed_the_cores_this_process_may_use(cores, requested, omp):
+    cores(64, limit=4.5)  # a cgroup quota of 4.5 CPUs
+    env = LaunchEnv(launcher="mpi", world_size=2, local_world_size=2)
+    threads = threads_per_rank(env, requested, {"OMP_NUM_THREADS": omp} if omp else {})
+    assert threads.count == 4 and threads.source == "4 usable cores"
+    assert "asks for 32 threads but this process may use 4 cores" in threads.warning
+
+
+def test_usable_cores_follow_affinity_and_cgroup_quota(cores, tmp_path):
+    (tmp_path / "cpu.max").write_text("250000 100000\n")
+    assert launch.cgroup_cpu_limit(str(tmp_path)) == 2.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert launch.cgroup_cpu_limit(str(tmp_path)) is None
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert launch.cgroup_cpu_limit(str(tmp_path)) == 3.0
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert launch.cgroup_cpu_limit(str(tmp_path)) is None
+    assert launch.cgroup_cpu_limit(str(tmp_path / "none")) is None
+    cores(8, limit=2.5)
+    assert launch.usable_cores() == 2
+    cores(8, limit=None)
+    assert launch.usable_cores() == 8
+
+
+def test_threads_per_rank_from_slurm_cpus_per_task(cores):
+    cores(16)
     env = detect(srun_table(3, 1, 1, SLURM_CPUS_PER_TASK="6"))
     assert env.cpus_per_task == 6
-    assert threads_per_rank(env) == 6
+    assert threads_per_rank(env, None, {}).count == 6
     # a value SLURM did not write as a count is ignored
     env = detect(srun_table(3, 1, 1, SLURM_CPUS_PER_TASK="6x"))
     assert env.cpus_per_task is None
 
 
 @pytest.mark.parametrize(
-    "cores, local_world_size, threads", [(8, 1, 8), (8, 2, 4), (8, 3, 2), (8, 16, 1), (1, 4, 1)]
+    "n_cores, local_world_size, threads", [(8, 1, 8), (8, 2, 4), (8, 3, 2), (8, 16, 1), (1, 4, 1)]
 )
-def test_threads_per_rank_from_cores(monkeypatch, cores, local_world_size, threads):
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
-    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+def test_threads_per_rank_from_cores(cores, n_cores, local_world_size, threads):
+    cores(n_cores)
     env = LaunchEnv(launcher="torchrun", world_size=16, local_world_size=local_world_size)
-    assert threads_per_rank(env) == threads
+    assert threads_per_rank(env, None, {}).count == threads
 
 
 def test_device_for_cpu():
@@ -735,11 +791,10 @@ def test_srun_with_an_mpi_plugin_is_a_slurm_task():
     assert launch.launcher_of(hydra) == "mpi"
 
 
-def test_threads_of_a_bound_srun_task_are_its_own_cores(monkeypatch):
-    monkeypatch.setattr(launch.os, "cpu_count", lambda: 64)
-    monkeypatch.setattr(launch.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+def test_threads_of_a_bound_srun_task_are_its_own_cores(cores):
+    cores(8)
     bound = launch.LaunchEnv(launcher="slurm", world_size=8, local_world_size=8, rank=0)
-    assert launch.threads_per_rank(bound) == 8
+    assert launch.threads_per_rank(bound, None, {}).count == 8
     # torchrun processes share their task's cores
     shared = launch.LaunchEnv(launcher="torchrun", world_size=4, local_world_size=4, rank=0)
-    assert launch.threads_per_rank(shared) == 2
+    assert launch.threads_per_rank(shared, None, {}).count == 2

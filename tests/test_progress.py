@@ -85,12 +85,65 @@ def test_lines_mode_prints_on_the_interval_and_reads_the_loss_only_then(console)
     lines = out.getvalue().splitlines()
     # due at 4 s and 8 s (steps 4 and 8), at 1 s per step and 8 structures per step
     assert [re.sub(r"^\S+ ", "", line) for line in lines] == [
-        "epoch 1/3  step 4/10  8 structures/s  ETA 6s  loss 0.5",
-        "epoch 1/3  step 8/10  8 structures/s  ETA 2s  loss 0.25",
+        "epoch 1/3  step 4/10  8 structures/s  ETA 6s (run 26s)  loss 0.5",
+        "epoch 1/3  step 8/10  8 structures/s  ETA 2s (run 22s)  loss 0.25",
     ]
     assert "\r" not in out.getvalue()
     assert loss.reads == 2  # once per printed line, not once per step
     assert (structures, seconds) == (80, 10.0)
+
+
+def test_the_run_eta_counts_the_last_epoch_with_its_validation(console):
+    """Epoch 1: 10 steps of 1 s, then 5 s of validation; in epoch 2 of 3, at step 4,
+    6 s are left in the epoch and 6 + 15 s in the run. The last epoch shows no run ETA."""
+    out = console(io.StringIO())
+    clock = Clock()
+    meter = progress.ProgressMeter(LoggingOptions(progress_every_seconds=3.5), True, clock)
+    run_epoch(meter, clock, torch.tensor(1.0))
+    clock.now += 5.0
+    meter.start_epoch(2, 3, 10, 10)
+    for _ in range(4):
+        clock.now += 1
+        meter.step(8, torch.tensor(1.0))
+    assert (
+        out.getvalue()
+        .splitlines()[-1]
+        .endswith("step 4/10  8 structures/s  ETA 6s (run 21s)  loss 0.25")
+    )
+    meter.start_epoch(3, 3, 10, 10)
+    for _ in range(4):
+        clock.now += 1
+        meter.step(8, torch.tensor(1.0))
+    assert out.getvalue().splitlines()[-1].endswith("step 4/10  8 structures/s  ETA 6s  loss 0.25")
+
+
+@pytest.mark.parametrize(
+    "value, text",
+    [
+        (1234.0, "1200"),
+        (72.1, "72"),
+        (7.06, "7.1"),
+        (0.01234, "0.012"),
+        (0.0, "0"),
+        (99.6, "100"),
+        (8.0, "8"),
+    ],
+)
+def test_throughput_has_two_significant_digits(value, text):
+    assert report.significant(value) == text
+
+
+def test_one_format_for_errors_in_epoch_test_and_summary_lines():
+    row = {
+        "val energy RMSE [eV/atom]": 0.01234,
+        "val forces RMSE [eV/A]": 0.5,
+        "val forces MAE [eV/A]": 0.4,
+    }
+    assert report.errors_text(row) == "energy RMSE 0.01234 eV/atom  forces RMSE 0.5 eV/A"
+    assert report.validation_errors(row) == "energy RMSE 0.01234 eV/atom, forces RMSE 0.5 eV/A"
+    test = {k.removeprefix("val "): v for k, v in row.items()}
+    assert report.errors_text(test) == report.errors_text(row)
+    assert [report.plural(n, "epoch") for n in (1, 2)] == ["1 epoch", "2 epochs"]
 
 
 def test_lines_every_n_steps_count_from_the_start_of_the_epoch(console):
@@ -123,7 +176,7 @@ def test_bar_on_a_terminal_redraws_in_place_and_the_epoch_line_replaces_it(conso
         "epoch 1/3 [########################",
         "epoch 1/3 [########################",
     ]
-    assert "4/4  160 structures/s  ETA 0s  loss 0.25" in draws[1]
+    assert "4/4  160 structures/s  ETA 0s (run 0s)  loss 0.25" in draws[1]
     assert "validating" in draws[2] and "\n" not in "".join(draws)
     assert re.search(r"\r +\r\S+ epoch    1/3  loss 0.25\n$", text), repr(text)
     assert loss.reads == 3
@@ -260,7 +313,8 @@ test_set: 0.1
 distributed: {timeout_s: 60}
 """
 PROGRESS_LINE = re.compile(
-    r"^\d\d:\d\d:\d\d epoch (\d)/2  step (\d+)/10  \d+ structures/s  ETA \S+  loss \S+$",
+    r"^\d\d:\d\d:\d\d epoch (\d)/2  step (\d+)/10  [\d.]+ structures/s  ETA \S+(?: \(run \S+\))?"
+    r"  loss \S+$",
     re.M,
 )
 HIDE_TENSORBOARD = "raise ModuleNotFoundError(\"No module named 'tensorboard'\")\n"
@@ -353,10 +407,11 @@ def test_banner_names_version_architecture_ranks_data_and_paths(piped):
     banner = stdout[: stdout.index("composition baseline")]
     for text in (
         f"hpctrain {__version__}, architecture mp_transformer\n",
-        "  ranks: 1 rank(s) via single,",
+        "  ranks: 1 rank via single,",
         "  devices: cpu\n",
         "  dtype: float64\n",
         "  data: 80 training, 10 validation, 10 test structures\n",
+        "  targets: energy, forces\n",
         f"  run directory: {run_dir}\n",
         f"  resolved options: {run_dir / 'options.resolved.yaml'}\n",
     ):
@@ -372,11 +427,11 @@ def test_summary_names_the_best_epoch_its_errors_time_and_model_files(piped):
     with open(run_dir / "metrics.csv") as file:
         rows = list(csv.DictReader(file))
     best = min(rows, key=lambda row: float(row["val_loss"]))
-    rmse = float(best["val energy forces RMSE [eV/A]"])
+    rmse = float(best["val forces RMSE [eV/A]"])
     match = re.search(r"best epoch: (\d) \(step (\d+), validation loss \S+\): (.*)", summary)
     assert match, summary
     assert match.group(1) == best["epoch"] and match.group(2) == best["step"]
-    assert f"energy forces RMSE {rmse:.4g} eV/A" in match.group(3)
+    assert f"forces RMSE {rmse:.4g} eV/A" in match.group(3)
     kept = run_dir / "checkpoints" / f"step-{int(best['step']):09d}"
     assert f"checkpoint {kept}" in summary
     final = rows[-1]
@@ -389,8 +444,10 @@ def test_summary_names_the_best_epoch_its_errors_time_and_model_files(piped):
     assert time_line, summary
     wall, steps, rate = map(float, time_line.groups())
     assert 0 < steps < wall
-    # the rate is 160 structures over the unrounded time, printed rounded to 0.1 s
-    assert 160 / (steps + 0.05) * 0.999 <= rate <= 160 / max(steps - 0.05, 1e-9) * 1.001
+    # the rate is 160 structures over the unrounded time (printed rounded to 0.1 s),
+    # with two significant digits
+    assert 160 / (steps + 0.05) * 0.95 <= rate <= 160 / max(steps - 0.05, 1e-9) * 1.05
+    assert len(time_line.group(3).replace(".", "").strip("0")) <= 2
     assert f"model: {run_dir / 'model.pt'} (extensions in {run_dir / 'extensions'})" in summary
     assert f"checkpoint: {run_dir / 'model.ckpt'}" in summary
 
@@ -406,13 +463,13 @@ def test_tensorboard_event_files_hold_the_metrics_csv_scalars(piped):
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train_loss", "learning_rate", "val_loss", "val/energy forces RMSE [eV/A]"} <= tags
+    assert {"train_loss", "learning_rate", "val_loss", "val/forces RMSE [eV/A]"} <= tags
     with open(run_dir / "metrics.csv") as file:
         rows = list(csv.DictReader(file))
-    scalars = events.Scalars("val/energy forces RMSE [eV/A]")
+    scalars = events.Scalars("val/forces RMSE [eV/A]")
     assert [s.step for s in scalars] == [int(r["step"]) for r in rows] == [10, 20]
     for scalar, row in zip(scalars, rows):
-        assert scalar.value == pytest.approx(float(row["val energy forces RMSE [eV/A]"]), rel=1e-6)
+        assert scalar.value == pytest.approx(float(row["val forces RMSE [eV/A]"]), rel=1e-6)
 
 
 @pytest.mark.slow
@@ -421,7 +478,9 @@ def test_on_a_terminal_a_bar_with_rate_and_eta_is_redrawn_in_place(on_terminal):
     draws = re.findall(r"\r(epoch \d/2 \[[#-]{24}\][^\r\n]*)", stdout)
     assert len(draws) >= 4, repr(stdout)
     for draw in draws:
-        assert re.search(r"  \d+/10  \d+ structures/s  (ETA \S+|validating)  loss \S+", draw), draw
+        assert re.search(
+            r"  \d+/10  [\d.]+ structures/s  (ETA \S+(?: \(run \S+\))?|validating)  loss \S+", draw
+        ), draw
         assert len(draw) <= 119
     assert any("ETA" in d for d in draws) and any("[" + "#" * 24 + "]" for d in draws)
     # the bar never turns into lines of their own: no progress log lines, and the
@@ -451,7 +510,7 @@ def test_under_mpiexec_only_rank_0_prints_progress(workdir):
     assert result.returncode == 0, result.stderr[-3000:]
     seen = [(int(e), int(s)) for e, s in PROGRESS_LINE.findall(result.stdout)]
     assert seen == [(e, s) for e in (1, 2) for s in range(1, 11)], result.stdout
-    assert "2 rank(s) via mpi, gloo" in result.stdout
+    assert "2 ranks via mpi, gloo" in result.stdout
     assert "  devices: 2 x cpu\n" in result.stdout
     assert result.stdout.count("training finished") == 1
     assert "structures/s" not in result.stderr and "[rank 1]" not in result.stdout

@@ -184,7 +184,7 @@ def test_two_nodes_train_and_export_a_model_ase_can_run(workdir, tmp_path):
     result = submit(workdir, options(workdir, "small", 2), run_dir, "--wait")
     job = job_id(result)
     assert "scancel" in result.stdout and "done" not in result.stderr
-    assert "2 rank(s) via slurm" in (run_dir / "train.log").read_text()
+    assert "2 ranks via slurm" in (run_dir / "train.log").read_text()
     # one task on each node, rank 0 on n1 and rank 1 on n2
     assert {p.name for p in (run_dir / "slurm").glob(f"{job}_*_log.out")} == {
         f"{job}_0_log.out",

@@ -136,17 +136,7 @@ class DistributedBatchSampler:
         window: int = WINDOW,
         costs: np.ndarray | None = None,
     ):
-        if n_samples < world_size:
-            raise DataError(
-                f"the training set has {n_samples} structures, fewer than the "
-                f"{world_size} ranks; use fewer ranks or more data"
-            )
-        if batch_size < world_size:
-            raise OptionsError(
-                f"'architecture.training.batch_size' {batch_size} is smaller than the "
-                f"{world_size} ranks; every rank needs at least one structure per step "
-                "(batch_size is the global batch)"
-            )
+        self.check_fits(n_samples, batch_size, world_size)
         self.n_samples = n_samples
         self.batch_size = batch_size
         self.rank = rank
@@ -160,6 +150,21 @@ class DistributedBatchSampler:
         self.costs = costs
         self.epoch = 0
         self.consumed = 0  # structures of this epoch already handed out (all ranks)
+
+    @staticmethod
+    def check_fits(n_samples: int, batch_size: int, world_size: int) -> None:
+        """Every rank gets at least one structure per step."""
+        if n_samples < world_size:
+            raise DataError(
+                f"the training set has {n_samples} structures, fewer than the "
+                f"{world_size} ranks; use fewer ranks or more data"
+            )
+        if batch_size < world_size:
+            raise OptionsError(
+                f"'architecture.training.batch_size' {batch_size} is smaller than the "
+                f"{world_size} ranks; every rank needs at least one structure per step "
+                "(batch_size is the global batch)"
+            )
 
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its beginning, unless it is the one being resumed."""
