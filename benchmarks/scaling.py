@@ -471,7 +471,7 @@ def worker(config_path: Path) -> None:
         flow.seed_everything(options.seed)
         train_sets, val_sets, _ = flow.load_datasets(options, dtype, config["options"])
         info = flow.dataset_info_of(train_sets)
-        model, trainer = flow.build(architecture, info, None)
+        model, trainer, _ = flow.build(architecture, info, None)
         engine = trainer.engine_class(
             trainer.hypers,
             model,

@@ -24,6 +24,7 @@ import torch
 from . import __version__, checkpoint, launch, progress, run
 from .architecture import Architecture, DatasetInfo, choose_device_type, choose_dtype, resolve
 from .data import AtomisticDataset, read_dataset, split_indices
+from .data.sanity import check_data
 from .errors import CheckpointError, DataError, HpctrainError, OptionsError, Preempted
 from .evaluation import GRADIENT_NAMES, display_name, evaluate_model
 from .options import DistributedOptions, Options, SlurmOptions, load_options, write_resolved
@@ -315,15 +316,30 @@ def run_training(
                 check_trainer(architecture, env.world_size, train_sets)
             if env.is_main:  # (a run that failed its checks leaves only train.log)
                 write_resolved(options, run_dir / "options.resolved.yaml")
-            devices = launch.all_gather_object((socket.gethostname(), describe_device(device)))
-            sizes = [sum(map(len, sets)) for sets in (train_sets, val_sets, test_sets)]
-            log.info(
-                banner(
-                    architecture.name, env, backend, threads, devices, dtype, info, sizes, run_dir
-                )
-            )
             with launch.errors_agreed():
-                model, trainer = build(architecture, info, resume)
+                model, trainer, transfer = build(architecture, info, resume)
+            devices = launch.all_gather_object((socket.gethostname(), describe_device(device)))
+            if env.is_main:
+                report_start(
+                    architecture,
+                    env,
+                    backend,
+                    threads,
+                    devices,
+                    dtype,
+                    info,
+                    options,
+                    (train_sets, val_sets, test_sets),
+                    model,
+                    run_dir,
+                )
+            if resume:
+                log.info(f"continuing from {resume}")
+            if transfer:
+                log.info(
+                    "the model gained new targets (transfer learning): the optimizer and the "
+                    "epoch count start afresh"
+                )
         trainer.train(
             model=model,
             devices=[device],
@@ -396,6 +412,32 @@ def finish(
         launch.barrier()
 
 
+def report_start(
+    architecture: Architecture,
+    env: launch.LaunchEnv,
+    backend: str,
+    threads: launch.Threads,
+    devices: list[tuple[str, str]],
+    dtype: torch.dtype,
+    info: DatasetInfo,
+    options: Options,
+    datasets: tuple[list[AtomisticDataset], ...],
+    model: Any,
+    run_dir: Path,
+) -> None:
+    """Rank 0's banner, with the model's size and a check of the training data
+    (:mod:`hpctrain.data.sanity`), then a warning for each implausible figure."""
+    log = get_logger()
+    sanity = check_data(datasets[0], cutoff_of(model), options.seed)
+    sizes = [sum(map(len, sets)) for sets in datasets]
+    rows = [("parameters", parameters_of(model)), *sanity.lines()]
+    log.info(
+        banner(architecture.name, env, backend, threads, devices, dtype, info, sizes, run_dir, rows)
+    )
+    for warning in sanity.warnings():
+        log.warning(warning)
+
+
 def describe_device(device: torch.device) -> str:
     """``cpu`` or ``cuda:0 (NVIDIA H100 80GB HBM3)``."""
     if device.type == "cuda":
@@ -413,11 +455,13 @@ def banner(
     info: DatasetInfo,
     sizes: list[int],
     run_dir: Path,
+    model_rows: list[tuple[str, str]] = (),
 ) -> str:
     """The start-up block: what trains, where, on what, and where its outputs go.
 
     :param devices: (host, device) of every rank
     :param sizes: structures in the training, validation and test sets
+    :param model_rows: about the model and the data it sees (parameters, data check)
     """
     hosts = sorted({host for host, _ in devices})
     counts: dict[str, int] = {}
@@ -443,6 +487,7 @@ def banner(
             ("data", f"{sizes[0]} training, {sizes[1]} validation, {sizes[2]} test structures"),
             ("elements", str(info.atomic_types)),
             ("targets", targets),
+            *model_rows,
             ("run directory", str(run_dir)),
             ("resolved options", str(run_dir / "options.resolved.yaml")),
         ],
@@ -552,24 +597,34 @@ def choose_seed(seed: int | None, saved: int | None) -> int:
 
 def build(
     architecture: Architecture, info: DatasetInfo, continue_from: str | None
-) -> tuple[Any, Any]:
-    """A new model and trainer, or both loaded from a checkpoint and restarted."""
+) -> tuple[Any, Any, bool]:
+    """A new model and trainer, or both loaded from a checkpoint and restarted; and
+    whether the restarted model gained new targets (the trainer then starts afresh)."""
     Model, Trainer = architecture.model_class, architecture.trainer_class
-    if continue_from is not None:
-        get_logger().info(f"continuing from {continue_from}")
-        trainer = Trainer.load_checkpoint(continue_from, architecture.training_hypers)
-        loaded = Model.load_checkpoint(continue_from)
-        model = loaded.restart(info)
-        if model is not loaded:
-            get_logger().info(
-                "the model gained new targets (transfer learning): the optimizer and the "
-                "epoch count start afresh"
-            )
-            trainer = Trainer(architecture.training_hypers)
-    else:
-        model = Model(architecture.model_hypers, info)
-        trainer = Trainer(architecture.training_hypers)
-    return model, trainer
+    if continue_from is None:
+        return Model(architecture.model_hypers, info), Trainer(architecture.training_hypers), False
+    trainer = Trainer.load_checkpoint(continue_from, architecture.training_hypers)
+    loaded = Model.load_checkpoint(continue_from)
+    model = loaded.restart(info)
+    if model is not loaded:
+        return model, Trainer(architecture.training_hypers), True
+    return model, trainer, False
+
+
+def cutoff_of(model: Any) -> float | None:
+    """The largest neighbour-list cutoff a metatomic model requests (None: none)."""
+    requests = getattr(model, "requested_neighbor_lists", None)
+    cutoffs = [float(r.cutoff) for r in requests()] if callable(requests) else []
+    return max(cutoffs) if cutoffs else None
+
+
+def parameters_of(model: Any) -> str:
+    """``277,539`` (``, of which 1,024 frozen`` when some do not train)."""
+    if not isinstance(model, torch.nn.Module):
+        return "unknown (not a torch module)"
+    total = sum(p.numel() for p in model.parameters())
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return f"{total:,}" + (f", of which {frozen:,} frozen" if frozen else "")
 
 
 def report_test_metrics(
@@ -606,15 +661,22 @@ def export_model(model: Any, run_dir: Path, metadata: Any = None, name: str = "m
     """``model.pt`` (or ``name``) and the TorchScript extensions it needs, in
     ``run_dir``; ``metadata``: a metatomic ``ModelMetadata`` to carry."""
     from .export import with_metadata
+    from .systems import OWN_LIBRARIES
 
     path = run_dir / name
     atomistic = model.export() if metadata is None else with_metadata(model, metadata)
     # under a temporary name first: an interrupted export leaves no partial model
     partial = run_dir / f".{name}.partial"
+    # metatomic lists every TorchScript library this process loaded as one the model
+    # requires; those hpctrain loaded for training alone are left out, so that a model
+    # exported by a run and by 'hpctrain export' (a fresh process) requires the same
+    loaded = torch.ops.loaded_libraries
     try:
+        torch.ops.loaded_libraries = loaded - OWN_LIBRARIES
         atomistic.save(str(partial), collect_extensions=str(run_dir / "extensions"))
         os.replace(partial, path)
     finally:
+        torch.ops.loaded_libraries = loaded
         partial.unlink(missing_ok=True)
     return path
 

@@ -68,6 +68,18 @@ class Console(logging.StreamHandler):
 _console: Console | None = None
 
 
+class ConsoleFormatter(logging.Formatter):
+    """``12:00:01 message``; warnings and errors say so (``12:00:01 warning: ...``)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        text = super().formatMessage(record)
+        if record.levelno >= logging.WARNING:
+            word = "warning" if record.levelno == logging.WARNING else "error"
+            stamp, _, rest = text.partition(" ")
+            text = f"{stamp} {word}: {rest}"
+        return text
+
+
 def setup_logging(rank: int, log_file: Path | None = None) -> logging.Logger:
     """Rank 0 logs INFO to stdout (and ``log_file``); other ranks log warnings and
     errors only, prefixed with their rank."""
@@ -76,7 +88,7 @@ def setup_logging(rank: int, log_file: Path | None = None) -> logging.Logger:
     logger.handlers.clear()
     logger.propagate = False
     prefix = "" if rank == 0 else f"[rank {rank}] "
-    formatter = logging.Formatter(f"%(asctime)s {prefix}%(message)s", "%H:%M:%S")
+    formatter = ConsoleFormatter(f"%(asctime)s {prefix}%(message)s", "%H:%M:%S")
     if rank == 0:
         _console = Console(sys.stdout)
         stream: logging.Handler = _console

@@ -7,13 +7,19 @@ from metatomic.torch import NeighborListOptions, System
 
 from .data.batch import Batch
 
+# TorchScript libraries that hpctrain loaded for its own neighbour lists (not loaded by
+# a model's code before): an exported model does not require them
+OWN_LIBRARIES: set[str] = set()
+
 
 class NeighborLists:
     """Computes the neighbour lists a model requests, differentiable in positions/cell."""
 
     def __init__(self, requests: list[NeighborListOptions], length_unit: str = "angstrom"):
+        before = set(torch.ops.loaded_libraries)
         from vesin.metatomic import NeighborList
 
+        OWN_LIBRARIES.update(set(torch.ops.loaded_libraries) - before)
         self.calculators = [NeighborList(options, length_unit) for options in requests]
 
     def add(self, systems: list[System]) -> None:

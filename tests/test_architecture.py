@@ -602,3 +602,26 @@ def test_to_dict_from_dict_round_trip():
 def test_round_trip_of_empty_dataset_info():
     assert DatasetInfo.from_dict(DatasetInfo().to_dict()) == DatasetInfo()
     assert dataclasses.asdict(DatasetInfo()) == DatasetInfo().to_dict()
+
+
+def test_soap_bpnn_on_very_many_elements_is_refused_before_anything_is_allocated():
+    """89 elements: 1.8 million SOAP features per atom and 5.4 billion parameters. The
+    estimate is exact: it matches the parameters of a model that can be built."""
+    import architectures.soap_bpnn.model as soap_bpnn
+
+    def info(n_types):
+        return DatasetInfo(
+            length_unit="angstrom",
+            atomic_types=list(range(1, n_types + 1)),
+            targets={"energy": TargetInfo(gradients=["positions"])},
+        )
+
+    with pytest.raises(OptionsError) as raised:
+        soap_bpnn.SoapBpnn({}, info(89))
+    message = str(raised.value)
+    assert "soap_bpnn for 89 elements with max_radial 7 and max_angular 6" in message
+    assert "1,794,240 SOAP features per atom and 5,429,470,009 parameters" in message
+    assert "lower architecture.model.soap.max_radial and max_angular" in message
+    model = soap_bpnn.SoapBpnn({}, info(5))
+    config = model.config
+    assert soap_bpnn.check_size(config, 5, 1) == sum(p.numel() for p in model.parameters())

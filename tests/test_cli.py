@@ -251,6 +251,19 @@ def test_export_of_model_ckpt_predicts_like_the_runs_model_and_has_metadata(trai
     for mine, theirs in zip(exported, original):
         assert mine["energy"] == pytest.approx(theirs["energy"], rel=1e-12)
         np.testing.assert_allclose(mine["forces"], theirs["forces"], rtol=1e-10, atol=1e-12)
+    # both require the same TorchScript extensions: none (the training process loaded
+    # vesin's for its neighbour lists; the model's code does not use it)
+    required = [required_extensions(trained / d) for d in ("exported/ethanol.pt", "run/model.pt")]
+    assert required == [[], []]
+
+
+def required_extensions(path) -> list[str]:
+    """The TorchScript libraries an exported model says it requires."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        (name,) = [n for n in archive.namelist() if n.endswith("/extra/extensions")]
+        return [e["name"] for e in json.loads(archive.read(name))]
 
 
 @pytest.mark.slow

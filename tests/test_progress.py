@@ -412,6 +412,9 @@ def test_banner_names_version_architecture_ranks_data_and_paths(piped):
         "  dtype: float64\n",
         "  data: 80 training, 10 validation, 10 test structures\n",
         "  targets: energy, forces\n",
+        "  parameters: ",
+        "  data check: mean energy -467.7 eV/atom, RMS force ",
+        "  distances: shortest 0.",
         f"  run directory: {run_dir}\n",
         f"  resolved options: {run_dir / 'options.resolved.yaml'}\n",
     ):

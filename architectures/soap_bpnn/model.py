@@ -117,6 +117,35 @@ class ModelHypers:
             )
 
 
+MAX_PARAMETERS = 500_000_000  # about 8 GB with gradients and Adam's state in float32
+
+
+def check_size(config: ModelHypers, n_types: int, n_outputs: int) -> int:
+    """The parameters of a model for ``n_types`` elements; an error naming the
+    remedies, before anything is allocated, when there are more than
+    :data:`MAX_PARAMETERS` (the power spectrum grows with the square of the elements)."""
+    from hpctrain.errors import OptionsError
+
+    soap, bpnn = config.soap, config.bpnn
+    n_features = n_types * (n_types + 1) // 2 * (soap.max_angular + 1) * (soap.max_radial + 1) ** 2
+    width, per_element = n_features, 2 * n_features if bpnn.layernorm else 0
+    for _ in range(bpnn.num_hidden_layers):
+        per_element += (width + 1) * bpnn.num_neurons_per_layer
+        width = bpnn.num_neurons_per_layer
+    per_element += (width + 1) * n_outputs
+    parameters = n_types * per_element
+    if parameters > MAX_PARAMETERS:
+        raise OptionsError(
+            f"soap_bpnn for {n_types} elements with max_radial {soap.max_radial} and "
+            f"max_angular {soap.max_angular} would have {n_features:,} SOAP features per atom "
+            f"and {parameters:,} parameters (about {parameters * 16 / 1e9:.0f} GB to train "
+            f"in float32), more than the {MAX_PARAMETERS:,} it accepts: lower "
+            "architecture.model.soap.max_radial and max_angular, or train mp_transformer, "
+            "whose size does not grow with the number of elements"
+        )
+    return parameters
+
+
 def element_network(n_features: int, hypers: BpnnHypers, n_outputs: int) -> torch.nn.Sequential:
     layers: List[torch.nn.Module] = [torch.nn.LayerNorm(n_features)] if hypers.layernorm else []
     width = n_features
@@ -252,6 +281,7 @@ class SoapBpnn(ReferenceModel):
 
     def __init__(self, hypers, dataset_info):
         super().__init__(hypers, dataset_info)
+        check_size(self.config, len(self.atomic_types), len(self.target_names))
         soap = self.config.soap
         self.cutoff = float(soap.cutoff.radius)
         self.cutoff_width = float(soap.cutoff.width)
