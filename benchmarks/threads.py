@@ -11,7 +11,9 @@ each, in three set-ups on the same machine:
 
 Reports the training-step throughput of each run (structures per second over the
 epochs after the first, from ``metrics.csv``) and its slowdown against ``alone``. A
-run given its share should be about as fast beside another as alone.
+run given its share should be about as fast beside another as alone. With ``--bind``,
+the runs given half the cores are also bound to their own half (as ``taskset`` or
+``srun --cpu-bind`` does); hpctrain then reads its share from the affinity.
 
     python benchmarks/threads.py --out threads.json
     python benchmarks/threads.py --quick --out /tmp/threads.json   # a smoke run
@@ -47,7 +49,9 @@ seed: 1
 """
 
 
-def start(workdir: Path, name: str, options: str, omp: int) -> subprocess.Popen:
+def start(
+    workdir: Path, name: str, options: str, omp: int, cpus: list[int] | None
+) -> subprocess.Popen:
     path = workdir / f"{name}.yaml"
     path.write_text(options)
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
@@ -58,6 +62,7 @@ def start(workdir: Path, name: str, options: str, omp: int) -> subprocess.Popen:
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
+        preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
     )
 
 
@@ -75,10 +80,11 @@ def trained_structures(out: Path) -> int:
     raise RuntimeError(f"no data line in {out}:\n{out.read_text()[-2000:]}")
 
 
-def setup(workdir: Path, name: str, runs: list[tuple[str, str, int]]) -> list[dict]:
-    """Start ``runs`` (name, options, OMP_NUM_THREADS) at once; their throughputs."""
+def setup(workdir: Path, name: str, runs: list[tuple]) -> list[dict]:
+    """Start ``runs`` (name, options, OMP_NUM_THREADS, cores or None) at once; their
+    throughputs."""
     started = time.perf_counter()
-    procs = [(run, start(workdir, run, options, omp)) for run, options, omp in runs]
+    procs = [(run[0], start(workdir, *run)) for run in runs]
     results = []
     for run, proc in procs:
         if proc.wait() != 0:
@@ -109,12 +115,17 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help="a tiny smoke configuration")
+    parser.add_argument(
+        "--bind", action="store_true", help="bind the runs given half the cores to their half"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.quick:
         args.structures, args.atoms, args.epochs, args.batch = 60, 8, 2, 8
-    cores = len(os.sched_getaffinity(0))
+    usable = sorted(os.sched_getaffinity(0))
+    cores = len(usable)
     half = max(1, cores // 2)
+    first, second = (usable[:half], usable[half : 2 * half]) if args.bind else (None, None)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         data = workdir / "emt.xyz"
@@ -135,12 +146,14 @@ def main() -> None:
 
         own = options("")
         greedy = options(f"distributed: {{threads_per_rank: {cores}}}")
-        rows = setup(workdir, "alone", [("alone", own, half)])
-        rows += setup(workdir, "shared", [("shared-a", own, half), ("shared-b", own, half)])
+        rows = setup(workdir, "alone", [("alone", own, half, first)])
+        rows += setup(
+            workdir, "shared", [("shared-a", own, half, first), ("shared-b", own, half, second)]
+        )
         rows += setup(
             workdir,
             "oversubscribed",
-            [("greedy-a", greedy, half), ("greedy-b", greedy, half)],
+            [("greedy-a", greedy, half, None), ("greedy-b", greedy, half, None)],
         )
     alone = rows[0]["structures_per_s"]
     for row in rows:

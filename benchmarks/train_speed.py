@@ -83,8 +83,8 @@ def run_case(workdir: Path, name: str, opts: dict) -> dict:
     steady = times[1:] or times
     n_train = 0
     for line in (run_dir / "train.log").read_text().splitlines():
-        if "training structures" in line or " training, " in line:
-            n_train = int(line.split("data: ")[1].split(" training")[0])
+        if " data: " in line and " training, " in line:  # the banner's data line
+            n_train = int(line.split(" data: ")[1].split(" training")[0])
     epoch = sum(steady) / len(steady)
     last = rows[-1]
     return {

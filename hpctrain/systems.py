@@ -38,7 +38,18 @@ def make_systems(
     With ``strain_grad``, positions and cells are multiplied by ``1 + strain``
     (a ``[n_structures, 3, 3]`` zero tensor), so that the derivative of the energy
     with respect to the strain, divided by the volume, is the stress.
+
+    The geometry keeps the batch's precision under mixed precision: autocast would
+    turn the strain product into bfloat16, positions to three significant digits.
     """
+    device_type = batch.positions[0].device.type if len(batch) else "cpu"
+    with torch.autocast(device_type, enabled=False):
+        return _make_systems(batch, neighbors, positions_grad, strain_grad)
+
+
+def _make_systems(
+    batch: Batch, neighbors: NeighborLists, positions_grad: bool, strain_grad: bool
+) -> tuple[list[System], list[torch.Tensor], torch.Tensor | None]:
     positions = [p.detach().requires_grad_(positions_grad) for p in batch.positions]
     strain = None
     if strain_grad:

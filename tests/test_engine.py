@@ -210,3 +210,30 @@ def test_composition_fit_and_output_scale(ethanol):
     energy_only = read_dataset(options, "training_set", "test", torch.float64).subset(range(24))
     fit = fit_composition(energy_only, "energy", types, run.current())
     assert fit.forces_scale is None and fit.output_scale == fit.energy_scale
+
+
+def test_geometry_keeps_its_precision_under_autocast():
+    """Mixed precision runs the network in bfloat16, never the positions and cells:
+    the strain product for stress would otherwise round positions to three digits
+    (the CPU's autocast casts matrix products as CUDA's does)."""
+    from metatomic.torch import NeighborListOptions
+
+    from hpctrain.data.batch import collate
+    from hpctrain.systems import NeighborLists, make_systems
+
+    options = parse(
+        DatasetOptions,
+        {"systems": {"read_from": str(EXAMPLE_XYZ)}, "targets": {"energy": {"forces": True}}},
+    )
+    dataset = read_dataset(options, "training_set", "test", torch.float32)
+    batch = collate([dataset[i] for i in range(3)])
+    batch.cells = [torch.eye(3) * 20.0 for _ in batch.cells]  # periodic, so that stress applies
+    batch.pbcs = [torch.ones(3, dtype=torch.bool) for _ in batch.pbcs]
+    neighbors = NeighborLists([NeighborListOptions(cutoff=4.0, full_list=False, strict=True)])
+    plain, _, _ = make_systems(batch, neighbors, True, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed, _, strain = make_systems(batch, neighbors, True, True)
+    assert strain.dtype == torch.float32
+    for a, b in zip(plain, mixed):
+        assert b.positions.dtype == b.cell.dtype == torch.float32
+        assert torch.equal(a.positions, b.positions) and torch.equal(a.cell, b.cell)
