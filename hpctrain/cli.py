@@ -274,10 +274,10 @@ EVAL_EXAMPLE = """example:
 prints MAE and RMSE of the energy per atom and per structure, the forces and the
 stress (here of a small model after 3 epochs on examples/rmd17_ethanol_100.xyz):
   run/model.pt on test.xyz: 10 structures (energy, forces), float64, 1 rank, cpu
-  target                         MAE          RMSE
-  energy [eV/atom]         0.0188236     0.0251161
-  energy [eV]               0.169413      0.226045
-  energy forces [eV/A]      0.793722       1.10097
+  target                     MAE          RMSE
+  energy [eV/atom]     0.0188236     0.0251161
+  energy [eV]           0.169413      0.226045
+  forces [eV/A]         0.793722       1.10097
 
 predictions.xyz holds the reference values as energy, forces and stress (ASE reads
 them as the calculator's results) and the model's as predicted_energy,

@@ -314,10 +314,10 @@ def run_training(
                 _check_supported(architecture, info)
                 check_elements(info, val_sets + test_sets)
                 check_trainer(architecture, env.world_size, train_sets)
-            if env.is_main:  # (a run that failed its checks leaves only train.log)
-                write_resolved(options, run_dir / "options.resolved.yaml")
             with launch.errors_agreed():
                 model, trainer, transfer = build(architecture, info, resume)
+            if env.is_main:  # (a run that failed its checks leaves only train.log)
+                write_resolved(options, run_dir / "options.resolved.yaml")
             devices = launch.all_gather_object((socket.gethostname(), describe_device(device)))
             if env.is_main:
                 report_start(

@@ -136,8 +136,9 @@ class DistributedOptions:
     )
     threads_per_rank: int | None = option(
         None,
-        doc="CPU threads per rank; default: SLURM_CPUS_PER_TASK, else the cores of "
-        "the node divided by the ranks on it.",
+        doc="CPU threads per rank; default: OMP_NUM_THREADS, else SLURM_CPUS_PER_TASK, "
+        "else the cores the process may use divided by the ranks on its node. Never more "
+        "than the cores the process may use (affinity, cgroup quota).",
     )
 
 

@@ -370,3 +370,52 @@ def test_eval_under_mpiexec_writes_predictions_of_a_shard_directory(trained, eva
     for a, b in zip(one, two):
         np.testing.assert_allclose(b.positions, a.positions, atol=1e-12)
         assert b.info["predicted_energy"] == pytest.approx(a.info["predicted_energy"], rel=1e-9)
+
+
+def damaged_checkpoint(trained, kind: str) -> str:
+    """A copy of the run's model.ckpt, damaged as ``kind`` says; its name."""
+    good = (trained / "run" / "model.ckpt").read_bytes()
+    data = {
+        "truncated": good[: len(good) // 3],
+        "garbage": bytes(range(256)) * 40,
+        "empty": b"",
+        "flipped": good[:2000] + bytes(b ^ 0xFF for b in good[2000:2100]) + good[2100:],
+    }[kind]
+    name = f"{kind}.ckpt"
+    (trained / name).write_bytes(data)
+    return name
+
+
+@pytest.mark.parametrize("kind", ["truncated", "garbage", "empty", "flipped"])
+def test_a_damaged_checkpoint_is_named_without_a_traceback(trained, kind):
+    """--continue and export: exit 2, the file named, the run it came from untouched."""
+    name = damaged_checkpoint(trained, kind)
+    before = (trained / "run" / "model.ckpt").read_bytes()
+    for command in (
+        [HPCTRAIN, "train", "options.yaml", "--continue", name, "-o", f"from-{kind}"],
+        [HPCTRAIN, "export", name, "-o", f"{kind}.pt"],
+    ):
+        result = run(command, trained)
+        assert result.returncode == 2, (command, result.stdout, result.stderr)
+        assert f"{name} is not a readable checkpoint" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr + result.stdout
+    assert not (trained / f"{kind}.pt").exists()
+    assert (trained / "run" / "model.ckpt").read_bytes() == before
+
+
+def test_a_checkpoint_of_another_architecture_names_both(trained):
+    options = OPTIONS.replace("name: mp_transformer", "name: soap_bpnn").replace(
+        "  model: {d_model: 16, num_heads: 2, num_layers: 1, num_radial: 4, angular_channels: 4}\n",
+        "",
+    )
+    (trained / "soap.yaml").write_text(options)
+    result = run(
+        [HPCTRAIN, "train", "soap.yaml", "--continue", "run/model.ckpt", "-o", "soap-run"], trained
+    )
+    assert result.returncode == 2, result.stderr
+    assert (
+        "run/model.ckpt was written by architecture 'mp_transformer', not 'soap_bpnn': to "
+        "continue or fine-tune it, set 'architecture.name: mp_transformer'"
+    ) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in (trained / "soap-run").iterdir()) == ["train.log"]
