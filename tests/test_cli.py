@@ -206,6 +206,21 @@ def test_parity_and_learning_curve_plots_are_pngs(trained, evaluated):
     assert_png(trained / "plots" / "curves.png")
 
 
+def test_plots_write_angstrom(trained, monkeypatch, tmp_path):
+    """Units in plots as people write them: Å and Å³, not A and A^3."""
+    from hpctrain import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda figure, path: figures.append(figure) or path)
+    plots.learning_curves(trained / "run")
+    titles = [ax.get_title() for ax in figures[0].axes]
+    assert "forces [eV/Å]" in titles and "energy [eV/atom]" in titles, titles
+    values = np.linspace(0.0, 1.0, 9)
+    plots.parity_plot({"stress [eV/A^3]": (values, values)}, tmp_path / "parity.png")
+    (axes,) = figures[1].axes
+    assert (axes.get_title(), axes.get_xlabel()) == ("stress", "reference [eV/Å³]")
+
+
 @pytest.mark.slow
 def test_plots_and_predictions_get_the_permissions_of_the_run_files(trained, evaluated):
     """Written through temporary files, yet as readable as what the run wrote itself."""
