@@ -204,12 +204,9 @@ def launch_command(
 def launch_env(launcher: str, threads: int) -> dict[str, str]:
     """The environment of the ranks: the launcher variables of an enclosing job step
     removed (srun keeps the allocation's), one thread count for every library."""
-    drop = ("PMI_", "PMIX_", "OMPI_", "MV2_", "TORCHELASTIC_")
-    if launcher != "srun":
-        drop += ("SLURM_",)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR"):
-        env.pop(key, None)
+    from hpctrain.launch import without_launcher
+
+    env = without_launcher(keep_slurm_allocation=launcher == "srun")
     for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[key] = str(threads)
     env["PYTHONUNBUFFERED"] = "1"

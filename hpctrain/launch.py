@@ -246,6 +246,38 @@ MPI_RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM
 
 MPI_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
+# what launchers set for their ranks: by prefix (SLURM, MPI, torchrun) and by name
+LAUNCHER_PREFIXES = ("SLURM_", "PMI_", "PMIX_", "OMPI_", "MV2_", "TORCHELASTIC_")
+LAUNCHER_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+
+
+def without_launcher(
+    environ: Mapping[str, str] | None = None, keep_slurm_allocation: bool = False
+) -> dict[str, str]:
+    """``environ`` without what a launcher told this process (for a fresh launch from
+    inside a job: tests, benchmarks). ``SLURM_CONF`` stays; with
+    ``keep_slurm_allocation`` every ``SLURM_`` variable stays (``srun`` inside the job's
+    allocation needs them)."""
+    environ = os.environ if environ is None else environ
+    kept = {}
+    for key, value in environ.items():
+        if key in LAUNCHER_VARIABLES:
+            continue
+        if key.startswith(LAUNCHER_PREFIXES) and key != "SLURM_CONF":
+            if not (keep_slurm_allocation and key.startswith("SLURM_")):
+                continue
+        kept[key] = value
+    return kept
+
 
 def _srun_task(environ: Mapping[str, str]) -> bool:
     step = environ.get("SLURM_STEP_ID")

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from hpctrain.launch import without_launcher
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_XYZ = ROOT / "examples" / "rmd17_ethanol_100.xyz"
 BIN = Path(sys.executable).parent
@@ -29,15 +31,7 @@ def write_options(tmp_path):
 
 def clean_env(**extra: str) -> dict[str, str]:
     """The environment of a fresh launch: no launcher variables of an outer job."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if (
-            not k.startswith(("SLURM_", "PMI_", "OMPI_", "PMIX_", "TORCHELASTIC_"))
-            or k == "SLURM_CONF"
-        )
-        and k not in {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
-    }
+    env = without_launcher()
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra)
     return env

@@ -798,3 +798,26 @@ def test_threads_of_a_bound_srun_task_are_its_own_cores(cores):
     # torchrun processes share their task's cores
     shared = launch.LaunchEnv(launcher="torchrun", world_size=4, local_world_size=4, rank=0)
     assert launch.threads_per_rank(shared, None, {}).count == 2
+
+
+def test_a_fresh_launch_leaves_out_what_launchers_set():
+    environ = {
+        "PATH": "/bin",
+        "SLURM_CONF": "/etc/slurm.conf",
+        "SLURM_JOB_ID": "7",
+        "SLURM_PROCID": "1",
+        "PMI_RANK": "1",
+        "OMPI_COMM_WORLD_RANK": "1",
+        "TORCHELASTIC_RUN_ID": "x",
+        "RANK": "1",
+        "LOCAL_WORLD_SIZE": "2",
+        "MASTER_PORT": "29500",
+    }
+    assert launch.without_launcher(environ) == {"PATH": "/bin", "SLURM_CONF": "/etc/slurm.conf"}
+    inside = launch.without_launcher(environ, keep_slurm_allocation=True)
+    assert inside == {
+        "PATH": "/bin",
+        "SLURM_CONF": "/etc/slurm.conf",
+        "SLURM_JOB_ID": "7",
+        "SLURM_PROCID": "1",
+    }
