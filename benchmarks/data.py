@@ -294,8 +294,8 @@ def write_synthetic_shards(
     and manifest functions. Energies, forces and stress are copied unchanged."""
     import numpy as np
 
+    from hpctrain.data.ase_reader import FrameBuffer, iter_frames
     from hpctrain.data.convert import manifest_of, spec_from_args, write_manifest
-    from hpctrain.data.dataset import FrameBuffer, iter_frames
     from hpctrain.data.shards import shard_name, write_shard
 
     spec = spec_from_args(stress="stress")
@@ -474,7 +474,7 @@ def extract_in_chunks(xyz: Path, spec, chunk: int):
 
     import ase.io
 
-    from hpctrain.data.dataset import extract_frame
+    from hpctrain.data.ase_reader import extract_frame
 
     frames = ase.io.iread(str(xyz), index=":", parallel=False)
     count = 0
@@ -493,8 +493,8 @@ def conversion(xyz: Path, output: Path, repeats: int) -> dict:
     scratch = output.with_name(output.name + "-in-process")
     convert_in_process(xyz, scratch)  # warm-up: lazy imports (h5py, ...)
     command = [*hpctrain_command(), "convert", str(xyz), "-o", str(output), "--stress", "stress"]
+    from hpctrain.data.ase_reader import extract_frame, iter_frames
     from hpctrain.data.convert import spec_from_args
-    from hpctrain.data.dataset import extract_frame, iter_frames
 
     spec = spec_from_args(stress="stress")
     walls, printed, warm, parses, frames, extracts, chunked = [], [], [], [], [], [], []

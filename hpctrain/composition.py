@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from . import launch, run
-from .data.dataset import AtomisticDataset
 from .data.sampler import shard_for_rank
+from .data.structures import AtomisticDataset
 
 
 @dataclasses.dataclass(frozen=True)

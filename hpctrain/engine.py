@@ -27,8 +27,8 @@ from . import checkpoint, launch, run, timing
 from .composition import fit_composition
 from .config import option
 from .data.batch import Batch, collate
-from .data.dataset import AtomisticDataset
 from .data.sampler import DistributedBatchSampler, work_estimates
+from .data.structures import AtomisticDataset
 from .errors import CheckpointError, DataError, OptionsError, Preempted, TrainingDiverged
 from .evaluation import GRADIENT_NAMES, EnergyModule, evaluate, gradient_of, predict
 from .optim import ExponentialMovingAverage, LearningRate

@@ -120,7 +120,7 @@ def dataset_options(
         use_stress = has_stress if stress == "auto" else stress != "none"
         target = TargetOptions(key=chosen, forces=use_forces, stress=use_stress)
     else:
-        from .data.dataset import first_frame, keys_of, label_key, lookup
+        from .data.ase_reader import first_frame, keys_of, label_key, lookup
 
         atoms = first_frame(path, reader)
         if lookup(atoms, energy) is None:

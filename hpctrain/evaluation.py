@@ -13,8 +13,8 @@ from metatomic.torch import AtomisticModel, ModelEvaluationOptions, ModelOutput
 
 from . import launch, run, timing
 from .data.batch import Batch, collate
-from .data.dataset import AtomisticDataset
 from .data.sampler import shard_for_rank
+from .data.structures import AtomisticDataset
 from .systems import NeighborLists, make_systems
 
 

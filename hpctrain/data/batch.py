@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .dataset import Structure
+from .structures import Structure
 
 
 @dataclasses.dataclass

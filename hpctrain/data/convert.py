@@ -23,7 +23,7 @@ from typing import Any
 
 from .. import __version__, launch
 from ..errors import DataError, LaunchError
-from .dataset import (
+from .ase_reader import (
     ENERGY_UNIT,
     LENGTH_UNIT,
     FrameBuffer,
@@ -347,7 +347,7 @@ def choose_labels(
 ) -> tuple[str | None, str | None, str | None, str]:
     """The forces, stress and virial keys to store (``auto`` resolved on the first
     structure of the first input) and a line saying what is stored and what is not."""
-    from .dataset import first_frame, keys_of, label_key
+    from .ase_reader import first_frame, keys_of, label_key
 
     if not Path(first_input).is_file():
         raise DataError(f"input {first_input} does not exist or is not a file")

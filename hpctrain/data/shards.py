@@ -29,7 +29,9 @@ import torch
 from ..architecture import DatasetInfo, TargetInfo
 from ..errors import DataError
 from ..options import DatasetOptions
-from .dataset import (
+from .ase_reader import unit_factor as _unit_factor
+from .sampler import BLOCK, WINDOW
+from .structures import (
     ENERGY_UNIT,
     LENGTH_UNIT,
     AtomisticDataset,
@@ -37,8 +39,6 @@ from .dataset import (
     StructureDataset,
     cell_volumes,
 )
-from .dataset import unit_factor as _unit_factor
-from .sampler import BLOCK, WINDOW
 
 FORMAT = "hpctrain-shards"
 FORMAT_VERSION = 1

@@ -1,0 +1,168 @@
+"""The structures hpctrain trains on: one :class:`Structure` as tensors, and the
+datasets every trainer receives (:class:`AtomisticDataset`, its :class:`Subset`, and
+:class:`StructureDataset`, structures held as columnar arrays in memory).
+
+Units are those hpctrain trains in: positions in angstrom, energies in eV, forces in
+eV/angstrom, stress in eV/angstrom^3 (ASE's sign).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from ..architecture import DatasetInfo
+
+LENGTH_UNIT = "angstrom"
+ENERGY_UNIT = "eV"
+
+
+@dataclasses.dataclass
+class Structure:
+    """One structure and its targets, as tensors.
+
+    ``targets`` maps a target name to its value (shape ``[1]``, or ``[n_atoms]``
+    per atom); ``forces`` and ``stress`` map target names to their gradients.
+    """
+
+    numbers: torch.Tensor  # [n_atoms] int32
+    positions: torch.Tensor  # [n_atoms, 3]
+    cell: torch.Tensor  # [3, 3], zero for non-periodic directions
+    pbc: torch.Tensor  # [3] bool
+    targets: dict[str, torch.Tensor]
+    forces: dict[str, torch.Tensor]
+    stress: dict[str, torch.Tensor]
+
+
+class AtomisticDataset(torch.utils.data.Dataset):
+    """A map-style dataset of structures: ``len``, ``dataset[i] -> Structure``.
+
+    Every dataset hpctrain hands to ``Trainer.train`` is one of these. Besides the
+    structures it knows ``info`` (types, targets and units), ``name`` (its source,
+    for messages), ``dtype`` (of the tensors it returns), and, without reading the structures,
+    ``n_atoms`` (atoms of every structure) and ``volumes`` (their cell volumes).
+    """
+
+    info: DatasetInfo
+    name: str
+    dtype: torch.dtype
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> Structure:
+        raise NotImplementedError
+
+    @property
+    def n_atoms(self) -> np.ndarray:
+        raise NotImplementedError
+
+    @property
+    def volumes(self) -> np.ndarray:
+        """Cell volume of every structure (in the dataset's length unit, cubed); NaN
+        where a structure is not periodic in all three directions."""
+        raise NotImplementedError
+
+    def subset(self, indices: Sequence[int], name: str | None = None) -> Subset:
+        """The structures at ``indices``, in that order, read lazily from this one."""
+        return Subset(self, indices, name)
+
+
+class Subset(AtomisticDataset):
+    """Some structures of another dataset (a split), read lazily through it."""
+
+    def __init__(self, dataset: AtomisticDataset, indices: Sequence[int], name: str | None):
+        self.dataset = dataset
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.info = dataset.info
+        self.name = name or dataset.name
+        self.dtype = dataset.dtype
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Structure:
+        if not 0 <= index < len(self.indices):
+            raise IndexError(f"structure {index} of a dataset of {len(self)}")
+        return self.dataset[int(self.indices[index])]
+
+    @property
+    def n_atoms(self) -> np.ndarray:
+        return self.dataset.n_atoms[self.indices]
+
+    @property
+    def volumes(self) -> np.ndarray:
+        return self.dataset.volumes[self.indices]
+
+
+class StructureDataset(AtomisticDataset):
+    """Structures held in memory as columnar arrays (ragged per-atom data by offsets)."""
+
+    def __init__(
+        self,
+        numbers: np.ndarray,
+        positions: np.ndarray,
+        offsets: np.ndarray,
+        cells: np.ndarray,
+        pbcs: np.ndarray,
+        targets: dict[str, np.ndarray],
+        forces: dict[str, np.ndarray],
+        stress: dict[str, np.ndarray],
+        info: DatasetInfo,
+        name: str,
+        dtype: torch.dtype = torch.float64,
+    ):
+        self.numbers = numbers
+        self.positions = positions
+        self.offsets = offsets
+        self.cells = cells
+        self.pbcs = pbcs
+        self.targets = targets
+        self.forces = forces
+        self.stress = stress
+        self.info = info
+        self.name = name
+        self.dtype = dtype
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def n_atoms(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def volumes(self) -> np.ndarray:
+        return cell_volumes(self.cells, self.pbcs)
+
+    def __getitem__(self, index: int) -> Structure:
+        if not 0 <= index < len(self):
+            raise IndexError(f"structure {index} of a dataset of {len(self)}")
+        start, stop = self.offsets[index], self.offsets[index + 1]
+        dtype = self.dtype
+
+        def tensor(array: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
+
+        targets = {}
+        for name, values in self.targets.items():
+            per_atom = self.info.targets[name].per_atom
+            targets[name] = tensor(values[start:stop] if per_atom else values[index : index + 1])
+        return Structure(
+            numbers=torch.from_numpy(self.numbers[start:stop].astype(np.int32)),
+            positions=tensor(self.positions[start:stop]),
+            cell=tensor(self.cells[index]),
+            pbc=torch.from_numpy(self.pbcs[index].copy()),
+            targets=targets,
+            forces={k: tensor(v[start:stop]) for k, v in self.forces.items()},
+            stress={k: tensor(v[index]) for k, v in self.stress.items()},
+        )
+
+
+def cell_volumes(cells: np.ndarray, pbcs: np.ndarray) -> np.ndarray:
+    """``|det(cell)|`` of ``[n, 3, 3]`` cells; NaN where ``[n, 3]`` pbc is not all true."""
+    volumes = np.abs(np.linalg.det(np.asarray(cells, dtype=np.float64).reshape(-1, 3, 3)))
+    return np.where(np.asarray(pbcs).reshape(-1, 3).all(axis=1), volumes, np.nan)
