@@ -443,42 +443,22 @@ def worker(config_path: Path) -> None:
     import numpy as np
     import torch
 
-    from hpctrain import flow, launch, run, timing
+    from hpctrain import launch, startup, timing
 
     config = json.loads(config_path.read_text())
-    options, architecture, dtype, device_type = flow.prepare(config["options"])
+    # the same start as hpctrain train: options, launch, run directory, data, model
+    options, architecture, dtype, device_type = startup.prepare(config["options"])
     env = launch.detect()
-    device = launch.device_for(env, device_type)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    torch.set_num_threads(launch.threads_per_rank(env, options.distributed.threads_per_rank).count)
     backend = launch.backend_for(device_type, options.distributed.backend)
-    with launch.ProcessGroup(env, backend, options.distributed.timeout_s):
-        run_dir = Path(config["run_dir"])
-        run.set_current(
-            run.RunContext(
-                rank=env.rank,
-                world_size=env.world_size,
-                seed=options.seed,
-                run_dir=run_dir,
-                checkpoint=options.checkpoint,
-                logging=options.logging,
-            )
+    with startup.launched(env, device_type, backend, options.distributed) as launched:
+        device = launched.device
+        run_dir, _ = startup.open_run(env, options, config["run_dir"], launched.threads)
+        built = startup.build_run(
+            architecture, options, dtype, config["options"], env.world_size, None
         )
-        flow.seed_everything(options.seed)
-        train_sets, val_sets, _ = flow.load_datasets(options, dtype, config["options"])
-        info = flow.dataset_info_of(train_sets)
-        model, trainer, _ = flow.build(architecture, info, None)
-        engine = trainer.engine_class(
-            trainer.hypers,
-            model,
-            device,
-            train_sets,
-            val_sets,
-            run_dir,
-            save_checkpoint=trainer.save_checkpoint,
-        )
-        trainer.model, trainer.engine = model, engine
+        model, trainer = built.model, built.trainer
+        engine = trainer.make_engine(model, device, built.train_sets, built.val_sets, run_dir)
+        del built
         hooked = timing.TIMER.attach(engine.network)
         n_atoms = engine.train_set.n_atoms
         sampler = engine.sampler

@@ -1,3 +1,5 @@
+"""``python -m hpctrain``: the ``hpctrain`` command."""
+
 from .cli import main
 
 raise SystemExit(main())

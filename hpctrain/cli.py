@@ -15,6 +15,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from .errors import HpctrainError, Preempted
+from .report import end_status_line, log_to_file
 
 TRAIN_EXAMPLE = """example:
   hpctrain train options.yaml
@@ -425,7 +431,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "train":
         return run_train(args)
-    from .flow import main_guard
 
     if args.command == "convert":
         return main_guard(run_convert, args)
@@ -455,7 +460,7 @@ def run_train(args: argparse.Namespace) -> int:
     with StopRequest() as stop:
         try:
             with stop.immediately("while starting: nothing was saved, nothing is lost"):
-                from .flow import main_guard, train
+                from .flow import train
         except Preempted as stopped:
             print(f"hpctrain: {stopped}", file=sys.stderr)
             if args.requeue_on_signal and stop.requeue:
@@ -474,3 +479,66 @@ def run_train(args: argparse.Namespace) -> int:
             requeue=args.requeue_on_signal,
             stop=stop,
         )
+
+
+EXIT_USER_ERROR = 2
+
+
+EXIT_LOST_RANK = 3
+
+
+def main_guard(function: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
+    """Run ``function``; report hpctrain errors without a traceback, on stderr and in
+    the run's ``train.log``: by rank 0 alone when the ranks agreed on it, else by every
+    rank that has one (other ranks than 0 prefix theirs). Returns the exit status.
+
+    (torch is imported only to report an error: ``plot`` and ``inspect`` do without.)
+    """
+
+    def report(message: str, all_ranks: bool = False) -> None:
+        from . import launch
+
+        rank = launch.rank_hint()
+        if rank == 0 or all_ranks:
+            print(("" if rank == 0 else f"[rank {rank}] ") + message, file=sys.stderr)
+            launch.tell_launcher(message)
+        else:
+            launch.tell_launcher("hpctrain: stopped with rank 0, which says why")
+        log_to_file(message)
+
+    try:
+        try:
+            function(*args, **kwargs)
+        finally:
+            end_status_line()  # a progress bar on screen ends before any message
+        return 0
+    except Preempted as stop:
+        report(f"hpctrain: {stop}")
+        return stop.exit_code
+    except HpctrainError as error:
+        report(f"hpctrain: error: {error}", all_ranks=not error.agreed)
+        return getattr(error, "exit_code", EXIT_USER_ERROR)
+    except RuntimeError as error:
+        from . import launch
+
+        if not launch.is_communication_failure(error):
+            log_to_file(f"hpctrain: unexpected error\n{traceback.format_exc()}")
+            raise
+        report(
+            f"hpctrain: error: rank {launch.rank_hint()} lost contact with another rank "
+            "(it died, was killed, or hangs); its own output says why. Training stopped; "
+            f"continue from the last checkpoint. Details: {str(error).splitlines()[0]}",
+            all_ranks=True,
+        )
+        return EXIT_LOST_RANK
+    except KeyboardInterrupt:
+        report(
+            "hpctrain: interrupted (a second Ctrl-C stops at once, without a checkpoint)",
+            all_ranks=True,
+        )
+        return 130
+    except Exception:
+        log_to_file(f"hpctrain: unexpected error\n{traceback.format_exc()}")
+        raise
+    finally:
+        sys.stdout.flush()

@@ -23,7 +23,7 @@ from . import checkpoint, launch, run
 from .data import AtomisticDataset, read_dataset
 from .data.batch import Batch
 from .errors import CheckpointError, DataError, HpctrainError
-from .evaluation import evaluate_exported_model, split_key
+from .evaluation import GRADIENT_NAMES, evaluate_exported_model, split_key
 from .options import DatasetOptions, SystemsOptions, TargetOptions
 from .report import plural
 
@@ -301,11 +301,12 @@ def evaluate_file(args: argparse.Namespace) -> dict[str, float]:
     capabilities = model.capabilities()
     env = launch.detect()
     device_type = _device_type(args.device, list(capabilities.supported_devices))
-    device = launch.device_for(env, device_type)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    torch.set_num_threads(launch.threads_per_rank(env).count)
-    with launch.ProcessGroup(env, launch.backend_for(device_type), args.timeout):
+    from .options import DistributedOptions
+    from .startup import launched
+
+    distributed = DistributedOptions(timeout_s=args.timeout)
+    with launched(env, device_type, launch.backend_for(device_type), distributed) as rank:
+        device = rank.device
         run.set_current(run.RunContext(rank=env.rank, world_size=env.world_size))
         # references in float64, whatever the model's dtype: written files keep them exact
         dataset = read_dataset(options, "data", SOURCE, torch.float64)
@@ -322,9 +323,8 @@ def evaluate_file(args: argparse.Namespace) -> dict[str, float]:
         )
         predictions = collector.gather(len(dataset)) if collector is not None else None
         if env.is_main:
-            names = {"positions": "forces", "strain": "stress"}
             gradients = ", ".join(
-                ["energy", *(names[g] for g in dataset.info.targets[TARGET].gradients)]
+                ["energy", *(GRADIENT_NAMES[g] for g in dataset.info.targets[TARGET].gradients)]
             )
             print(
                 f"{model_path} on {dataset.name}: {len(dataset)} structures ({gradients}), "

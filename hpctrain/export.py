@@ -1,8 +1,11 @@
-"""Turning a trained torch model into a metatomic ``AtomisticModel``."""
+"""Turning a trained torch model into a metatomic ``AtomisticModel``, and writing it
+(``model.pt`` with the TorchScript extensions it needs)."""
 
 from __future__ import annotations
 
 import inspect
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -73,3 +76,26 @@ def with_metadata(model: Any, metadata: ModelMetadata) -> AtomisticModel:
         references=references,
     )
     return AtomisticModel(exported.module, merged, exported.capabilities())
+
+
+def export_model(model: Any, run_dir: Path, metadata: Any = None, name: str = "model.pt") -> Path:
+    """``model.pt`` (or ``name``) and the TorchScript extensions it needs, in
+    ``run_dir``; ``metadata``: a metatomic ``ModelMetadata`` to carry."""
+    from .systems import OWN_LIBRARIES
+
+    path = run_dir / name
+    atomistic = model.export() if metadata is None else with_metadata(model, metadata)
+    # under a temporary name first: an interrupted export leaves no partial model
+    partial = run_dir / f".{name}.partial"
+    # metatomic lists every TorchScript library this process loaded as one the model
+    # requires; those hpctrain loaded for training alone are left out, so that a model
+    # exported by a run and by 'hpctrain export' (a fresh process) requires the same
+    loaded = torch.ops.loaded_libraries
+    try:
+        torch.ops.loaded_libraries = loaded - OWN_LIBRARIES
+        atomistic.save(str(partial), collect_extensions=str(run_dir / "extensions"))
+        os.replace(partial, path)
+    finally:
+        torch.ops.loaded_libraries = loaded
+        partial.unlink(missing_ok=True)
+    return path

@@ -4,7 +4,7 @@ A checkpoint is ``model.ckpt`` or a committed step directory
 (``checkpoints/step-N/``, the best one included). The architecture comes from the
 checkpoint itself (or, for a checkpoint that does not record it, from the run's
 ``options.resolved.yaml``); its model class loads the checkpoint and exports it,
-with the metadata given, through :func:`hpctrain.flow.export_model`.
+with the metadata given, through :func:`hpctrain.export.export_model`.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def metadata(
 def export_checkpoint(path: str | Path, output: str | Path, model_metadata: Any = None) -> Path:
     """Export the checkpoint at ``path`` to ``output`` (e.g. ``model.pt``), with the
     TorchScript extensions it needs in ``extensions/`` next to it."""
-    from .flow import export_model
+    from .export import export_model
 
     model, _ = load_model(path)
     output = Path(output)

@@ -246,7 +246,7 @@ ENDED = {
 def run_submit(args: Any) -> None:
     """``hpctrain submit``: validate everything here, then send (or print) the job."""
     from .errors import JobFailed
-    from .flow import prepare
+    from .startup import prepare
 
     slurm_flags = {
         "nodes": args.nodes,

@@ -38,6 +38,29 @@ class EngineTrainer(TrainerInterface):
         hypers = parse(cls.__hypers__, train_hypers, "architecture.training")
         check_datasets(hypers, world_size, train_datasets)
 
+    def make_engine(
+        self,
+        model: Any,
+        device: torch.device,
+        train_datasets: list[Any],
+        val_datasets: list[Any],
+        checkpoint_dir: Union[str, Path],
+    ) -> Engine:
+        """The engine that trains ``model``: :meth:`train` runs its loop, benchmarks
+        time its steps (the same object either way)."""
+        self.model = model
+        self.engine = self.engine_class(
+            self.hypers,
+            model,
+            device,
+            train_datasets,
+            val_datasets,
+            Path(checkpoint_dir),
+            save_checkpoint=self.save_checkpoint,
+            state=self._state,
+        )
+        return self.engine
+
     def train(
         self,
         model: Any,
@@ -51,18 +74,7 @@ class EngineTrainer(TrainerInterface):
                 f"a rank trains on exactly one device, got {devices}; hpctrain gives "
                 "each rank its own device"
             )
-        self.model = model
-        self.engine = self.engine_class(
-            self.hypers,
-            model,
-            devices[0],
-            train_datasets,
-            val_datasets,
-            Path(checkpoint_dir),
-            save_checkpoint=self.save_checkpoint,
-            state=self._state,
-        )
-        self.engine.train()
+        self.make_engine(model, devices[0], train_datasets, val_datasets, checkpoint_dir).train()
 
     def save_checkpoint(self, path: Union[str, Path]) -> None:
         """Model and trainer state in one file (rank 0 calls this)."""

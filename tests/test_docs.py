@@ -112,3 +112,16 @@ def test_docs_build_without_warnings(tmp_path):
     html = (out / "options.html").read_text()
     for key in _keys(Options) + [key for p, cls in _architecture_hypers() for key in _keys(cls, p)]:
         assert key in html, key
+
+
+def test_every_module_is_in_the_table_of_concepts_and_says_what_it_holds():
+    import ast
+
+    text = (DOCS / "concepts.rst").read_text()
+    table = text[text.index("Where things are") : text.index("The run directory")]
+    for path in sorted((ROOT / "hpctrain").rglob("*.py")):
+        parts = path.relative_to(ROOT / "hpctrain").with_suffix("").parts
+        if parts[-1] in ("__init__", "__main__"):
+            continue
+        assert f"``{'.'.join(parts)}``" in table, path
+        assert ast.get_docstring(ast.parse(path.read_text())), f"{path} has no docstring"

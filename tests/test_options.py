@@ -4,8 +4,8 @@ import pytest
 import yaml
 
 from hpctrain.errors import HpctrainError
-from hpctrain.flow import prepare
 from hpctrain.options import load_options, write_resolved
+from hpctrain.startup import prepare
 
 GOOD = """
 architecture:

@@ -1,4 +1,4 @@
-"""Batches of structures as tensors on a device, and metatomic Systems built from them."""
+"""Batches of structures as lists of tensors on a device (:func:`collate`)."""
 
 from __future__ import annotations
 

@@ -79,12 +79,19 @@ def patch_engine(engine) -> None:
     engine.Engine.validate = paused_validate
 
 
-def patch_flow(flow) -> None:
-    flow.load_datasets = before(flow.load_datasets, "load")
-    flow.export_model = before(flow.export_model, "export")
+def patch_startup(startup) -> None:
+    startup.load_datasets = before(startup.load_datasets, "load")
 
 
-PATCHES = {"hpctrain.engine": patch_engine, "hpctrain.flow": patch_flow}
+def patch_export(export) -> None:
+    export.export_model = before(export.export_model, "export")
+
+
+PATCHES = {
+    "hpctrain.engine": patch_engine,
+    "hpctrain.startup": patch_startup,
+    "hpctrain.export": patch_export,
+}
 
 
 class PatchOnImport(importlib.abc.MetaPathFinder):

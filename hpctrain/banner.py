@@ -1,0 +1,175 @@
+"""The blocks a run prints on rank 0: the banner at its start (what trains, where, on
+what, the model's size and a check of its data) and the summary at its end."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__, checkpoint, launch, progress
+from .architecture import DatasetInfo
+from .data.sanity import check_data
+from .evaluation import GRADIENT_NAMES, display_name
+from .options import Options
+from .report import (
+    best_and_final,
+    block,
+    get_logger,
+    plural,
+    read_metrics,
+    significant,
+    validation_errors,
+)
+from .startup import Built, Launched
+
+
+def report_start(
+    architecture: str,
+    env: launch.LaunchEnv,
+    backend: str,
+    launched: Launched,
+    dtype: torch.dtype,
+    options: Options,
+    built: Built,
+    run_dir: Path,
+    resume: str | None,
+) -> None:
+    """The banner (rank 0), with the model's size and a check of the training data
+    (:mod:`hpctrain.data.sanity`), a warning for each implausible figure, and where the
+    run continues from. Every rank calls it (the ranks' devices are gathered)."""
+    devices = launch.all_gather_object((socket.gethostname(), describe_device(launched.device)))
+    log = get_logger()
+    if env.is_main:
+        sanity = check_data(built.train_sets, cutoff_of(built.model), options.seed)
+        sets = (built.train_sets, built.val_sets, built.test_sets)
+        sizes = [sum(map(len, datasets)) for datasets in sets]
+        rows = [("parameters", parameters_of(built.model)), *sanity.lines()]
+        log.info(
+            banner(
+                architecture,
+                env,
+                backend,
+                launched.threads,
+                devices,
+                dtype,
+                built.info,
+                sizes,
+                run_dir,
+                rows,
+            )
+        )
+        for warning in sanity.warnings():
+            log.warning(warning)
+    if resume:
+        log.info(f"continuing from {resume}")
+    if built.transfer:
+        log.info(
+            "the model gained new targets (transfer learning): the optimizer and the epoch "
+            "count start afresh"
+        )
+
+
+def describe_device(device: torch.device) -> str:
+    """``cpu`` or ``cuda:0 (NVIDIA H100 80GB HBM3)``."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def banner(
+    architecture: str,
+    env: launch.LaunchEnv,
+    backend: str,
+    threads: launch.Threads,
+    devices: list[tuple[str, str]],
+    dtype: torch.dtype,
+    info: DatasetInfo,
+    sizes: list[int],
+    run_dir: Path,
+    model_rows: list[tuple[str, str]] = (),
+) -> str:
+    """The start-up block: what trains, where, on what, and where its outputs go.
+
+    :param devices: (host, device) of every rank
+    :param sizes: structures in the training, validation and test sets
+    :param model_rows: about the model and the data it sees (parameters, data check)
+    """
+    hosts = sorted({host for host, _ in devices})
+    counts: dict[str, int] = {}
+    for _, device in devices:
+        counts[device] = counts.get(device, 0) + 1
+    on = ", ".join(f"{n} x {d}" if n > 1 else d for d, n in counts.items())
+    group = f", {backend}" if env.distributed else ""
+    targets = ", ".join(
+        display_name(f"{name} {GRADIENT_NAMES.get(g, g)}".strip())
+        for name, target in info.targets.items()
+        for g in ["", *target.gradients]
+    )
+    return block(
+        f"hpctrain {__version__}, architecture {architecture}",
+        [
+            (
+                "ranks",
+                f"{plural(env.world_size, 'rank')} via {env.launcher}{group}, "
+                f"{plural(threads.count, 'thread')} per rank ({threads.source})",
+            ),
+            ("devices", f"{on} on {len(hosts)} node(s)" if len(hosts) > 1 else on),
+            ("dtype", str(dtype).replace("torch.", "")),
+            ("data", f"{sizes[0]} training, {sizes[1]} validation, {sizes[2]} test structures"),
+            ("elements", str(info.atomic_types)),
+            ("targets", targets),
+            *model_rows,
+            ("run directory", str(run_dir)),
+            ("resolved options", str(run_dir / "options.resolved.yaml")),
+        ],
+    )
+
+
+def summary(run_dir: Path, wall_s: float) -> str:
+    """The end-of-run block: best and final validation errors (from ``metrics.csv``,
+    over every restart of the run), time, throughput and where the model is."""
+    best, final = best_and_final(read_metrics(run_dir / "metrics.csv"))
+    rows = []
+    if best is not None:
+        step = int(best["step"])
+        kept = dict(checkpoint.committed_steps(run_dir / "checkpoints")).get(step)
+        where = f"; checkpoint {kept}" if kept is not None else ""
+        rows.append(
+            (
+                "best epoch",
+                f"{int(best['epoch'])} (step {step}, validation loss "
+                f"{best['val_loss']:.4g}): {validation_errors(best)}{where}",
+            )
+        )
+    if final is not None:
+        rows.append(("final epoch", f"{int(final['epoch'])}: {validation_errors(final)}"))
+    totals = progress.TOTALS
+    rows.append(
+        (
+            "time",
+            f"{wall_s:.1f} s in all, {totals.seconds:.1f} s in training steps "
+            f"({totals.structures} structures, {significant(totals.rate)} structures/s)",
+        )
+    )
+    rows.append(("model", f"{run_dir / 'model.pt'} (extensions in {run_dir / 'extensions'})"))
+    rows.append(("checkpoint", str(run_dir / "model.ckpt")))
+    return block("training finished", rows)
+
+
+def cutoff_of(model: Any) -> float | None:
+    """The largest neighbour-list cutoff a metatomic model requests (None: none)."""
+    requests = getattr(model, "requested_neighbor_lists", None)
+    cutoffs = [float(r.cutoff) for r in requests()] if callable(requests) else []
+    return max(cutoffs) if cutoffs else None
+
+
+def parameters_of(model: Any) -> str:
+    """``277,539`` (``, of which 1,024 frozen`` when some do not train)."""
+    if not isinstance(model, torch.nn.Module):
+        return "unknown (not a torch module)"
+    total = sum(p.numel() for p in model.parameters())
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return f"{total:,}" + (f", of which {frozen:,} frozen" if frozen else "")
