@@ -21,7 +21,6 @@ version at a time.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -29,10 +28,8 @@ import os
 import random
 import re
 import shutil
-import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from pathlib import Path
@@ -42,77 +39,13 @@ import numpy as np
 import torch
 
 from .errors import CheckpointError
+from .files import atomic_write, deferred_sync, sync_files
 
 FORMAT = "hpctrain-checkpoint"
 VERSION = 2
 COMMITTED = "COMMITTED"
 REPLICATED = "replicated.pt"
 _STEP_DIR = re.compile(r"step-(\d+)$")
-
-
-def _fsync_dir(path: Path) -> None:
-    dir_fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-_SYNC_IN_PLACE = threading.local()
-
-
-@contextlib.contextmanager
-def _deferred_sync() -> Iterator[None]:
-    """Within: atomic writes skip their fsyncs; the caller syncs the files later
-    (the parts of a step checkpoint, made visible only by their commit marker)."""
-    _SYNC_IN_PLACE.deferred = True
-    try:
-        yield
-    finally:
-        _SYNC_IN_PLACE.deferred = False
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None], sync_dir: bool = True) -> None:
-    deferred = getattr(_SYNC_IN_PLACE, "deferred", False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            write(file)
-            if not deferred:
-                file.flush()
-                os.fsync(file.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if sync_dir and not deferred:
-        _fsync_dir(path.parent)
-
-
-def write_atomically(path: Union[str, Path], write: Callable[[Any], None]) -> None:
-    """``write(file)`` into a binary file that becomes ``path`` only once whole, with the
-    permissions a new file gets (a run's result files: models, plots, predictions)."""
-    _atomic_write(Path(path), write)
-
-
-def write_text_atomically(path: Union[str, Path], text: str) -> None:
-    """``path`` holds ``text`` whole or keeps what it had."""
-    _atomic_write(Path(path), lambda file: file.write(text.encode()))
-
-
-def _sync(directory: Path, files: list[Path]) -> None:
-    """fsync ``files``, then ``directory`` (their names)."""
-    for path in files:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    _fsync_dir(directory)
 
 
 def save(payload: dict[str, Any], path: Union[str, Path], sync_dir: bool = True) -> Path:
@@ -123,7 +56,7 @@ def save(payload: dict[str, Any], path: Union[str, Path], sync_dir: bool = True)
     """
     path = Path(path)
     data = {"format": FORMAT, "version": VERSION, **payload}
-    _atomic_write(path, lambda file: torch.save(data, file), sync_dir)
+    atomic_write(path, lambda file: torch.save(data, file), sync_dir)
     return path
 
 
@@ -376,8 +309,8 @@ class CheckpointManager:
             shutil.rmtree(path)  # an interrupted write of this same step
         self.barrier()
         part = path / f"rank-{self.rank:05d}.pt"
-        with _deferred_sync():
-            _atomic_write(part, lambda file: torch.save(rank_state, file))
+        with deferred_sync():
+            atomic_write(part, lambda file: torch.save(rank_state, file))
             if self.rank == 0:
                 write_replicated(path / REPLICATED)
         own = [part]
@@ -388,7 +321,7 @@ class CheckpointManager:
                 for p in path.iterdir()
                 if p.is_file() and not p.name.startswith(("rank-", ".rank-"))
             ]
-        self.pending = _Pending(step, path, info, self._worker.submit(_sync, path, own))
+        self.pending = _Pending(step, path, info, self._worker.submit(sync_files, path, own))
         self.last_time = time.monotonic()
         return path
 
@@ -422,7 +355,7 @@ class CheckpointManager:
 
     def _mark_and_prune(self, path: Path, record: dict[str, Any]) -> None:
         try:
-            _atomic_write(path / COMMITTED, lambda file: file.write(json.dumps(record).encode()))
+            atomic_write(path / COMMITTED, lambda file: file.write(json.dumps(record).encode()))
         except OSError as error:
             raise CheckpointError(f"could not commit checkpoint {path}: {error}") from error
         self.prune()

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint, launch, run
+from . import checkpoint, files, launch, run
 from .data import AtomisticDataset, read_dataset
 from .data.batch import Batch
 from .errors import CheckpointError, DataError, HpctrainError
@@ -265,7 +265,7 @@ def write_predictions(path: Path, dataset: AtomisticDataset, predictions: list[P
         file.flush()
         file.detach()
 
-    checkpoint.write_atomically(path, write)
+    files.write_atomically(path, write)
 
 
 def parity_series(predictions: list[Prediction]) -> dict[str, tuple[np.ndarray, np.ndarray]]:

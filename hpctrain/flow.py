@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from . import banner, checkpoint, export, launch, progress, startup
+from . import banner, export, files, launch, progress, startup
 from .architecture import Architecture, DatasetInfo
 from .data import AtomisticDataset
 from .errors import HpctrainError, Preempted
@@ -174,7 +174,7 @@ def report_test_metrics(
     metrics = evaluate_model(model, info.targets, test_sets, device)
     log.info(f"test set: {errors_text(metrics)}")
     if is_main:
-        checkpoint.write_text_atomically(
+        files.write_text_atomically(
             run_dir / "test_metrics.json", json.dumps(metrics, indent=2) + "\n"
         )
 

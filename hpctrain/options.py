@@ -402,6 +402,6 @@ def resolved_dict(options: Options) -> dict[str, Any]:
 
 def write_resolved(options: Options, path: Union[str, Path]) -> None:
     """Write the resolved options next to the outputs (a file users can rerun)."""
-    from .checkpoint import write_text_atomically
+    from .files import write_text_atomically
 
     write_text_atomically(path, yaml.safe_dump(resolved_dict(options), sort_keys=False))

@@ -37,7 +37,7 @@ def _figure(rows: int, columns: int, size: tuple[float, float]):
 
 def _save(figure, path: Path) -> Path:
     """Write the PNG atomically: a reader never sees half a file."""
-    from .checkpoint import write_atomically
+    from .files import write_atomically
 
     write_atomically(path, lambda file: figure.savefig(file, format="png", dpi=120))
     return path
