@@ -239,8 +239,17 @@ class _Pending:
     synced: Future  # this rank's files on disk
 
 
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """When step checkpoints are written (the ``checkpoint`` options)."""
+
+    every_n_epochs: int = 1  # 0: never at epoch ends (the last epoch always writes one)
+    every_n_steps: int | None = None
+    every_minutes: float | None = None
+
+
 class CheckpointManager:
-    """Step checkpoints of one run, written by all ranks together.
+    """Step checkpoints of one run, written by all ranks together, on a :class:`Schedule`.
 
     A write has two halves. :meth:`start` writes every rank's files (to the page
     cache: about as fast as a bare ``torch.save``) and has a background thread
@@ -263,6 +272,7 @@ class CheckpointManager:
         keep_last: int,
         keep_best: bool,
         barrier: Callable[[], None],
+        schedule: Schedule = Schedule(),
     ):
         self.root = Path(root)
         self.rank = rank
@@ -270,6 +280,7 @@ class CheckpointManager:
         self.keep_last = max(1, keep_last)
         self.keep_best = keep_best
         self.barrier = barrier
+        self.schedule = schedule
         self.last_time = time.monotonic()
         self.pending: _Pending | None = None
         # one thread, so that syncs, markers and removals happen in order
@@ -278,6 +289,39 @@ class CheckpointManager:
 
     def path(self, step: int) -> Path:
         return self.root / f"step-{step:09d}"
+
+    # -- the schedule -----------------------------------------------------------------
+
+    def time_due(self) -> bool:
+        """This rank's clock says a time-based checkpoint is due (the ranks agree on
+        it after the step, see :mod:`hpctrain.agreement`)."""
+        minutes = self.schedule.every_minutes
+        return minutes is not None and time.monotonic() - self.last_time > 60 * minutes
+
+    def due_after_step(self, step: int, time_due: bool) -> bool:
+        """A checkpoint within an epoch: every ``every_n_steps``, or when the ranks
+        agreed that one is due by time."""
+        every = self.schedule.every_n_steps
+        return time_due or bool(every and step % every == 0)
+
+    def due_after_epoch(self, epoch: int, last: bool) -> bool:
+        """A checkpoint at the end of epoch ``epoch`` (from 1): every
+        ``every_n_epochs``, and always after the last."""
+        every = self.schedule.every_n_epochs
+        return last or bool(every and epoch % every == 0)
+
+    def latest(self) -> Path | None:
+        """The newest committed step checkpoint (the one to continue from)."""
+        return latest(self.root)
+
+    def close(self) -> None:
+        """Wait for the background work asked for so far, then end its thread."""
+        try:
+            self.wait()
+        finally:
+            self._worker.shutdown(wait=True)
+
+    # -- writing ----------------------------------------------------------------------
 
     def save(
         self,

@@ -15,26 +15,27 @@ import dataclasses
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Protocol
 
 import numpy as np
 import torch
-from metatomic.torch import ModelOutput
+from metatomic.torch import ModelOutput, NeighborListOptions
 
 from . import checkpoint, launch, run, timing
+from .agreement import Agreed, StepAgreement
+from .architecture import DatasetInfo
 from .composition import fit_composition
 from .config import option
 from .data.batch import Batch, collate
 from .data.sampler import DistributedBatchSampler, work_estimates
-from .data.structures import AtomisticDataset
+from .data.structures import AtomisticDataset, ConcatDataset
+from .epoch_report import EpochReporter
 from .errors import CheckpointError, DataError, OptionsError, Preempted, TrainingDiverged
 from .evaluation import GRADIENT_NAMES, EnergyModule, evaluate, gradient_of, predict
 from .optim import ExponentialMovingAverage, LearningRate
-from .progress import ProgressMeter
-from .report import MetricsLog, errors_text, get_logger, plural, significant
-from .signals import STOP_SIGNALS
+from .report import get_logger
 from .systems import NeighborLists
 
 
@@ -99,29 +100,6 @@ class TrainingHypers:
             raise OptionsError(f"'{path}.grad_clip' in {source} must be positive")
 
 
-class ConcatDataset:
-    """Several datasets with the same targets, indexed as one."""
-
-    def __init__(self, datasets: Sequence[AtomisticDataset]):
-        self.datasets = list(datasets)
-        self.starts = np.cumsum([0] + [len(d) for d in self.datasets])
-
-    def __len__(self) -> int:
-        return int(self.starts[-1])
-
-    def __getitem__(self, index: int):
-        which = int(np.searchsorted(self.starts, index, side="right") - 1)
-        return self.datasets[which][index - int(self.starts[which])]
-
-    @property
-    def n_atoms(self) -> np.ndarray:
-        return np.concatenate([d.n_atoms for d in self.datasets])
-
-    @property
-    def volumes(self) -> np.ndarray:
-        return np.concatenate([d.volumes for d in self.datasets])
-
-
 def labels_of(dataset: AtomisticDataset) -> set[tuple[str, str]]:
     """``{("energy", ""), ("energy", "forces")}``: each target, and its gradients."""
     return {
@@ -153,6 +131,20 @@ def check_datasets(hypers: TrainingHypers, world_size: int, train_datasets: Sequ
     DistributedBatchSampler.check_fits(
         sum(len(d) for d in train_datasets), hypers.batch_size, world_size
     )
+
+
+class EngineModel(Protocol):
+    """What the engine needs of a model: metatomic's model interface
+    (``forward(systems, outputs, selected_atoms)``, ``requested_neighbor_lists()``),
+    the :class:`~hpctrain.architecture.DatasetInfo` it was built for, and parameters.
+    ``set_baseline(composition, scale)``, where a model has it, receives the
+    composition baseline before a new training (:meth:`Engine.prepare_model`)."""
+
+    dataset_info: DatasetInfo
+
+    def requested_neighbor_lists(self) -> list[NeighborListOptions]: ...
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]: ...
 
 
 @dataclasses.dataclass
@@ -216,33 +208,47 @@ class Engine:
             )
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=hypers.learning_rate)
         self.steps_per_epoch = len(self.sampler)
-        self.lr = LearningRate(
-            self.optimizer,
-            hypers.learning_rate,
-            hypers.scheduler,
-            total_steps=hypers.num_epochs * self.steps_per_epoch,
-            warmup_steps=int(hypers.warmup_epochs * self.steps_per_epoch),
-            min_ratio=hypers.min_lr_ratio,
-            patience=hypers.plateau_patience,
-        )
+        self.lr = self.make_learning_rate()
         self.ema = (
             ExponentialMovingAverage(self.model, hypers.ema_decay) if hypers.ema_decay else None
         )
-        self.flags = {"nonfinite": False, "stop": False, "due": False}
-        self.stopped_by: list[str] = []  # stop signals received by any rank
-        self.checkpoints = None
-        if self.context.run_dir is not None:
-            self.checkpoints = checkpoint.CheckpointManager(
-                self.checkpoint_dir / "checkpoints",
-                self.context.rank,
-                self.context.world_size,
-                self.context.checkpoint.keep_last,
-                self.context.checkpoint.keep_best,
-                launch.barrier,
-            )
+        self.agreement = StepAgreement(self.context.world_size)
+        self.agreed = Agreed()  # what the ranks agreed after the last step
+        self.checkpoints = self.make_checkpoints()
         if state is not None:
             self.load_state_dict(state)
             self.load_rank_state()
+
+    def make_learning_rate(self) -> LearningRate:
+        hp = self.hypers
+        return LearningRate(
+            self.optimizer,
+            hp.learning_rate,
+            hp.scheduler,
+            total_steps=hp.num_epochs * self.steps_per_epoch,
+            warmup_steps=int(hp.warmup_epochs * self.steps_per_epoch),
+            min_ratio=hp.min_lr_ratio,
+            patience=hp.plateau_patience,
+        )
+
+    def make_checkpoints(self) -> checkpoint.CheckpointManager | None:
+        """The run's step checkpoints, on the schedule of the ``checkpoint`` options
+        (none without a run directory)."""
+        ctx = self.context
+        if ctx.run_dir is None:
+            return None
+        options = ctx.checkpoint
+        return checkpoint.CheckpointManager(
+            self.checkpoint_dir / "checkpoints",
+            ctx.rank,
+            ctx.world_size,
+            options.keep_last,
+            options.keep_best,
+            launch.barrier,
+            checkpoint.Schedule(
+                options.every_n_epochs, options.every_n_steps, options.every_minutes
+            ),
+        )
 
     # -- hooks ------------------------------------------------------------------------
 
@@ -332,8 +338,8 @@ class Engine:
                 with timing.section("backward"):
                     loss.backward()
         with timing.section("agree"):
-            self.flags = self.finish_agreement(agreement)
-        if self.flags["nonfinite"]:
+            self.agreed = self.finish_agreement(agreement)
+        if self.agreed.nonfinite:
             if self.checkpoints is not None:
                 self.checkpoints.finish()  # a pending checkpoint holds a good state
             raise TrainingDiverged(
@@ -353,34 +359,24 @@ class Engine:
         return total
 
     def start_agreement(self, loss: torch.Tensor) -> launch.PendingSum:
-        """Start the one small all-reduce of what all ranks must do together after
-        this step: a count of ranks whose ``loss`` is not finite (computed on the
-        device, without waiting for it), of ranks whose files of a pending
-        checkpoint are on disk, whether a time-based checkpoint is due, and one count
-        per stop signal."""
-        ctx = self.context
-        every_minutes = ctx.checkpoint.every_minutes
-        due = (
-            self.checkpoints is not None
-            and every_minutes is not None
-            and time.monotonic() - self.checkpoints.last_time > 60 * every_minutes
+        """Start the step's agreement between ranks (:mod:`hpctrain.agreement`): this
+        rank's non-finite loss, due checkpoint, flushed checkpoint files and stop
+        signal."""
+        checkpoints, stop = self.checkpoints, self.context.stop
+        return self.agreement.start(
+            loss,
+            due=checkpoints is not None and checkpoints.time_due(),
+            flushed=checkpoints is not None and checkpoints.flushed(),
+            received=stop.received if stop is not None else None,
         )
-        received = ctx.stop.received if ctx.stop is not None else None
-        stops = [received == sig.name for sig in STOP_SIGNALS]  # ranks per signal
-        flushed = self.checkpoints is not None and self.checkpoints.flushed()
-        host = torch.tensor([due, flushed, *stops], dtype=torch.int32)
-        nonfinite = (~torch.isfinite(loss)).to(torch.int32).reshape(1)
-        return launch.start_all_reduce_sum(torch.cat([nonfinite, host.to(nonfinite.device)]))
 
-    def finish_agreement(self, pending: launch.PendingSum) -> dict[str, bool]:
-        """Wait for :meth:`start_agreement`'s counts; commit the pending checkpoint
-        once every rank's files of it are on disk."""
-        flags = pending.wait().cpu()
-        if self.checkpoints is not None and self.checkpoints.pending is not None:
-            if int(flags[2]) == self.context.world_size:
-                self.checkpoints.commit()
-        self.stopped_by = [sig.name for sig, n in zip(STOP_SIGNALS, flags[3:]) if n]
-        return {"nonfinite": bool(flags[0]), "stop": bool(self.stopped_by), "due": bool(flags[1])}
+    def finish_agreement(self, pending: launch.PendingSum) -> Agreed:
+        """Wait for the agreement; commit the pending checkpoint once every rank's
+        files of it are on disk."""
+        agreed = self.agreement.finish(pending)
+        if agreed.flushed and self.checkpoints is not None and self.checkpoints.pending is not None:
+            self.checkpoints.commit()
+        return agreed
 
     def autocast(self):
         if self.hypers.mixed_precision:
@@ -388,93 +384,89 @@ class Engine:
         return contextlib.nullcontext()
 
     def train(self) -> None:
+        """The epochs left to train, each followed by validation and a checkpoint as
+        scheduled; the reports are closed whatever ends it."""
+        hp, progress = self.hypers, self.progress
+        report = EpochReporter(self.context, hp.num_epochs, self.steps_per_epoch, progress.step)
+        try:
+            within = self.sampler.consumed if self.sampler.epoch == progress.epoch else 0
+            report.started(progress.epoch, progress.step, hp.batch_size, within)
+            for epoch in range(progress.epoch, hp.num_epochs):
+                self.train_epoch(epoch, report)
+            if self.ema is not None:
+                self.ema.copy_to_model()
+        finally:
+            report.close()
+
+    def train_epoch(self, epoch: int, report: EpochReporter) -> None:
+        """Epoch ``epoch`` (from 0): its steps left, then validation and its checkpoint."""
         ctx = self.context
-        hp = self.hypers
-        n_atoms_all = self.train_set.n_atoms
-        metrics = None
-        if ctx.is_main and ctx.run_dir:
-            metrics = MetricsLog(ctx.run_dir, ctx.logging.tensorboard, self.progress.step)
-        meter = ProgressMeter(ctx.logging, ctx.is_main)
-        self.log.info(
-            f"training: {plural(hp.num_epochs, 'epoch')} of "
-            f"{plural(self.steps_per_epoch, 'step')}, global batch {hp.batch_size} on "
-            f"{plural(ctx.world_size, 'rank')}"
+        start = time.perf_counter()
+        self.model.train()
+        self.sampler.set_epoch(epoch)
+        report.start_epoch(epoch, self.sampler.remaining_steps())
+        loss_sum, steps = self.run_steps(report)
+        last = epoch + 1 == self.hypers.num_epochs
+        validating = (epoch + 1) % max(1, ctx.logging.every_n_epochs) == 0 or last
+        trained = report.end_epoch(validating)
+        launch.all_reduce_sum(loss_sum)
+        train_loss = loss_sum.item() / ctx.world_size / max(1, steps)
+        self.progress.epoch = epoch + 1
+        elapsed = time.perf_counter() - start
+        val_loss = None
+        if validating:
+            val_loss = self.validate_epoch(train_loss, elapsed, trained / elapsed, report)
+        if self.checkpoints is not None and self.checkpoints.due_after_epoch(epoch + 1, last):
+            self.write_checkpoint(val_loss, wait=last)
+
+    def run_steps(self, report: EpochReporter) -> tuple[torch.Tensor, int]:
+        """The steps left in the epoch, with the checkpoints and the stop they call
+        for; the sum of their losses (on the device) and their number."""
+        n_atoms = self.train_set.n_atoms
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        steps = 0
+        for step in self.sampler:
+            loss_sum += self.train_step(step.local, len(step.global_), n_atoms[step.global_].sum())
+            steps += 1
+            report.step(len(step.global_), loss_sum)
+            if self.agreed.stop:
+                self.stop_for_signal()
+            epoch_done = self.sampler.consumed >= self.sampler.n_samples
+            checkpoints = self.checkpoints
+            if checkpoints is not None and not epoch_done:  # (the epoch's end writes its own)
+                if checkpoints.due_after_step(self.progress.step, self.agreed.due):
+                    self.write_checkpoint()
+        return loss_sum, steps
+
+    def stop_for_signal(self) -> None:
+        """A rank received a stop signal: checkpoint now, and end with :class:`Preempted`."""
+        self.log.info(f"stop requested at step {self.progress.step}: checkpointing")
+        path = self.write_checkpoint(wait=True)
+        raise Preempted(
+            f"stopped by {' and '.join(self.agreed.stopped_by)} at step {self.progress.step}; "
+            f"checkpoint {path}. Continue with 'continue_from: auto' (or --continue auto) "
+            "and the same --output-dir"
         )
-        if self.progress.epoch >= hp.num_epochs:
-            self.log.info(
-                f"training already ended at step {self.progress.step} (epoch "
-                f"{self.progress.epoch}): nothing left to train"
-            )
-        elif self.progress.step:
-            within = (
-                f"{self.sampler.consumed} structures of it done"
-                if self.sampler.epoch == self.progress.epoch and self.sampler.consumed
-                else "from its start"
-            )
-            self.log.info(
-                f"resuming at step {self.progress.step} (epoch {self.progress.epoch + 1}, {within})"
-            )
-        every_steps = ctx.checkpoint.every_n_steps
-        for epoch in range(self.progress.epoch, hp.num_epochs):
-            start = time.perf_counter()
-            self.model.train()
-            self.sampler.set_epoch(epoch)
-            meter.start_epoch(
-                epoch + 1, hp.num_epochs, self.steps_per_epoch, self.sampler.remaining_steps()
-            )
-            loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-            steps = 0
-            for step in self.sampler:
-                loss_sum += self.train_step(
-                    step.local, len(step.global_), n_atoms_all[step.global_].sum()
-                )
-                steps += 1
-                meter.step(len(step.global_), loss_sum)
-                if self.flags["stop"]:
-                    self.log.info(f"stop requested at step {self.progress.step}: checkpointing")
-                    path = self.write_checkpoint(wait=True)
-                    raise Preempted(
-                        f"stopped by {' and '.join(self.stopped_by)} at step "
-                        f"{self.progress.step}; checkpoint {path}. Continue "
-                        "with 'continue_from: auto' (or --continue auto) and the same "
-                        "--output-dir"
-                    )
-                epoch_done = self.sampler.consumed >= self.sampler.n_samples
-                periodic = every_steps and self.progress.step % every_steps == 0
-                if (self.flags["due"] or periodic) and not epoch_done:
-                    self.write_checkpoint()  # (the epoch's end writes its own)
-            last = epoch + 1 == hp.num_epochs
-            validating = (epoch + 1) % max(1, ctx.logging.every_n_epochs) == 0 or last
-            trained, _ = meter.end_epoch(validating)
-            launch.all_reduce_sum(loss_sum)
-            train_loss = loss_sum.item() / ctx.world_size / max(1, steps)
-            self.progress.epoch = epoch + 1
-            elapsed = time.perf_counter() - start
-            val_loss = None
-            if validating:
-                errors = self.validate()
-                val_loss = self.validation_loss(errors)
-                self.lr.observe(val_loss)
-                self.progress.best_metric = min(self.progress.best_metric, val_loss)
-                row = {
-                    "epoch": epoch + 1,
-                    "step": self.progress.step,
-                    "learning_rate": self.optimizer.param_groups[0]["lr"],
-                    "train_loss": train_loss,
-                    **{f"val {k}": v for k, v in errors.items()},
-                    "val_loss": val_loss,
-                    "epoch_time_s": elapsed,
-                }
-                self.log.info(_format_row(row, hp.num_epochs, trained / elapsed))
-                if metrics is not None:
-                    metrics.write(row)
-            every = ctx.checkpoint.every_n_epochs
-            if last or (every and (epoch + 1) % every == 0):
-                self.write_checkpoint(val_loss, wait=last)
-        if self.ema is not None:
-            self.ema.copy_to_model()
-        if metrics is not None:
-            metrics.close()
+
+    def validate_epoch(
+        self, train_loss: float, elapsed: float, rate: float, report: EpochReporter
+    ) -> float:
+        """Validate after an epoch, report it, and return the validation loss."""
+        errors = self.validate()
+        val_loss = self.validation_loss(errors)
+        self.lr.observe(val_loss)
+        self.progress.best_metric = min(self.progress.best_metric, val_loss)
+        row = {
+            "epoch": self.progress.epoch,
+            "step": self.progress.step,
+            "learning_rate": self.optimizer.param_groups[0]["lr"],
+            "train_loss": train_loss,
+            **{f"val {k}": v for k, v in errors.items()},
+            "val_loss": val_loss,
+            "epoch_time_s": elapsed,
+        }
+        report.validated(row, rate)
+        return val_loss
 
     def write_checkpoint(
         self, validation_loss: float | None = None, wait: bool = False
@@ -503,7 +495,7 @@ class Engine:
         return path
 
     def last_checkpoint(self) -> str:
-        latest = checkpoint.latest(self.checkpoints.root) if self.checkpoints else None
+        latest = self.checkpoints.latest() if self.checkpoints else None
         return str(latest) if latest else "none written yet"
 
     def validation_loss(self, metrics: dict[str, float]) -> float:
@@ -593,11 +585,3 @@ def wrap_ddp(network: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         gradient_as_bucket_view=True,
         **no_sync,
     )
-
-
-def _format_row(row: dict[str, float], num_epochs: int, rate: float) -> str:
-    parts = [f"epoch {row['epoch']:>4}/{num_epochs}", f"loss {row['train_loss']:.4g}"]
-    parts.append(errors_text({k: v for k, v in row.items() if k.startswith("val ")}))
-    parts.append(f"lr {row['learning_rate']:.3g}")
-    parts.append(f"{row['epoch_time_s']:.2f} s ({significant(rate)} structures/s)")
-    return "  ".join(p for p in parts if p)

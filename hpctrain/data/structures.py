@@ -166,3 +166,26 @@ def cell_volumes(cells: np.ndarray, pbcs: np.ndarray) -> np.ndarray:
     """``|det(cell)|`` of ``[n, 3, 3]`` cells; NaN where ``[n, 3]`` pbc is not all true."""
     volumes = np.abs(np.linalg.det(np.asarray(cells, dtype=np.float64).reshape(-1, 3, 3)))
     return np.where(np.asarray(pbcs).reshape(-1, 3).all(axis=1), volumes, np.nan)
+
+
+class ConcatDataset:
+    """Several datasets with the same targets, indexed as one."""
+
+    def __init__(self, datasets: Sequence[AtomisticDataset]):
+        self.datasets = list(datasets)
+        self.starts = np.cumsum([0] + [len(d) for d in self.datasets])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, index: int):
+        which = int(np.searchsorted(self.starts, index, side="right") - 1)
+        return self.datasets[which][index - int(self.starts[which])]
+
+    @property
+    def n_atoms(self) -> np.ndarray:
+        return np.concatenate([d.n_atoms for d in self.datasets])
+
+    @property
+    def volumes(self) -> np.ndarray:
+        return np.concatenate([d.volumes for d in self.datasets])
