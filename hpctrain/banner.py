@@ -24,6 +24,7 @@ from .report import (
     validation_errors,
 )
 from .startup import Built, Launched
+from .threads import Threads
 
 
 def report_start(
@@ -83,7 +84,7 @@ def banner(
     architecture: str,
     env: launch.LaunchEnv,
     backend: str,
-    threads: launch.Threads,
+    threads: Threads,
     devices: list[tuple[str, str]],
     dtype: torch.dtype,
     info: DatasetInfo,

@@ -33,6 +33,7 @@ from .errors import CheckpointError, DataError, HpctrainError, OptionsError
 from .options import DistributedOptions, Options, load_options
 from .report import get_logger, setup_logging
 from .signals import StopRequest
+from .threads import Threads, threads_per_rank
 
 
 def prepare(
@@ -81,7 +82,7 @@ class Launched:
     """This rank's device and CPU threads (see :func:`launched`)."""
 
     device: torch.device
-    threads: launch.Threads
+    threads: Threads
 
 
 @contextlib.contextmanager
@@ -95,7 +96,7 @@ def launched(
     device = launch.device_for(env, device_type)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    threads = launch.threads_per_rank(env, distributed.threads_per_rank)
+    threads = threads_per_rank(env, distributed.threads_per_rank)
     torch.set_num_threads(threads.count)
     with launch.ProcessGroup(env, backend, distributed.timeout_s):
         launch.agree_on_errors(None)
@@ -106,7 +107,7 @@ def open_run(
     env: launch.LaunchEnv,
     options: Options,
     output_dir: str | Path | None,
-    threads: launch.Threads,
+    threads: Threads,
     stop: StopRequest | None = None,
 ) -> tuple[Path, str | None]:
     """The run directory (made by rank 0) and the checkpoint to continue from (None:

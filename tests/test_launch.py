@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from hpctrain import launch
+from hpctrain import threads as threads_module
 from hpctrain.errors import HpctrainError, LaunchError
 from hpctrain.launch import (
     LaunchEnv,
@@ -32,8 +33,8 @@ from hpctrain.launch import (
     launcher_of,
     rank_hint,
     slurm_port,
-    threads_per_rank,
 )
+from hpctrain.threads import threads_per_rank
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -535,7 +536,7 @@ def cores(monkeypatch):
         monkeypatch.setattr(
             launch.os, "sched_getaffinity", lambda pid: set(range(n)), raising=False
         )
-        monkeypatch.setattr(launch, "cgroup_cpu_limit", lambda: limit)
+        monkeypatch.setattr(threads_module, "cgroup_cpu_limit", lambda: limit)
 
     return pretend
 
@@ -543,7 +544,7 @@ def cores(monkeypatch):
 def test_threads_per_rank_explicit_request_wins(cores):
     cores(16)
     env = LaunchEnv(launcher="slurm", world_size=4, local_world_size=2, cpus_per_task=8)
-    assert threads_per_rank(env, 3, {}) == launch.Threads(3, "distributed.threads_per_rank")
+    assert threads_per_rank(env, 3, {}) == threads_module.Threads(3, "distributed.threads_per_rank")
     assert threads_per_rank(env, None, {}).count == 8
     overridden = threads_per_rank(env, 3, {"OMP_NUM_THREADS": "4"})
     assert overridden.count == 3
@@ -553,7 +554,7 @@ def test_threads_per_rank_explicit_request_wins(cores):
 def test_threads_per_rank_respects_omp_num_threads(cores):
     cores(16)
     env = LaunchEnv(launcher="slurm", world_size=4, local_world_size=2, cpus_per_task=8)
-    assert threads_per_rank(env, None, {"OMP_NUM_THREADS": "3"}) == launch.Threads(
+    assert threads_per_rank(env, None, {"OMP_NUM_THREADS": "3"}) == threads_module.Threads(
         3, "OMP_NUM_THREADS"
     )
     # a value that is no count is ignored, as OpenMP ignores it
@@ -571,21 +572,21 @@ def test_threads_never_exceed_the_cores_this_process_may_use(cores, requested, o
 
 def test_usable_cores_follow_affinity_and_cgroup_quota(cores, tmp_path):
     (tmp_path / "cpu.max").write_text("250000 100000\n")
-    assert launch.cgroup_cpu_limit(str(tmp_path)) == 2.5
+    assert threads_module.cgroup_cpu_limit(str(tmp_path)) == 2.5
     (tmp_path / "cpu.max").write_text("max 100000\n")
-    assert launch.cgroup_cpu_limit(str(tmp_path)) is None
+    assert threads_module.cgroup_cpu_limit(str(tmp_path)) is None
     (tmp_path / "cpu.max").unlink()
     (tmp_path / "cpu").mkdir()
     (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")
     (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
-    assert launch.cgroup_cpu_limit(str(tmp_path)) == 3.0
+    assert threads_module.cgroup_cpu_limit(str(tmp_path)) == 3.0
     (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
-    assert launch.cgroup_cpu_limit(str(tmp_path)) is None
-    assert launch.cgroup_cpu_limit(str(tmp_path / "none")) is None
+    assert threads_module.cgroup_cpu_limit(str(tmp_path)) is None
+    assert threads_module.cgroup_cpu_limit(str(tmp_path / "none")) is None
     cores(8, limit=2.5)
-    assert launch.usable_cores() == 2
+    assert threads_module.usable_cores() == 2
     cores(8, limit=None)
-    assert launch.usable_cores() == 8
+    assert threads_module.usable_cores() == 8
 
 
 def test_threads_per_rank_from_slurm_cpus_per_task(cores):
@@ -794,10 +795,10 @@ def test_srun_with_an_mpi_plugin_is_a_slurm_task():
 def test_threads_of_a_bound_srun_task_are_its_own_cores(cores):
     cores(8)
     bound = launch.LaunchEnv(launcher="slurm", world_size=8, local_world_size=8, rank=0)
-    assert launch.threads_per_rank(bound, None, {}).count == 8
+    assert threads_per_rank(bound, None, {}).count == 8
     # torchrun processes share their task's cores
     shared = launch.LaunchEnv(launcher="torchrun", world_size=4, local_world_size=4, rank=0)
-    assert launch.threads_per_rank(shared, None, {}).count == 2
+    assert threads_per_rank(shared, None, {}).count == 2
 
 
 def test_a_fresh_launch_leaves_out_what_launchers_set():

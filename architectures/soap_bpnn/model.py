@@ -146,6 +146,25 @@ def check_size(config: ModelHypers, n_types: int, n_outputs: int) -> int:
     return parameters
 
 
+def feature_order(t: int, n: int, n_l: int) -> Tuple[List[int], List[float]]:
+    """Where each feature of featomic's order sits in the ``[l, t1, n1, t2, n2]`` Gram
+    products of ``t`` types, ``n`` radial and ``n_l`` angular channels, and its scale:
+    neighbour-type pairs ``t1 <= t2``, then ``l, n1, n2``; a pair of different types
+    counts twice (sqrt(2)), and each ``l`` is scaled by ``(-1)^l / sqrt(2l + 1)``."""
+    index, scale = [], []
+    for t1 in range(t):
+        for t2 in range(t1, t):
+            for ell in range(n_l):
+                weight = (
+                    (math.sqrt(2.0) if t1 != t2 else 1.0) * (-1) ** ell / math.sqrt(2 * ell + 1)
+                )
+                for n1 in range(n):
+                    for n2 in range(n):
+                        index.append((((ell * t + t1) * n + n1) * t + t2) * n + n2)
+                        scale.append(weight)
+    return index, scale
+
+
 def element_network(n_features: int, hypers: BpnnHypers, n_outputs: int) -> torch.nn.Sequential:
     layers: List[torch.nn.Module] = [torch.nn.LayerNorm(n_features)] if hypers.layernorm else []
     width = n_features
@@ -321,27 +340,14 @@ class SoapBpnn(ReferenceModel):
             for m in range(n_m)
         ]
         self.register_buffer("lm_padding", torch.tensor(padding), persistent=False)
-        # features in featomic's order after keys_to_properties: neighbour-type pairs
-        # (t1 <= t2), then l, n1, n2; a pair of different types counts twice (sqrt(2)),
-        # and each l is scaled by (-1)^l/sqrt(2l+1)
+        # features in featomic's order after keys_to_properties (see feature_order)
         self.neighbor_pairs = Labels(
             ["neighbor_1_type", "neighbor_2_type"],
             torch.combinations(
                 torch.tensor(self.atomic_types, dtype=torch.int32), with_replacement=True
             ),
         )
-        t, n, n_l = self.n_types, self.n_radial, self.max_angular + 1
-        index, scale = [], []
-        for t1 in range(t):
-            for t2 in range(t1, t):
-                for ell in range(n_l):
-                    weight = (
-                        (math.sqrt(2.0) if t1 != t2 else 1.0) * (-1) ** ell / math.sqrt(2 * ell + 1)
-                    )
-                    for n1 in range(n):
-                        for n2 in range(n):
-                            index.append((((ell * t + t1) * n + n1) * t + t2) * n + n2)
-                            scale.append(weight)
+        index, scale = feature_order(self.n_types, self.n_radial, self.max_angular + 1)
         self.register_buffer("feature_index", torch.tensor(index), persistent=False)
         self.register_buffer("feature_scale", torch.tensor(scale), persistent=False)
         self.n_features = len(index)

@@ -276,11 +276,10 @@ def convert(
     existed = output.exists()  # (rank 0's answer is the one used)
     _on_rank_0(group, lambda: _prepare_output(output, inputs, overwrite))
     sizes = [Path(p).stat().st_size for p in inputs]
-    mine = assign(sizes, group.size)[group.rank]
     label = f" (rank 0 of {group.size})" if group.size > 1 else ""
     progress = Progress(group.rank == 0, label, progress_every)
     result: dict[str, Any] = {"records": [], "sources": {}, "error": None}
-    for index in mine:
+    for index in assign(sizes, group.size)[group.rank]:
         try:
             records, n, n_atoms = _convert_file(
                 index, inputs[index], spec, output, shard_size, compression, reader, progress
@@ -289,12 +288,8 @@ def convert(
             result["error"] = (index, *_describe(error))
             break
         result["records"] += records
-        result["sources"][index] = {
-            "path": inputs[index],
-            "bytes": sizes[index],
-            "n_structures": n,
-            "n_atoms": n_atoms,
-        }
+        source = {"path": inputs[index], "bytes": sizes[index], "n_structures": n}
+        result["sources"][index] = {**source, "n_atoms": n_atoms}
     progress.done()
     gathered = group.gather(result)
     first_error = None
@@ -302,39 +297,53 @@ def convert(
         first_error = min((r["error"] for r in gathered if r["error"]), default=None)
     first_error = group.bcast(first_error)
     if first_error:
-        _remove(output, result["records"])
-        group.gather(None)  # every rank has removed its shards
-        if group.rank == 0 and not existed:
-            with contextlib.suppress(OSError):  # only an empty directory goes
-                output.rmdir()
+        _abandon(group, output, result["records"], existed)
         _raise(*first_error[1:])
-
-    def finish() -> None:
-        # a stable sort: each rank lists the shards of a file in order
-        records = sorted(
-            (rec for r in gathered for rec in r["records"]), key=lambda rec: rec["source"]
-        )
-        sources = {i: s for r in gathered for i, s in r["sources"].items()}
-        conversion = {
-            "reader": reader,
-            "shard_size": shard_size,
-            "compression": compression or "none",
-        }
-        manifest = manifest_of(
-            spec, units, conversion, [sources[i] for i in range(len(inputs))], records
-        )
-        write_manifest(output, manifest)
-        elapsed = time.monotonic() - started
-        print(
-            f"converted {manifest['n_structures']} structures ({manifest['n_atoms']} atoms) "
-            f"from {len(inputs)} file(s) into {len(records)} shard(s) in {elapsed:.1f} s "
-            f"({manifest['n_structures'] / max(elapsed, 1e-9):.0f} structures/s): {output}",
-            flush=True,
-        )
-        result["manifest"] = manifest
-
-    _on_rank_0(group, finish)
+    conversion = {"reader": reader, "shard_size": shard_size, "compression": compression or "none"}
+    _on_rank_0(
+        group,
+        lambda: result.update(
+            manifest=_write_manifest(output, spec, units, conversion, inputs, gathered, started)
+        ),
+    )
     return result.get("manifest")
+
+
+def _abandon(group: Ranks, output: Path, records: list[dict], existed: bool) -> None:
+    """After an error on some rank: every rank removes its shards; rank 0 removes the
+    output directory if the conversion made it and it is empty."""
+    _remove(output, records)
+    group.gather(None)  # every rank has removed its shards
+    if group.rank == 0 and not existed:
+        with contextlib.suppress(OSError):  # only an empty directory goes
+            output.rmdir()
+
+
+def _write_manifest(
+    output: Path,
+    spec: FrameSpec,
+    units: dict[str, str],
+    conversion: dict[str, Any],
+    inputs: list[str],
+    gathered: list[dict[str, Any]],
+    started: float,
+) -> dict:
+    """Rank 0: the manifest of every rank's shards, written last; a line saying so."""
+    # a stable sort: each rank lists the shards of a file in order
+    records = sorted((rec for r in gathered for rec in r["records"]), key=lambda rec: rec["source"])
+    sources = {i: s for r in gathered for i, s in r["sources"].items()}
+    manifest = manifest_of(
+        spec, units, conversion, [sources[i] for i in range(len(inputs))], records
+    )
+    write_manifest(output, manifest)
+    elapsed = time.monotonic() - started
+    print(
+        f"converted {manifest['n_structures']} structures ({manifest['n_atoms']} atoms) "
+        f"from {len(inputs)} file(s) into {len(records)} shard(s) in {elapsed:.1f} s "
+        f"({manifest['n_structures'] / max(elapsed, 1e-9):.0f} structures/s): {output}",
+        flush=True,
+    )
+    return manifest
 
 
 def choose_labels(

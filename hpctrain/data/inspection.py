@@ -8,6 +8,7 @@ problem with a :class:`DataError` naming the shard and the structure.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,39 +59,57 @@ def _rows(dataset, step: int) -> Iterator[tuple[int, np.ndarray]]:
         yield start, dataset[start : start + step]
 
 
-def summarize(directory: str | Path) -> str:
-    """A readable summary: counts, atoms per structure, elements, target statistics."""
+@dataclasses.dataclass
+class Statistics:
+    """What one streaming pass over a shard directory measured, per target."""
+
+    counts: Moments  # atoms per structure
+    smallest: int
+    largest: int
+    values: dict[str, Moments]
+    per_atom: dict[str, Moments]
+    forces: dict[str, Moments]
+    stress: dict[str, Moments]
+
+
+def statistics(directory: Path, manifest: dict) -> Statistics:
+    """One pass over the shards, a chunk of rows at a time, each shard checked first."""
     import h5py
 
-    directory = Path(directory)
-    manifest = read_manifest(directory)
     stored = manifest["targets"]
     selections = all_selections(manifest)
-    counts = Moments()
-    smallest, largest = 2**62, 0
-    values = {name: Moments() for name in stored}
-    per_atom = {name: Moments() for name in stored}
-    forces = {name: Moments() for name in stored}
-    stress = {name: Moments() for name in stored}
+    stats = Statistics(
+        Moments(), 2**62, 0, *({name: Moments() for name in stored} for _ in range(4))
+    )
     for record in manifest["shards"]:
         offsets = check_shard(directory, record, stored, selections)
         n_atoms = np.diff(offsets)
-        counts.add(n_atoms)
-        smallest = min(int(n_atoms.min()), smallest)
-        largest = max(int(n_atoms.max()), largest)
+        stats.counts.add(n_atoms)
+        stats.smallest = min(int(n_atoms.min()), stats.smallest)
+        stats.largest = max(int(n_atoms.max()), stats.largest)
         path = directory / record["file"]
         with h5py.File(path, "r") as file, damage_named(path):
             for name, target in stored.items():
                 data = file[f"targets/{name}"][:]
-                values[name].add(data)
+                stats.values[name].add(data)
                 if not target["per_atom"]:
-                    per_atom[name].add(data / n_atoms)
+                    stats.per_atom[name].add(data / n_atoms)
                 if "positions" in target["gradients"]:
                     for _, rows in _rows(file[f"forces/{name}"], ATOM_CHUNK):
-                        forces[name].add(rows)
+                        stats.forces[name].add(rows)
                 if "strain" in target["gradients"]:
-                    stress[name].add(file[f"stress/{name}"][:])
+                    stats.stress[name].add(file[f"stress/{name}"][:])
+    return stats
 
+
+def summarize(directory: str | Path) -> str:
+    """A readable summary: counts, atoms per structure, elements, target statistics."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    stored = manifest["targets"]
+    stats = statistics(directory, manifest)
+    counts, smallest, largest = stats.counts, stats.smallest, stats.largest
+    values, per_atom, forces, stress = stats.values, stats.per_atom, stats.forces, stats.stress
     sources = manifest.get("sources", [])
     units = manifest.get("converted_from", {})
     lines = [

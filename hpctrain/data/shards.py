@@ -28,7 +28,7 @@ import torch
 
 from ..architecture import DatasetInfo, TargetInfo
 from ..errors import DataError
-from ..options import DatasetOptions
+from ..options import DatasetOptions, TargetOptions
 from .ase_reader import unit_factor as _unit_factor
 from .sampler import BLOCK, WINDOW
 from .structures import (
@@ -500,55 +500,69 @@ def open_shards(
             f"{LENGTH_UNIT} converted from {converted_from.get('length_unit')!r}; drop the "
             "setting or make it match"
         )
-    selections = {}
-    for name, target in options.targets.items():
-        key = f"{path_in_options}.targets.{name}"
-        candidates = [c for c in (target.key, name) if c in stored]
-        if not candidates:
-            raise DataError(
-                f"'{key}' in {source}: {where} has no target '{target.key or name}'; it "
-                f"holds {', '.join(sorted(stored))} (re-run hpctrain convert with --target "
-                "to add one)"
-            )
-        chosen = candidates[0]
-        info = stored[chosen]
-        read_from = info.get("keys", {}).get("value")
-        if target.key not in (None, chosen, read_from):
-            raise DataError(
-                f"'{key}.key' in {source} is '{target.key}', but {where} has no target of "
-                f"that name, and its target '{chosen}' was read from key '{read_from}'; "
-                "name a stored target, or re-run hpctrain convert with that key"
-            )
-        if info["quantity"] != target.quantity or bool(info["per_atom"]) != target.per_atom:
-            raise DataError(
-                f"'{key}' in {source} asks for a {target.quantity} target "
-                f"{'per atom' if target.per_atom else 'per structure'}, but '{chosen}' in "
-                f"{where} is a {info['quantity']} "
-                f"{'per atom' if info['per_atom'] else 'per structure'}"
-            )
-        unit_at = f"'{key}.unit' in {source}"
-        if not _same_unit(
-            target.unit, [ENERGY_UNIT, converted_from.get("energy_unit", "")], unit_at
-        ):
-            raise DataError(
-                f"{unit_at} is {target.unit!r}, but {where} holds energies in {ENERGY_UNIT} "
-                f"converted from {converted_from.get('energy_unit')!r}; make them match"
-            )
-        wants = {
-            "forces": (target.gradient_key("forces"), "positions", "--forces KEY"),
-            "stress": (
-                target.gradient_key("stress") or target.gradient_key("virial"),
-                "strain",
-                "--stress KEY or --virial KEY",
-            ),
-        }
-        for gradient, (asked, stored_as, flag) in wants.items():
-            if asked and stored_as not in info["gradients"]:
-                option = "stress/virial" if gradient == "stress" else gradient
-                raise DataError(
-                    f"'{key}.{option}' in {source} asks for {gradient}, but {where} holds "
-                    f"none for target '{chosen}'; set it to false, or re-run hpctrain "
-                    f"convert with {flag}"
-                )
-        selections[name] = Selection(chosen, bool(wants["forces"][0]), bool(wants["stress"][0]))
+    selections = {
+        name: _select(
+            name, target, stored, converted_from, f"{path_in_options}.targets.{name}", source, where
+        )
+        for name, target in options.targets.items()
+    }
     return ShardDataset(directory, selections, dtype=dtype, name=str(directory))
+
+
+def _select(
+    name: str,
+    target: TargetOptions,
+    stored: dict[str, Any],
+    converted_from: dict[str, str],
+    key: str,
+    source: str,
+    where: str,
+) -> Selection:
+    """The stored target that the options' target ``name`` (at ``key``) reads, checked
+    for its quantity, unit and gradients."""
+    candidates = [c for c in (target.key, name) if c in stored]
+    if not candidates:
+        raise DataError(
+            f"'{key}' in {source}: {where} has no target '{target.key or name}'; it "
+            f"holds {', '.join(sorted(stored))} (re-run hpctrain convert with --target "
+            "to add one)"
+        )
+    chosen = candidates[0]
+    info = stored[chosen]
+    read_from = info.get("keys", {}).get("value")
+    if target.key not in (None, chosen, read_from):
+        raise DataError(
+            f"'{key}.key' in {source} is '{target.key}', but {where} has no target of "
+            f"that name, and its target '{chosen}' was read from key '{read_from}'; "
+            "name a stored target, or re-run hpctrain convert with that key"
+        )
+    if info["quantity"] != target.quantity or bool(info["per_atom"]) != target.per_atom:
+        raise DataError(
+            f"'{key}' in {source} asks for a {target.quantity} target "
+            f"{'per atom' if target.per_atom else 'per structure'}, but '{chosen}' in "
+            f"{where} is a {info['quantity']} "
+            f"{'per atom' if info['per_atom'] else 'per structure'}"
+        )
+    unit_at = f"'{key}.unit' in {source}"
+    if not _same_unit(target.unit, [ENERGY_UNIT, converted_from.get("energy_unit", "")], unit_at):
+        raise DataError(
+            f"{unit_at} is {target.unit!r}, but {where} holds energies in {ENERGY_UNIT} "
+            f"converted from {converted_from.get('energy_unit')!r}; make them match"
+        )
+    wants = {
+        "forces": (target.gradient_key("forces"), "positions", "--forces KEY"),
+        "stress": (
+            target.gradient_key("stress") or target.gradient_key("virial"),
+            "strain",
+            "--stress KEY or --virial KEY",
+        ),
+    }
+    for gradient, (asked, stored_as, flag) in wants.items():
+        if asked and stored_as not in info["gradients"]:
+            option = "stress/virial" if gradient == "stress" else gradient
+            raise DataError(
+                f"'{key}.{option}' in {source} asks for {gradient}, but {where} holds "
+                f"none for target '{chosen}'; set it to false, or re-run hpctrain "
+                f"convert with {flag}"
+            )
+    return Selection(chosen, bool(wants["forces"][0]), bool(wants["stress"][0]))

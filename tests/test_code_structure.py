@@ -1,5 +1,6 @@
-"""hpctrain's modules import one another without a cycle: the import graph, read from
-the source (imports inside functions included), is acyclic."""
+"""The shape of the code, read from the source: hpctrain's modules import one another
+without a cycle (imports inside functions included), no module is over 600 lines, no
+function over 70, and the engine's loop over 60."""
 
 import ast
 from pathlib import Path
@@ -74,3 +75,31 @@ def test_the_import_graph_has_no_cycle():
 
 def test_a_cycle_is_found():
     assert cycle_in({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+
+
+def sources() -> list[Path]:
+    return sorted((ROOT / "hpctrain").rglob("*.py")) + sorted(
+        (ROOT / "architectures").glob("*/*.py")
+    )
+
+
+def test_modules_and_functions_stay_short():
+    long = []
+    for path in sources():
+        text = path.read_text()
+        if len(text.splitlines()) > 600:
+            long.append(f"{path.relative_to(ROOT)}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 70:
+                    long.append(f"{path.relative_to(ROOT)}: {node.name}, {lines} lines")
+    assert long == []
+
+
+def test_the_engine_loop_is_short():
+    tree = ast.parse((ROOT / "hpctrain" / "engine.py").read_text())
+    (engine,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Engine"]
+    (train,) = [n for n in engine.body if isinstance(n, ast.FunctionDef) and n.name == "train"]
+    assert train.end_lineno - train.lineno + 1 <= 60
+    assert any(isinstance(node, ast.Try) and node.finalbody for node in ast.walk(train))
