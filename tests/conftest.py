@@ -1,11 +1,25 @@
+"""The test kit: data and options for tiny runs, and one way to run the command line
+under no launcher, mpiexec or torchrun.
+
+A new end-to-end test is a few lines::
+
+    def test_something(workdir):
+        write_options(workdir, tiny_options(seed=7))
+        result = hpctrain("train", "options.yaml", "-o", "run", cwd=workdir, launcher="mpiexec")
+        assert result.returncode == 0, result.stderr
+"""
+
+import copy
 import os
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from hpctrain.launch import without_launcher
 
@@ -14,8 +28,99 @@ EXAMPLE_XYZ = ROOT / "examples" / "rmd17_ethanol_100.xyz"
 BIN = Path(sys.executable).parent
 
 
+TINY_MP_TRANSFORMER = {
+    "d_model": 16,
+    "num_heads": 2,
+    "num_layers": 1,
+    "num_radial": 4,
+    "angular_channels": 4,
+}
+
+
+def tiny_options(**changes: Any) -> dict[str, Any]:
+    """Options of a tiny run on ``ethanol.xyz`` (the example data, see ``workdir``):
+    mp_transformer with a small model, 2 epochs of batch 8, 10 % validation, seed 1;
+    ``changes`` are merged in, section by section (``architecture={"training":
+    {"num_epochs": 1}}`` changes that key alone)."""
+    base = {
+        "seed": 1,
+        "architecture": {
+            "name": "mp_transformer",
+            "model": dict(TINY_MP_TRANSFORMER),
+            "training": {"num_epochs": 2, "batch_size": 8},
+        },
+        "training_set": {
+            "systems": "ethanol.xyz",
+            "targets": {"energy": {"forces": True}},
+        },
+        "validation_set": 0.1,
+        "distributed": {"timeout_s": 60},
+    }
+    return merged(base, changes)
+
+
+def merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``changes``: dictionaries merged key by key, other values replaced."""
+    out = copy.deepcopy(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def write_options(directory: Path, options: dict[str, Any], name: str = "options.yaml") -> Path:
+    """``options`` as a YAML file in ``directory``."""
+    path = Path(directory) / name
+    path.write_text(yaml.safe_dump(options, sort_keys=False))
+    return path
+
+
 @pytest.fixture
-def write_options(tmp_path):
+def workdir(tmp_path) -> Path:
+    """A fresh directory holding the example data as ``ethanol.xyz``."""
+    (tmp_path / "ethanol.xyz").symlink_to(EXAMPLE_XYZ)
+    return tmp_path
+
+
+def launcher_command(launcher: str | None = None, ranks: int = 2) -> list[str]:
+    """The start of a command line running ``hpctrain`` in one process (None), or in
+    ``ranks`` ranks under ``mpiexec`` or ``torchrun``."""
+    if launcher is None:
+        return [sys.executable, "-m", "hpctrain"]
+    if launcher == "mpiexec":
+        return [str(BIN / "mpiexec"), "-n", str(ranks), sys.executable, "-m", "hpctrain"]
+    if launcher == "torchrun":
+        return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(ranks)] + [
+            "-m",
+            "hpctrain",
+        ]
+    raise ValueError(f"unknown launcher {launcher!r}")
+
+
+def hpctrain(
+    *args: Any,
+    cwd: Path,
+    launcher: str | None = None,
+    ranks: int = 2,
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
+) -> subprocess.CompletedProcess:
+    """``hpctrain ARGS...`` run to its end in ``cwd`` (see :func:`launcher_command`),
+    in a fresh launch environment; its output captured as text."""
+    return subprocess.run(
+        launcher_command(launcher, ranks) + [str(a) for a in args],
+        cwd=cwd,
+        env=clean_env() if env is None else env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def write_yaml(tmp_path):
     """Write an options file (dedented YAML) next to a copy of the example data."""
     data = tmp_path / "ethanol.xyz"
     if not data.exists():

@@ -15,8 +15,8 @@ training_set:
 """
 
 
-def test_defaults_and_shorthands(write_options):
-    path = write_options(
+def test_defaults_and_shorthands(write_yaml):
+    path = write_yaml(
         """
         architecture: mp_transformer
         training_set: ethanol.xyz
@@ -35,8 +35,8 @@ def test_defaults_and_shorthands(write_options):
     assert str(dtype) == "torch.float32"
 
 
-def test_user_values_win_over_defaults(write_options):
-    path = write_options(
+def test_user_values_win_over_defaults(write_yaml):
+    path = write_yaml(
         GOOD
         + """
 architecture:
@@ -53,8 +53,8 @@ base_precision: 64
     assert str(dtype) == "torch.float64"
 
 
-def test_resolved_options_load_again(write_options, tmp_path):
-    options, *_ = prepare(write_options(GOOD + "seed: 7\n"))
+def test_resolved_options_load_again(write_yaml, tmp_path):
+    options, *_ = prepare(write_yaml(GOOD + "seed: 7\n"))
     out = tmp_path / "resolved.yaml"
     write_resolved(options, out)
     data = yaml.safe_load(out.read_text())
@@ -167,9 +167,9 @@ MALFORMED = {
 
 
 @pytest.mark.parametrize("case", sorted(MALFORMED))
-def test_malformed_options(case, write_options):
+def test_malformed_options(case, write_yaml):
     text, *expected = MALFORMED[case]
-    path = write_options(text)
+    path = write_yaml(text)
     with pytest.raises(HpctrainError) as error:
         prepare(path)
     message = str(error.value)
@@ -185,8 +185,8 @@ def test_missing_options_file(tmp_path):
         prepare(tmp_path / "nothing.yaml")
 
 
-def test_validation_and_test_sets_without_targets_inherit_the_training_targets(write_options):
-    path = write_options(
+def test_validation_and_test_sets_without_targets_inherit_the_training_targets(write_yaml):
+    path = write_yaml(
         """
         architecture: mp_transformer
         training_set:

@@ -247,10 +247,8 @@ def test_format_duration(seconds, text):
         ("{tensorboard: maybe}", "'logging.tensorboard' in"),
     ],
 )
-def test_bad_logging_options_name_the_key_and_the_file(write_options, logging_section, message):
-    path = write_options(
-        f"architecture: x\ntraining_set: ethanol.xyz\nlogging: {logging_section}\n"
-    )
+def test_bad_logging_options_name_the_key_and_the_file(write_yaml, logging_section, message):
+    path = write_yaml(f"architecture: x\ntraining_set: ethanol.xyz\nlogging: {logging_section}\n")
     with pytest.raises(OptionsError) as error:
         load_options(path)
     assert message in str(error.value) and str(path) in str(error.value)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import BIN, EXAMPLE_XYZ, paused_env, release, run, wait_until_paused
+from conftest import BIN, EXAMPLE_XYZ, hpctrain, paused_env, release, run, wait_until_paused
 
 from hpctrain.testing import evaluate_exported, predict_in_memory
 
@@ -106,26 +106,9 @@ def test_exported_model_matches_in_memory_model_in_fresh_process(single_run, tmp
 
 
 def test_mpiexec_and_torchrun_train_the_same_model(workdir, single_run):
-    mpi = run(
-        [
-            str(BIN / "mpiexec"),
-            "-n",
-            "2",
-            sys.executable,
-            "-m",
-            "hpctrain",
-            "options.yaml",
-            "-o",
-            "mpi",
-        ],
-        workdir,
-    )
+    mpi = hpctrain("options.yaml", "-o", "mpi", cwd=workdir, launcher="mpiexec")
     assert mpi.returncode == 0, mpi.stderr
-    torchrun = run(
-        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "hpctrain"]
-        + ["options.yaml", "-o", "torchrun"],
-        workdir,
-    )
+    torchrun = hpctrain("options.yaml", "-o", "torchrun", cwd=workdir, launcher="torchrun")
     assert torchrun.returncode == 0, torchrun.stderr
     assert "2 ranks via mpi" in mpi.stdout
     assert "2 ranks via torchrun" in torchrun.stdout
