@@ -69,15 +69,18 @@ _console: Console | None = None
 
 
 class ConsoleFormatter(logging.Formatter):
-    """``12:00:01 message``; warnings and errors say so (``12:00:01 warning: ...``)."""
+    """``12:00:01 message``; warnings and errors say so (``12:00:01 warning: ...``), after
+    the rank of a rank other than 0 (``12:00:01 [rank 3] warning: ...``)."""
+
+    def __init__(self, prefix: str):
+        super().__init__("%(asctime)s %(message)s", "%H:%M:%S")
+        self.prefix = prefix
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        text = super().formatMessage(record)
+        word = ""
         if record.levelno >= logging.WARNING:
-            word = "warning" if record.levelno == logging.WARNING else "error"
-            stamp, _, rest = text.partition(" ")
-            text = f"{stamp} {word}: {rest}"
-        return text
+            word = "warning: " if record.levelno == logging.WARNING else "error: "
+        return f"{record.asctime} {self.prefix}{word}{record.message}"
 
 
 def setup_logging(rank: int, log_file: Path | None = None) -> logging.Logger:
@@ -88,7 +91,7 @@ def setup_logging(rank: int, log_file: Path | None = None) -> logging.Logger:
     logger.handlers.clear()
     logger.propagate = False
     prefix = "" if rank == 0 else f"[rank {rank}] "
-    formatter = ConsoleFormatter(f"%(asctime)s {prefix}%(message)s", "%H:%M:%S")
+    formatter = ConsoleFormatter(prefix)
     if rank == 0:
         _console = Console(sys.stdout)
         stream: logging.Handler = _console

@@ -23,16 +23,9 @@ from typing import Any
 
 from .. import __version__, launch
 from ..errors import DataError, LaunchError
-from .ase_reader import (
-    ENERGY_UNIT,
-    LENGTH_UNIT,
-    FrameBuffer,
-    FrameSpec,
-    TargetSpec,
-    iter_frames,
-    unit_factor,
-)
+from .ase_reader import FrameBuffer, FrameSpec, TargetSpec, iter_frames, unit_factor
 from .shards import FORMAT, FORMAT_VERSION, MANIFEST, shard_name, write_shard
+from .structures import ENERGY_UNIT, LENGTH_UNIT
 
 
 @dataclasses.dataclass
