@@ -42,9 +42,9 @@ def baseline(data: Path, stress: bool) -> dict[str, float]:
     )
     dataset = read_dataset(options, "training_set", str(data), torch.float64)
     val, train = split_indices(len(dataset), [0.1], SEED)
-    run.set_current(run.RunContext(seed=SEED))
     types = dataset.info.atomic_types
-    weights = fit_composition(dataset.subset(train), "energy", types, run.current()).weights
+    context = run.RunContext(seed=SEED)
+    weights = fit_composition(dataset.subset(train), "energy", types, context).weights
     index = {z: i for i, z in enumerate(types)}
     energy, forces, stresses = [], [], []
     for i in val:

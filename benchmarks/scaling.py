@@ -443,7 +443,7 @@ def worker(config_path: Path) -> None:
     import numpy as np
     import torch
 
-    from hpctrain import launch, startup, timing
+    from hpctrain import launch, run, startup, timing
 
     config = json.loads(config_path.read_text())
     # the same start as hpctrain train: options, launch, run directory, data, model
@@ -452,91 +452,91 @@ def worker(config_path: Path) -> None:
     backend = launch.backend_for(device_type, options.distributed.backend)
     with startup.launched(env, device_type, backend, options.distributed) as launched:
         device = launched.device
-        run_dir, _ = startup.open_run(env, options, config["run_dir"], launched.threads)
-        built = startup.build_run(
-            architecture, options, dtype, config["options"], env.world_size, None
-        )
-        model, trainer = built.model, built.trainer
-        engine = trainer.make_engine(model, device, built.train_sets, built.val_sets, run_dir)
-        del built
-        hooked = timing.TIMER.attach(engine.network)
-        n_atoms = engine.train_set.n_atoms
-        sampler = engine.sampler
+        context = startup.open_run(env, options, config["run_dir"], launched.threads)
+        with run.use(context):  # the engine reads it, as under hpctrain train
+            run_dir = context.run_dir
+            built = startup.build_run(architecture, options, dtype, config["options"], context)
+            model, trainer = built.model, built.trainer
+            engine = trainer.make_engine(model, device, built.train_sets, built.val_sets, run_dir)
+            del built
+            hooked = timing.TIMER.attach(engine.network)
+            n_atoms = engine.train_set.n_atoms
+            sampler = engine.sampler
 
-        def batches():
-            epoch = 0
-            while True:
-                sampler.set_epoch(epoch)
-                yield from sampler
-                epoch += 1
+            def batches():
+                epoch = 0
+                while True:
+                    sampler.set_epoch(epoch)
+                    yield from sampler
+                    epoch += 1
 
-        warmup, steps, every = config["warmup"], config["steps"], config["checkpoint_every"]
-        times, structures, atoms, local_atoms = [], 0, 0, 0
-        start = 0.0
-        for i, step in zip(range(warmup + steps), batches()):
-            if i == warmup:
-                launch.barrier()
-                timing.TIMER.enable(device)
-                usage = resource.getrusage(resource.RUSAGE_SELF)
-                start = time.perf_counter()
-            t0 = time.perf_counter()
-            n_step_atoms = int(n_atoms[step.global_].sum())
-            engine.train_step(step.local, len(step.global_), n_step_atoms)
-            if i >= warmup and every and (i - warmup + 1) % every == 0:
-                engine.write_checkpoint()
-            if i >= warmup:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times.append(time.perf_counter() - t0)
-                structures += len(step.global_)
-                atoms += n_step_atoms
-                local_atoms += int(n_atoms[step.local].sum())
-        measured = time.perf_counter() - start
-        used = resource.getrusage(resource.RUSAGE_SELF)
-        timing.TIMER.disable()
-        finish = getattr(engine.checkpoints, "finish", None)
-        if finish is not None:  # a checkpoint written in the background, if any
-            finish()
-        alone = allreduce_alone(timing.TIMER.comm, steps, device) if hooked else None
-        mine = {
-            "rank": env.rank,
-            "host": socket.gethostname(),
-            "device": str(device),
-            "threads": torch.get_num_threads(),
-            "measured_s": measured,
-            # CPU time of all this process's threads, and how often the OS took the
-            # CPU away from it while it could run (other processes on its cores)
-            "cpu_s": used.ru_utime + used.ru_stime - usage.ru_utime - usage.ru_stime,
-            "involuntary_switches": used.ru_nivcsw - usage.ru_nivcsw,
-            "median_step_s": float(np.median(times)),
-            "step_times_s": times,
-            "sections": timing.TIMER.snapshot(),
-            "comm": dict(timing.TIMER.comm),
-            "allreduce_alone_s": alone,
-            "local_atoms": local_atoms,
-        }
-        gathered = launch.all_gather_object(mine)
-        if env.is_main:
-            result = {
-                "architecture": architecture.name,
-                "launcher": env.launcher,
-                "backend": backend if env.distributed else None,
-                "world_size": env.world_size,
-                "global_batch": trainer.hypers.batch_size,
-                "mixed_precision": trainer.hypers.mixed_precision,
-                "dtype": str(dtype).replace("torch.", ""),
-                "warmup": warmup,
-                "steps": steps,
-                "checkpoint_every": every,
-                "comm_hook": hooked,
-                "parameters": sum(p.numel() for p in model.parameters()),
-                "structures": structures,
-                "atoms": atoms,
-                "ranks": gathered,
+            warmup, steps, every = config["warmup"], config["steps"], config["checkpoint_every"]
+            times, structures, atoms, local_atoms = [], 0, 0, 0
+            start = 0.0
+            for i, step in zip(range(warmup + steps), batches()):
+                if i == warmup:
+                    launch.barrier()
+                    timing.TIMER.enable(device)
+                    usage = resource.getrusage(resource.RUSAGE_SELF)
+                    start = time.perf_counter()
+                t0 = time.perf_counter()
+                n_step_atoms = int(n_atoms[step.global_].sum())
+                engine.train_step(step.local, len(step.global_), n_step_atoms)
+                if i >= warmup and every and (i - warmup + 1) % every == 0:
+                    engine.write_checkpoint()
+                if i >= warmup:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    times.append(time.perf_counter() - t0)
+                    structures += len(step.global_)
+                    atoms += n_step_atoms
+                    local_atoms += int(n_atoms[step.local].sum())
+            measured = time.perf_counter() - start
+            used = resource.getrusage(resource.RUSAGE_SELF)
+            timing.TIMER.disable()
+            finish = getattr(engine.checkpoints, "finish", None)
+            if finish is not None:  # a checkpoint written in the background, if any
+                finish()
+            alone = allreduce_alone(timing.TIMER.comm, steps, device) if hooked else None
+            mine = {
+                "rank": env.rank,
+                "host": socket.gethostname(),
+                "device": str(device),
+                "threads": torch.get_num_threads(),
+                "measured_s": measured,
+                # CPU time of all this process's threads, and how often the OS took the
+                # CPU away from it while it could run (other processes on its cores)
+                "cpu_s": used.ru_utime + used.ru_stime - usage.ru_utime - usage.ru_stime,
+                "involuntary_switches": used.ru_nivcsw - usage.ru_nivcsw,
+                "median_step_s": float(np.median(times)),
+                "step_times_s": times,
+                "sections": timing.TIMER.snapshot(),
+                "comm": dict(timing.TIMER.comm),
+                "allreduce_alone_s": alone,
+                "local_atoms": local_atoms,
             }
-            Path(config["out"]).write_text(json.dumps(result, indent=1))
-        del engine, trainer, model  # DDP and its pending work go before the group
-        launch.barrier()
+            gathered = launch.all_gather_object(mine)
+            if env.is_main:
+                result = {
+                    "architecture": architecture.name,
+                    "launcher": env.launcher,
+                    "backend": backend if env.distributed else None,
+                    "world_size": env.world_size,
+                    "global_batch": trainer.hypers.batch_size,
+                    "mixed_precision": trainer.hypers.mixed_precision,
+                    "dtype": str(dtype).replace("torch.", ""),
+                    "warmup": warmup,
+                    "steps": steps,
+                    "checkpoint_every": every,
+                    "comm_hook": hooked,
+                    "parameters": sum(p.numel() for p in model.parameters()),
+                    "structures": structures,
+                    "atoms": atoms,
+                    "ranks": gathered,
+                }
+                Path(config["out"]).write_text(json.dumps(result, indent=1))
+            del engine, trainer, model  # DDP and its pending work go before the group
+            launch.barrier()
 
 
 # -- report --------------------------------------------------------------------------

@@ -36,7 +36,7 @@ def report_start(
     options: Options,
     built: Built,
     run_dir: Path,
-    resume: str | None,
+    resume: Path | None,
 ) -> None:
     """The banner (rank 0), with the model's size and a check of the training data
     (:mod:`hpctrain.data.sanity`), a warning for each implausible figure, and where the

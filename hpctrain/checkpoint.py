@@ -21,6 +21,7 @@ version at a time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -29,7 +30,7 @@ import random
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from pathlib import Path
@@ -99,6 +100,39 @@ def is_step_dir(path: Path) -> bool:
     return path.is_dir() and _STEP_DIR.search(path.name) is not None
 
 
+_read_once: dict[Path, dict[str, Any]] | None = None
+
+
+@contextlib.contextmanager
+def read_once() -> Iterator[None]:
+    """Inside the block each checkpoint is read from disk once: a resumed run's seed,
+    trainer and model (each of which the architecture API loads from a path) come
+    from one read. What :func:`load` returns is then shared: read it, never change it.
+    """
+    global _read_once
+    previous, _read_once = _read_once, {}
+    try:
+        yield
+    finally:
+        _read_once = previous
+
+
+def _read(path: Path) -> dict[str, Any]:
+    key = path.resolve()
+    if _read_once is not None and key in _read_once:
+        return _read_once[key]
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({type(error).__name__}: {error}); "
+            "it may be truncated; use an older checkpoint of the run"
+        ) from None
+    if _read_once is not None:
+        _read_once[key] = data
+    return data
+
+
 def load(path: Union[str, Path], architecture: str = "") -> dict[str, Any]:
     """Read a checkpoint file or committed step directory, upgraded to this version.
 
@@ -114,13 +148,7 @@ def load(path: Union[str, Path], architecture: str = "") -> dict[str, Any]:
         path = path / REPLICATED
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        raise CheckpointError(
-            f"{path} is not a readable checkpoint ({type(error).__name__}: {error}); "
-            "it may be truncated; use an older checkpoint of the run"
-        ) from None
+    data = _read(path)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an hpctrain checkpoint")
     if data["version"] > VERSION:

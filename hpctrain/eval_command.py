@@ -305,9 +305,10 @@ def evaluate_file(args: argparse.Namespace) -> dict[str, float]:
     from .startup import launched
 
     distributed = DistributedOptions(timeout_s=args.timeout)
-    with launched(env, device_type, launch.backend_for(device_type), distributed) as rank:
+    context = run.RunContext(rank=env.rank, world_size=env.world_size)
+    backend = launch.backend_for(device_type)
+    with launched(env, device_type, backend, distributed) as rank, run.use(context):
         device = rank.device
-        run.set_current(run.RunContext(rank=env.rank, world_size=env.world_size))
         # references in float64, whatever the model's dtype: written files keep them exact
         dataset = read_dataset(options, "data", SOURCE, torch.float64)
         check_compatible(model, dataset, model_path)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from . import banner, export, files, launch, progress, startup
+from . import banner, checkpoint, export, files, launch, progress, run, startup
 from .architecture import Architecture, DatasetInfo
 from .data import AtomisticDataset
 from .errors import HpctrainError, Preempted
@@ -103,10 +103,15 @@ def run_training(
     """
     started = time.perf_counter()
     device_type, backend = launch_choice
-    with startup.launched(env, device_type, backend, options.distributed) as launched:
-        with stop.immediately(BEFORE_TRAINING):
-            run_dir, resume = startup.open_run(env, options, output_dir, launched.threads, stop)
-            built = startup.build_run(architecture, options, dtype, source, env.world_size, resume)
+    with contextlib.ExitStack() as held:
+        launched = held.enter_context(
+            startup.launched(env, device_type, backend, options.distributed)
+        )
+        with stop.immediately(BEFORE_TRAINING), checkpoint.read_once():
+            context = startup.open_run(env, options, output_dir, launched.threads, stop)
+            held.enter_context(run.use(context))
+            built = startup.build_run(architecture, options, dtype, source, context)
+            run_dir, resume = context.run_dir, context.resume_from
             if env.is_main:  # (a run that failed its checks leaves only train.log)
                 write_resolved(options, run_dir / "options.resolved.yaml")
             banner.report_start(

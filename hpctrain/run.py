@@ -1,14 +1,18 @@
 """What a training run knows beyond the architecture API: its rank, its directory,
-its checkpoint and logging schedule. Set by the flow; read by the shared engine.
+its checkpoint and logging schedule. The flow sets it for the run's duration
+(``with run.use(context):``); the shared engine reads it.
 
 The architecture API's ``Trainer.train(model, devices, ...)`` carries no such
 settings, so the flow publishes them here; a trainer run outside the flow gets the
-defaults (one process, no periodic checkpoints beyond the trainer's own).
+defaults (one process, no periodic checkpoints beyond the trainer's own). Code that
+hpctrain calls with a context takes it as an argument instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 
 from .options import CheckpointOptions, LoggingOptions
@@ -35,9 +39,17 @@ _current = RunContext()
 
 
 def current() -> RunContext:
+    """The context of the run in progress (the defaults outside one)."""
     return _current
 
 
-def set_current(context: RunContext) -> None:
+@contextlib.contextmanager
+def use(context: RunContext) -> Iterator[RunContext]:
+    """``context`` is the current one inside the block; the previous one after it,
+    however the block ends."""
     global _current
-    _current = context
+    previous, _current = _current, context
+    try:
+        yield context
+    finally:
+        _current = previous

@@ -5,7 +5,7 @@
    fail meets the others first, :func:`fail_together`);
 2. :func:`launched`: this rank's device and threads, then the process group;
 3. :func:`open_run`: the run directory (rank 0 decides), logging, the checkpoint to
-   continue from, the seed and the run context;
+   continue from and the seed: the run's context, current while the run lasts;
 4. :func:`build_run`: the datasets (split, and checked against the architecture and
    the trainer), then the model and the trainer, new or restarted.
 
@@ -109,9 +109,10 @@ def open_run(
     output_dir: str | Path | None,
     threads: Threads,
     stop: StopRequest | None = None,
-) -> tuple[Path, str | None]:
-    """The run directory (made by rank 0) and the checkpoint to continue from (None:
-    a new run); logging, the seed and the run context are set up."""
+) -> run.RunContext:
+    """The run directory (made by rank 0) and the checkpoint to continue from (rank 0
+    decides both); logging and the seed set up. Returns the run's context, which the
+    caller makes current for the run (``with run.use(context):``)."""
     run_dir = launch.decided_by_main(lambda: start_run_dir(output_dir, options.continue_from))
     log = setup_logging(env.rank, run_dir / "train.log" if env.is_main else None)
     if threads.warning and env.is_main:
@@ -122,20 +123,17 @@ def open_run(
     with launch.errors_agreed():
         saved_seed = checkpoint.load(resume).get("seed") if resume else None
     options.seed = choose_seed(options.seed, saved_seed)
-    run.set_current(
-        run.RunContext(
-            rank=env.rank,
-            world_size=env.world_size,
-            seed=options.seed,
-            run_dir=run_dir,
-            checkpoint=options.checkpoint,
-            logging=options.logging,
-            stop=stop,
-            resume_from=Path(resume) if resume else None,
-        )
-    )
     seed_everything(options.seed)
-    return run_dir, resume
+    return run.RunContext(
+        rank=env.rank,
+        world_size=env.world_size,
+        seed=options.seed,
+        run_dir=run_dir,
+        checkpoint=options.checkpoint,
+        logging=options.logging,
+        stop=stop,
+        resume_from=Path(resume) if resume else None,
+    )
 
 
 @dataclasses.dataclass
@@ -156,16 +154,17 @@ def build_run(
     options: Options,
     dtype: torch.dtype,
     source: str,
-    world_size: int,
-    resume: str | None,
+    context: run.RunContext,
 ) -> Built:
-    """Load and check the datasets, then build (or restart) the model and trainer."""
+    """Load and check the datasets (split with the context's seed), then build the
+    model and trainer, or restart them from the checkpoint the context continues."""
     with launch.errors_agreed():
-        train_sets, val_sets, test_sets = load_datasets(options, dtype, source)
+        train_sets, val_sets, test_sets = load_datasets(options, dtype, source, context.seed)
         info = dataset_info_of(train_sets)
         _check_supported(architecture, info)
         check_elements(info, val_sets + test_sets)
-        check_trainer(architecture, world_size, train_sets)
+        check_trainer(architecture, context.world_size, train_sets)
+    resume = str(context.resume_from) if context.resume_from else None
     with launch.errors_agreed():
         model, trainer, transfer = build(architecture, info, resume)
     return Built(train_sets, val_sets, test_sets, info, model, trainer, transfer)
@@ -288,9 +287,10 @@ def seed_everything(seed: int) -> None:
 
 
 def load_datasets(
-    options: Options, dtype: torch.dtype, source: str
+    options: Options, dtype: torch.dtype, source: str, seed: int
 ) -> tuple[list[AtomisticDataset], list[AtomisticDataset], list[AtomisticDataset]]:
-    """Training, validation and test datasets; fractions split from the training set."""
+    """Training, validation and test datasets; fractions split from the training set
+    (the split drawn from ``seed``, the same on every rank)."""
     train = [
         read_dataset(
             d,
@@ -316,9 +316,7 @@ def load_datasets(
         for key, _ in fractions:
             sets[key] = []
         for dataset in train:
-            *parts, rest = split_indices(
-                len(dataset), [f for _, f in fractions], run.current().seed
-            )
+            *parts, rest = split_indices(len(dataset), [f for _, f in fractions], seed)
             for (key, _), indices in zip(fractions, parts):
                 if len(indices):
                     sets[key].append(dataset.subset(indices, f"{dataset.name} ({key})"))

@@ -250,10 +250,8 @@ class ArchitectureTests:
     def _run_context(self):
         from . import run
 
-        previous = run.current()
-        run.set_current(run.RunContext(seed=5))
-        yield
-        run.set_current(previous)
+        with run.use(run.RunContext(seed=5)):
+            yield
 
     # -- helpers ----------------------------------------------------------------------
 

@@ -170,3 +170,41 @@ def test_killed_at_random_moments_of_writes_the_newest_committed_always_loads(tm
         newest_seen = step
     # the kills fell inside writes, not only between them
     assert kills_mid_write >= 3, kills_mid_write
+
+
+def test_within_read_once_a_checkpoint_is_read_from_disk_once(tmp_path, monkeypatch):
+    path = tmp_path / "model.ckpt"
+    checkpoint.save({"architecture": "a", "value": 1}, path)
+    reads = []
+    load = torch.load
+    monkeypatch.setattr(torch, "load", lambda f, **kw: reads.append(f) or load(f, **kw))
+    with checkpoint.read_once():
+        assert checkpoint.load(path, "a")["value"] == 1
+        assert checkpoint.load(tmp_path / "." / "model.ckpt")["value"] == 1
+        with pytest.raises(CheckpointError, match="written by architecture 'a', not 'b'"):
+            checkpoint.load(path, "b")  # the checks still apply to a shared read
+    assert len(reads) == 1
+    checkpoint.load(path)
+    assert len(reads) == 2  # outside the block, every load reads
+
+
+def test_a_resumed_run_reads_its_checkpoint_once(workdir, monkeypatch):
+    """The seed, the trainer and the model of a continued run come from one read."""
+    from conftest import hpctrain, tiny_options, write_options
+
+    from hpctrain import flow, launch
+
+    write_options(workdir, tiny_options(architecture={"training": {"num_epochs": 1}}))
+    first = hpctrain("train", "options.yaml", "-o", "first", cwd=workdir)
+    assert first.returncode == 0, first.stderr
+    saved = workdir / "first" / "model.ckpt"
+    for key in list(os.environ):
+        if key in launch.LAUNCHER_VARIABLES or key.startswith(launch.LAUNCHER_PREFIXES):
+            monkeypatch.delenv(key)
+    reads = []
+    load = torch.load
+    monkeypatch.setattr(torch, "load", lambda f, **kw: reads.append(str(f)) or load(f, **kw))
+    monkeypatch.chdir(workdir)
+    run_dir = flow.train("options.yaml", output_dir="second", continue_from=str(saved))
+    assert (run_dir / "model.pt").exists()
+    assert reads.count(str(saved)) == 1, reads

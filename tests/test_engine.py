@@ -27,10 +27,8 @@ def ethanol():
 
 @pytest.fixture(autouse=True)
 def context():
-    previous = run.current()
-    run.set_current(run.RunContext(seed=11))
-    yield
-    run.set_current(previous)
+    with run.use(run.RunContext(seed=11)):
+        yield
 
 
 def train(ethanol, tmp_path, **hypers):
@@ -95,38 +93,39 @@ def test_a_nan_loss_stops_before_the_update_and_keeps_good_checkpoints(ethanol, 
     from hpctrain.errors import TrainingDiverged
     from hpctrain.options import CheckpointOptions
 
-    run.set_current(
-        run.RunContext(seed=11, run_dir=tmp_path, checkpoint=CheckpointOptions(every_n_steps=1))
+    context = run.RunContext(
+        seed=11, run_dir=tmp_path, checkpoint=CheckpointOptions(every_n_steps=1)
     )
-    train_set, val_set = ethanol
-    model = Model(TINY, train_set.info)
-    config = parse(TrainingHypers, {"num_epochs": 3, "batch_size": 8})
-    engine = Engine(
-        config,
-        model,
-        torch.device("cpu"),
-        [train_set],
-        [val_set],
-        tmp_path,
-        lambda path: checkpoint.save(
-            {**model.checkpoint_payload(), "trainer_state": engine.state_dict()}, path
-        ),
-    )
-    compute_loss = engine.compute_loss
-    calls = []
+    with run.use(context):  # the engine reads it when made
+        train_set, val_set = ethanol
+        model = Model(TINY, train_set.info)
+        config = parse(TrainingHypers, {"num_epochs": 3, "batch_size": 8})
+        engine = Engine(
+            config,
+            model,
+            torch.device("cpu"),
+            [train_set],
+            [val_set],
+            tmp_path,
+            lambda path: checkpoint.save(
+                {**model.checkpoint_payload(), "trainer_state": engine.state_dict()}, path
+            ),
+        )
+        compute_loss = engine.compute_loss
+        calls = []
 
-    def poisoned(*args, **kwargs):
-        loss, parts = compute_loss(*args, **kwargs)
-        calls.append(1)
-        return (loss * float("nan"), parts) if len(calls) == 5 else (loss, parts)
+        def poisoned(*args, **kwargs):
+            loss, parts = compute_loss(*args, **kwargs)
+            calls.append(1)
+            return (loss * float("nan"), parts) if len(calls) == 5 else (loss, parts)
 
-    engine.compute_loss = poisoned
-    after = []
-    engine.optimizer.register_step_post_hook(
-        lambda *a: after.append({k: v.clone() for k, v in model.state_dict().items()})
-    )
-    with pytest.raises(TrainingDiverged, match="at step 5 .epoch 2.; the weights were not"):
-        engine.train()
+        engine.compute_loss = poisoned
+        after = []
+        engine.optimizer.register_step_post_hook(
+            lambda *a: after.append({k: v.clone() for k, v in model.state_dict().items()})
+        )
+        with pytest.raises(TrainingDiverged, match="at step 5 .epoch 2.; the weights were not"):
+            engine.train()
     # the optimizer stepped 4 times: the weights are those after step 4
     assert len(after) == 4
     for key, value in model.state_dict().items():
