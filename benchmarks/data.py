@@ -251,7 +251,6 @@ def model_consumption(
             hypers, model, torch.device("cpu"), [dataset], validation, workdir, lambda p: None
         )
         engine.model.train()
-        n_atoms = engine.train_set.n_atoms
         times = []
         epoch_index = 0
         while len(times) < steps + 1:
@@ -260,7 +259,7 @@ def model_consumption(
                 if len(step.local) != batch_size:
                     continue  # a merged last batch: keep steps comparable
                 start = time.perf_counter()
-                engine.train_step(step.local, len(step.global_), n_atoms[step.global_].sum())
+                engine.train_step(step.local, step.global_)
                 times.append(time.perf_counter() - start)
                 if len(times) == steps + 1:
                     break

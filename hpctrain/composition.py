@@ -24,6 +24,8 @@ class CompositionFit:
     """RMS per-atom energy that the baseline leaves unexplained."""
     forces_scale: float | None
     """RMS force component, or None when the structures carry no forces."""
+    stress_scale: float | None = None
+    """RMS stress component over the structures with a stress, or None without any."""
 
     @property
     def output_scale(self) -> float:
@@ -38,17 +40,19 @@ def fit_composition(
     dataset: AtomisticDataset, target: str, atomic_types: list[int], ctx: run.RunContext
 ) -> CompositionFit:
     """Per-element energies by least squares, the RMS per-atom residual and the RMS
-    force component (see :class:`CompositionFit`).
+    force and stress components (see :class:`CompositionFit`).
 
     Streams this rank's share of the training set (keeping only each structure's
     element counts) and all-reduces the normal equations, so it works at any scale.
+    The RMS values are exactly rounded sums (:func:`math.fsum`) of every structure's
+    part, the same on any number of ranks.
     """
     index = {z: i for i, z in enumerate(atomic_types)}
     n_types = len(atomic_types)
     shares = shard_for_rank(len(dataset), ctx.rank, ctx.world_size)
     normal = torch.zeros(n_types + 1, n_types + 1, dtype=torch.float64)
-    forces = torch.zeros(2, dtype=torch.float64)  # sum of squares, components
     counts_cache = []
+    parts = []  # per structure: (force sum of squares, components, stress ..., ...)
     for i in shares:
         structure = dataset[int(i)]
         counts = torch.zeros(n_types, dtype=torch.float64)
@@ -58,21 +62,40 @@ def fit_composition(
         row = torch.cat([counts, torch.tensor([energy], dtype=torch.float64)])
         normal += torch.outer(row, row)
         counts_cache.append((counts, energy))
-        if target in structure.forces:
-            values = structure.forces[target].double()
-            forces += torch.tensor([float((values**2).sum()), values.numel()])
+        parts.append(
+            _sum_of_squares(structure.forces.get(target))
+            + _sum_of_squares(structure.stress.get(target))
+        )
     launch.all_reduce_sum(normal)
-    launch.all_reduce_sum(forces)
     xtx, xty = normal[:n_types, :n_types], normal[:n_types, n_types]
     weights = torch.linalg.pinv(xtx) @ xty
-    residual = torch.zeros(2, dtype=torch.float64)
-    for counts, energy in counts_cache:
-        residual += torch.tensor([((energy - counts @ weights) / counts.sum()) ** 2, 1.0])
-    launch.all_reduce_sum(residual)
-    energy_scale = math.sqrt(residual[0].item() / max(1.0, residual[1].item()))
-    forces_scale = math.sqrt(forces[0].item() / forces[1].item()) if forces[1] > 0 else None
+    residuals = [
+        float((energy - counts @ weights) / counts.sum()) ** 2 for counts, energy in counts_cache
+    ]
+    gathered = launch.all_gather_object((parts, residuals))
+    parts = [p for rank_parts, _ in gathered for p in rank_parts]
+    residuals = [r for _, rank_residuals in gathered for r in rank_residuals]
+    energy_scale = math.sqrt(math.fsum(residuals) / max(1, len(residuals)))
+    forces_scale = _rms([p[0] for p in parts], [p[1] for p in parts])
+    stress_scale = _rms([p[2] for p in parts], [p[3] for p in parts])
     return CompositionFit(
         weights=weights,
         energy_scale=max(energy_scale, 1e-3),
         forces_scale=max(forces_scale, 1e-3) if forces_scale is not None else None,
+        stress_scale=max(stress_scale, 1e-6) if stress_scale is not None else None,
     )
+
+
+def _sum_of_squares(values: torch.Tensor | None) -> tuple[float, int]:
+    """Sum of squares and number of the finite values (a structure without a label
+    holds NaN in its place)."""
+    if values is None:
+        return (0.0, 0)
+    values = values.double()
+    values = values[torch.isfinite(values)]
+    return (float((values**2).sum()), values.numel())
+
+
+def _rms(squares: list[float], counts: list[int]) -> float | None:
+    n = sum(counts)
+    return math.sqrt(math.fsum(squares) / n) if n else None

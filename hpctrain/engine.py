@@ -17,7 +17,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, Optional, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -26,78 +26,18 @@ from metatomic.torch import ModelOutput, NeighborListOptions
 from . import checkpoint, launch, run, timing
 from .agreement import Agreed, StepAgreement
 from .architecture import DatasetInfo
-from .composition import fit_composition
-from .config import option
+from .composition import CompositionFit, fit_composition
 from .data.batch import Batch, collate
 from .data.sampler import DistributedBatchSampler, work_estimates
 from .data.structures import AtomisticDataset, ConcatDataset
 from .epoch_report import EpochReporter
 from .errors import CheckpointError, DataError, OptionsError, Preempted, TrainingDiverged
-from .evaluation import GRADIENT_NAMES, EnergyModule, evaluate, gradient_of, predict
+from .evaluation import GRADIENT_NAMES, EnergyModule, evaluate, predict
+from .hypers import TrainingHypers
+from .loss import Loss
 from .optim import ExponentialMovingAverage, LearningRate
 from .report import get_logger
 from .systems import NeighborLists
-
-
-@dataclasses.dataclass
-class TrainingHypers:
-    """Training hypers shared by the reference architectures."""
-
-    num_epochs: int = option(100, doc="Passes over the training set.")
-    batch_size: int = option(
-        16,
-        doc="Structures per optimizer step, summed over all ranks (a global batch), "
-        "so that results do not depend on the number of ranks.",
-    )
-    learning_rate: float = option(1e-3, doc="Peak learning rate of Adam.")
-    warmup_epochs: float = option(0.0, doc="Epochs of linear learning-rate warm-up from zero.")
-    scheduler: Literal["cosine", "plateau", "constant"] = option(
-        "cosine",
-        doc="After warm-up: ``cosine`` decay to ``min_lr_ratio`` at the last step, "
-        "``plateau`` halving after ``plateau_patience`` validations without "
-        "improvement (down to ``min_lr_ratio``), or ``constant``.",
-    )
-    min_lr_ratio: float = option(
-        0.01, doc="Lowest learning rate, relative to the peak (cosine and plateau)."
-    )
-    plateau_patience: int = option(
-        10, doc="Validations without improvement before ``plateau`` halves the rate."
-    )
-    grad_clip: Optional[float] = option(
-        None, doc="Clip the gradient norm (over all parameters) to this value."
-    )
-    accumulation_steps: int = option(
-        1,
-        doc="Split each rank's share of a global batch into this many micro-batches "
-        "(to save memory); gradients are accumulated, so results do not change.",
-    )
-    ema_decay: Optional[float] = option(
-        None,
-        doc="Keep an exponential moving average of the weights with this decay (e.g. "
-        "0.999); validation and the final model use it.",
-    )
-    mixed_precision: bool = option(
-        False, doc="bfloat16 autocast of the forward pass, on CUDA only."
-    )
-    energy_weight: float = option(1.0, doc="Weight of the per-atom energy error in the loss.")
-    forces_weight: float = option(1.0, doc="Weight of the force error in the loss.")
-    stress_weight: float = option(1.0, doc="Weight of the stress error in the loss.")
-    fit_composition: bool = option(
-        True,
-        doc="Fit per-element energy offsets by least squares before training, so the "
-        "network learns only what composition does not explain.",
-    )
-
-    def validate(self, path: str, source: str) -> None:
-        for name in ("num_epochs", "batch_size", "accumulation_steps"):
-            if getattr(self, name) < 1:
-                raise OptionsError(f"'{path}.{name}' in {source} must be at least 1")
-        if self.learning_rate <= 0:
-            raise OptionsError(f"'{path}.learning_rate' in {source} must be positive")
-        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
-            raise OptionsError(f"'{path}.ema_decay' in {source} must be in (0, 1)")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise OptionsError(f"'{path}.grad_clip' in {source} must be positive")
 
 
 def labels_of(dataset: AtomisticDataset) -> set[tuple[str, str]]:
@@ -179,6 +119,8 @@ class Engine:
         self.log = get_logger()
         check_datasets(hypers, self.context.world_size, train_datasets)
         self.train_set = ConcatDataset(train_datasets)
+        self.n_atoms = self.train_set.n_atoms  # (per structure: the counts of a step)
+        self.has_stress = self.train_set.has_stress
         self.val_sets = list(val_datasets)
         self.targets = dict(model.dataset_info.targets)
         self.model = model.to(device=device, dtype=self.dtype)
@@ -196,8 +138,7 @@ class Engine:
             costs=self.work_estimates(max((r.cutoff for r in requests), default=0.0)),
         )
         self.progress = Progress()
-        if state is None:
-            self.prepare_model()
+        self.loss = self.make_loss(state is None)
         self.network: torch.nn.Module = EnergyModule(self.model, self.outputs)
         if launch.is_distributed():
             self.network = wrap_ddp(self.network, device)
@@ -260,47 +201,79 @@ class Engine:
             return None
         return work_estimates(self.train_set.n_atoms, self.train_set.volumes, cutoff)
 
-    def prepare_model(self) -> None:
-        """Before the first epoch of a new training: fit the composition baseline."""
+    def make_loss(self, new: bool) -> Loss:
+        """The loss of every term the training set has labels for. A new training
+        measures its scales (one pass over the training set, which also fits the
+        composition baseline: :meth:`prepare_model`); a resumed one loads them."""
+        hp = self.hypers
+        terms = sorted(labels_of(self.train_set.datasets[0]))
+        weights = {"": hp.energy_weight, "forces": hp.forces_weight, "stress": hp.stress_weight}
+        delta = hp.huber_delta if hp.loss == "huber" else None
+        keys = [f"{name} {gradient}" if gradient else name for name, gradient in terms]
+        if not new:
+            return Loss(dict.fromkeys(keys, 1.0), weights, delta)  # (scales: the state's)
+        fits = self.measure_targets()
+        self.prepare_model(fits)
+        loss = Loss.measured(fits, keys, weights, delta, hp.loss_scales == "rms")
+        self.log.info(f"loss: {loss.describe(self.targets)}")
+        return loss
+
+    def measure_targets(self) -> dict[str, CompositionFit]:
+        """One pass over the training set per energy target: its composition fit and
+        the scales of its energies, forces and stress."""
+        types = getattr(self.model, "atomic_types", self.model.dataset_info.atomic_types)
+        return {
+            name: fit_composition(self.train_set, name, list(types), self.context)
+            for name, target in self.targets.items()
+            if target.quantity == "energy" and not target.per_atom
+        }
+
+    def load_loss_state(self, state: dict[str, Any] | None) -> None:
+        """The loss scales of the checkpoint; measured now for a checkpoint written
+        before hpctrain kept them (the loss then differs from the one it trained)."""
+        if state is not None:
+            self.loss.load_state_dict(state)
+            return
+        hp = self.hypers
+        fits = self.measure_targets()
+        self.loss = Loss.measured(
+            fits,
+            list(self.loss.scales),
+            self.loss.weights,
+            self.loss.huber_delta,
+            hp.loss_scales == "rms",
+        )
+        self.log.warning(
+            "the checkpoint holds no loss scales (an older hpctrain wrote it): measured "
+            f"them on this training set: {self.loss.describe(self.targets)}"
+        )
+
+    def prepare_model(self, fits: dict[str, CompositionFit]) -> None:
+        """Before the first epoch of a new training: set the composition baseline of
+        each energy target (``fits``) in the model."""
         if not self.hypers.fit_composition or not hasattr(self.model, "set_baseline"):
             return
-        for name, target in self.targets.items():
-            if target.quantity == "energy" and not target.per_atom:
-                fit = fit_composition(self.train_set, name, self.model.atomic_types, self.context)
-                self.model.set_baseline(name, fit.weights, fit.output_scale)
-                forces = (
-                    f", RMS force {fit.forces_scale:.4g} {target.unit}/A"
-                    if fit.forces_scale
-                    else ""
-                )
-                self.log.info(
-                    f"composition baseline of '{name}': per-atom residual "
-                    f"{fit.energy_scale:.4g} {target.unit}{forces}; network output scale "
-                    f"{fit.output_scale:.4g} {target.unit}"
-                )
+        for name, fit in fits.items():
+            self.model.set_baseline(name, fit.weights, fit.output_scale)
+            unit = self.targets[name].unit
+            self.log.info(
+                f"composition baseline of '{name}': per-atom residual "
+                f"{fit.energy_scale:.4g} {unit}; network output scale {fit.output_scale:.4g} "
+                f"{unit}"
+            )
 
     def compute_loss(
-        self, batch: Batch, n_structures: int, n_atoms: int
+        self, batch: Batch, counts: dict[str, int]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of this rank's share of a global batch, scaled so that the average
-        over ranks (what DDP computes) is the loss of the whole global batch."""
+        over ranks (what DDP computes) is the loss of the whole global batch.
+
+        :param counts: structures (``""``), atoms (``"forces"``) and structures with
+            a stress (``"stress"``) in the whole global batch
+        """
         predictions = self.predict(batch, self.network, create_graph=True)
-        scale = float(self.context.world_size)
-        loss = torch.zeros((), dtype=self.dtype, device=self.device)
-        hp = self.hypers
-        parts = {}
-        for name in self.targets:
-            error = (predictions[name] - batch.targets[name]) / batch.n_atoms
-            parts[name] = hp.energy_weight * (error**2).sum() / n_structures
-            if name in batch.forces:
-                error = predictions[f"{name} forces"] - batch.forces[name]
-                parts[f"{name} forces"] = hp.forces_weight * (error**2).sum() / (3 * n_atoms)
-            if name in batch.stress:
-                error = predictions[f"{name} stress"] - batch.stress[name]
-                parts[f"{name} stress"] = hp.stress_weight * (error**2).sum() / (9 * n_structures)
-        for part in parts.values():
-            loss = loss + part
-        return loss * scale, parts
+        loss, parts = self.loss(predictions, batch, counts)
+        return loss * float(self.context.world_size), parts
 
     # -- training ---------------------------------------------------------------------
 
@@ -309,8 +282,9 @@ class Engine:
     ) -> dict[str, torch.Tensor]:
         return predict(batch, network, self.neighbors, create_graph)
 
-    def train_step(self, local: np.ndarray, n_structures: int, n_atoms: int) -> torch.Tensor:
-        """One optimizer step on this rank's share of a global batch; returns its loss.
+    def train_step(self, local: np.ndarray, global_: np.ndarray) -> torch.Tensor:
+        """One optimizer step on this rank's share ``local`` of the global batch
+        ``global_`` (indices in the training set); returns its loss.
 
         The share is split into ``accumulation_steps`` micro-batches; gradients are
         synchronised across ranks only on the last one. Before the weights change,
@@ -320,6 +294,11 @@ class Engine:
         last backward pass and overlaps it.
         """
         hp = self.hypers
+        counts = {
+            "": len(global_),
+            "forces": int(self.n_atoms[global_].sum()),
+            "stress": int(self.has_stress[global_].sum()),
+        }
         self.optimizer.zero_grad(set_to_none=True)
         chunks = [c for c in np.array_split(local, hp.accumulation_steps) if len(c)]
         total = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -330,7 +309,7 @@ class Engine:
             sync = last or not hasattr(self.network, "no_sync")
             with contextlib.nullcontext() if sync else self.network.no_sync():
                 with self.autocast():
-                    loss, _ = self.compute_loss(batch, n_structures, int(n_atoms))
+                    loss, _ = self.compute_loss(batch, counts)
                 total += loss.detach().double()
                 if last:
                     with timing.section("agree"):
@@ -422,11 +401,10 @@ class Engine:
     def run_steps(self, report: EpochReporter) -> tuple[torch.Tensor, int]:
         """The steps left in the epoch, with the checkpoints and the stop they call
         for; the sum of their losses (on the device) and their number."""
-        n_atoms = self.train_set.n_atoms
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         steps = 0
         for step in self.sampler:
-            loss_sum += self.train_step(step.local, len(step.global_), n_atoms[step.global_].sum())
+            loss_sum += self.train_step(step.local, step.global_)
             steps += 1
             report.step(len(step.global_), loss_sum)
             if self.agreed.stop:
@@ -500,13 +478,7 @@ class Engine:
 
     def validation_loss(self, metrics: dict[str, float]) -> float:
         """The training loss's weighting of the validation errors (MSE from RMSE)."""
-        hp = self.hypers
-        weights = {"": hp.energy_weight, "forces": hp.forces_weight, "stress": hp.stress_weight}
-        loss = 0.0
-        for key, value in metrics.items():
-            if " RMSE [" in key:
-                loss += weights[gradient_of(key)] * value**2
-        return loss
+        return self.loss.of_metrics(metrics, self.targets)
 
     def validate(self) -> dict[str, float]:
         """RMSE and MAE per target over all validation sets, exact across ranks,
@@ -538,6 +510,7 @@ class Engine:
             "learning_rate": self.lr.state_dict(),
             "sampler": self.sampler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            "loss": self.loss.state_dict(),
         }
 
     def load_rank_state(self) -> None:
@@ -550,6 +523,7 @@ class Engine:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.progress = Progress(**state["progress"])
+        self.load_loss_state(state.get("loss"))
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr.load_state_dict(state["learning_rate"])
         if state.get("sampler") is None:  # written at an epoch end (format v1)

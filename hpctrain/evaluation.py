@@ -58,6 +58,8 @@ def predict(
                 results[f"{name} forces"] = -torch.cat(grads[: len(positions)])
             if name in batch.stress:
                 volumes = torch.stack([torch.det(c).abs() for c in batch.cells])
+                # (a structure that is not periodic has no stress, and no NaN gradients)
+                volumes = torch.where(volumes > 0, volumes, torch.ones_like(volumes))
                 results[f"{name} stress"] = grads[-1] / volumes[:, None, None]
     return results
 
@@ -90,6 +92,8 @@ class ErrorSums:
         """Errors of ``predictions`` (as :func:`predict` returns them) on ``batch``."""
         for key, value in predictions.items():
             error = value.detach() - reference_of(batch, key)
+            if key.endswith(" stress"):  # only the structures with a stress
+                error = error[torch.isfinite(error).flatten(1).all(dim=1)]
             if key in self.targets:
                 if self.totals:
                     self._add(key, True, error)
@@ -106,6 +110,8 @@ class ErrorSums:
                 (key, total), torch.zeros(3, dtype=torch.float64, device=self.device)
             )
             launch.all_reduce_sum(sums)
+            if sums[2].item() == 0:
+                continue  # (a stress that no structure of these sets has)
             label = metric_label(key, self.targets, total)
             metrics[label.format("RMSE")] = math.sqrt(sums[0].item() / sums[2].item())
             metrics[label.format("MAE")] = sums[1].item() / sums[2].item()

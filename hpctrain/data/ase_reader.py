@@ -1,11 +1,14 @@
 """Reading structures from any ASE format into arrays, in eV and angstrom.
 
 Units are converted on reading; a virial is turned into a stress
-(``stress = -virial / volume``). :func:`extract_frame` is the one place where an
-``ase.Atoms`` becomes arrays (keys, units, shape and NaN checks); reading a dataset
-(:mod:`.reading`) and ``hpctrain convert`` both use it, and ``hpctrain eval`` picks
-its labels with :func:`first_frame`, :func:`keys_of`, :func:`label_key` and
-:func:`lookup`.
+(``stress = -virial / volume``). A structure without a stress (not periodic, or no
+value under the key) holds NaN in its place: it is left out of the stress term of
+the loss and of the stress metrics, never compared with zero.
+
+:func:`extract_frame` is the one place where an ``ase.Atoms`` becomes arrays (keys,
+units, shape and NaN checks); reading a dataset (:mod:`.reading`) and ``hpctrain
+convert`` both use it, and ``hpctrain eval`` picks its labels with :func:`first_frame`,
+:func:`keys_of`, :func:`label_key` and :func:`lookup`.
 """
 
 from __future__ import annotations
@@ -146,6 +149,7 @@ def extract_frame(atoms, spec: FrameSpec, where: str) -> Frame:
         forces={},
         stress={},
     )
+    unlabelled = []  # targets whose stress this structure lacks (not periodic, or no key)
     for target in spec.targets:
         name, factor, hints = target.name, target.energy_factor, target.hints
         value = lookup(atoms, target.key)
@@ -175,20 +179,16 @@ def extract_frame(atoms, spec: FrameSpec, where: str) -> Frame:
         skey = target.stress_key or target.virial_key
         if skey:
             raw = lookup(atoms, skey)
-            if raw is None:
-                raise DataError(
-                    f"{where} has no '{skey}' for target '{name}'; {hints.get('stress', '')}"
-                )
-            if not pbc.all():
-                raise DataError(
-                    f"{where}: stress/virial needs a periodic structure (pbc = T T T); "
-                    "this one is not"
-                )
+            if raw is None or not pbc.all():
+                unlabelled.append(name)  # no stress here: left out of the loss
+                continue
             s = _full_3x3(raw, skey, where)
             if target.virial_key:
                 s = -s / abs(np.linalg.det(cell / length))
             frame.stress[name] = s * factor / length**3
     _check_finite(frame, where)
+    for name in unlabelled:
+        frame.stress[name] = np.full((3, 3), np.nan)
     return frame
 
 

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .. import __version__, launch
 from ..errors import DataError, LaunchError
 from .ase_reader import FrameBuffer, FrameSpec, TargetSpec, iter_frames, unit_factor
@@ -113,16 +115,22 @@ def _convert_file(
     compression: str | None,
     reader: str | None,
     progress: Progress,
-) -> tuple[list[dict], int, int]:
-    """Shards of one input file; returns their records, structures and atoms.
-    On an error, the shards of this file written so far are removed."""
+) -> tuple[list[dict], int, int, dict[str, int]]:
+    """Shards of one input file; returns their records, structures, atoms and, per
+    target with a stress, the structures that have one. On an error, the shards of
+    this file written so far are removed."""
     buffer = FrameBuffer(spec)
     records: list[dict] = []
+    stressed: dict[str, int] = {}
 
     def flush() -> None:
         path_out = output / shard_name(file_index, len(records))
-        record = write_shard(path_out, buffer.columns(), compression)
+        columns = buffer.columns()
+        record = write_shard(path_out, columns, compression)
         records.append({**record, "source": file_index})
+        for name, stress in columns["stress"].items():
+            known = int(np.isfinite(stress).all(axis=(1, 2)).sum())
+            stressed[name] = stressed.get(name, 0) + known
         buffer.clear()
 
     try:
@@ -138,7 +146,8 @@ def _convert_file(
         raise
     if not records:
         raise DataError(f"{path} holds no structures")
-    return records, sum(r["n_structures"] for r in records), sum(r["n_atoms"] for r in records)
+    n, n_atoms = sum(r["n_structures"] for r in records), sum(r["n_atoms"] for r in records)
+    return records, n, n_atoms, stressed
 
 
 def _remove(output: Path, records: list[dict]) -> None:
@@ -271,16 +280,18 @@ def convert(
     sizes = [Path(p).stat().st_size for p in inputs]
     label = f" (rank 0 of {group.size})" if group.size > 1 else ""
     progress = Progress(group.rank == 0, label, progress_every)
-    result: dict[str, Any] = {"records": [], "sources": {}, "error": None}
+    result: dict[str, Any] = {"records": [], "sources": {}, "error": None, "stressed": {}}
     for index in assign(sizes, group.size)[group.rank]:
         try:
-            records, n, n_atoms = _convert_file(
+            records, n, n_atoms, stressed = _convert_file(
                 index, inputs[index], spec, output, shard_size, compression, reader, progress
             )
         except Exception as error:  # reported by rank 0, so that no rank waits forever
             result["error"] = (index, *_describe(error))
             break
         result["records"] += records
+        for name, count in stressed.items():
+            result["stressed"][name] = result["stressed"].get(name, 0) + count
         source = {"path": inputs[index], "bytes": sizes[index], "n_structures": n}
         result["sources"][index] = {**source, "n_atoms": n_atoms}
     progress.done()
@@ -288,6 +299,7 @@ def convert(
     first_error = None
     if group.rank == 0:
         first_error = min((r["error"] for r in gathered if r["error"]), default=None)
+        first_error = first_error or _no_stress(spec, gathered)
     first_error = group.bcast(first_error)
     if first_error:
         _abandon(group, output, result["records"], existed)
@@ -300,6 +312,20 @@ def convert(
         ),
     )
     return result.get("manifest")
+
+
+def _no_stress(spec: FrameSpec, gathered: list[dict[str, Any]]) -> tuple | None:
+    """The error of a target whose stress no structure has (a wrong key, or no
+    periodic structure), as ``convert`` reports errors; None if every one has some."""
+    for target in spec.targets:
+        key = target.stress_key or target.virial_key
+        if key and sum(r["stressed"].get(target.name, 0) for r in gathered) == 0:
+            message = (
+                f"no structure has a stress for target '{target.name}' (key '{key}', "
+                f"or not periodic); {target.hints.get('stress', '')}"
+            )
+            return (0, message, False)
+    return None
 
 
 def _abandon(group: Ranks, output: Path, records: list[dict], existed: bool) -> None:

@@ -41,5 +41,15 @@ def read_dataset(
     if not buffer:
         raise DataError(f"{path} holds no structures (at '{path_in_options}.systems.read_from')")
     columns = buffer.columns()
+    for target in spec.targets:
+        stress = columns["stress"].get(target.name)
+        if stress is not None and not np.isfinite(stress).any():
+            key = target.stress_key or target.virial_key
+            periodic = int(columns["pbcs"].all(axis=1).sum())
+            raise DataError(
+                f"{path}: no structure has a stress for target '{target.name}' (key "
+                f"'{key}'; {periodic} of {len(buffer)} structures are periodic); "
+                f"{target.hints.get('stress', '')}"
+            )
     info = spec.info(np.unique(columns["numbers"]))
     return StructureDataset(**columns, info=info, name=path, dtype=dtype)

@@ -31,6 +31,7 @@ class DataSanity:
     shortest: float  # shortest interatomic distance, angstrom (inf: none within the cutoff)
     isolated: int  # sampled structures with no pair of atoms within the cutoff
     cutoff: float | None  # the model's largest neighbour-list cutoff, angstrom
+    stressed: int | None = None  # training structures with a stress (None: not trained)
 
     def lines(self) -> list[tuple[str, str]]:
         """Banner rows."""
@@ -43,6 +44,15 @@ class DataSanity:
             values.append(f"RMS force {self.force_rms:.3g} eV/A")
         if values:
             rows.append(("data check", f"{', '.join(values)} ({of} training structures)"))
+        if self.stressed is not None:
+            left_out = self.total - self.stressed
+            rows.append(
+                (
+                    "stress",
+                    f"on {self.stressed} of {self.total} training structures"
+                    + (f" ({left_out} without: left out of the stress loss)" if left_out else ""),
+                )
+            )
         if self.cutoff is not None:
             shortest = f"{self.shortest:.3g} A" if math.isfinite(self.shortest) else "none"
             rows.append(
@@ -106,6 +116,8 @@ def check_data(
             nearest = nearest_distance(structure, cutoff)
             shortest = min(shortest, nearest)
             isolated += not math.isfinite(nearest)
+    trains_stress = any("strain" in t.gradients for d in datasets for t in d.info.targets.values())
+    stressed = int(sum(d.has_stress.sum() for d in datasets)) if trains_stress else None
     force_rms = None
     if forces:
         force_rms = float(np.sqrt(np.mean(np.square(np.concatenate(forces)))))
@@ -117,6 +129,7 @@ def check_data(
         shortest=shortest,
         isolated=isolated,
         cutoff=cutoff,
+        stressed=stressed,
     )
 
 

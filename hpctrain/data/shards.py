@@ -38,6 +38,7 @@ from .structures import (
     Structure,
     StructureDataset,
     cell_volumes,
+    stress_known,
 )
 
 FORMAT = "hpctrain-shards"
@@ -356,6 +357,7 @@ class ShardDataset(AtomisticDataset):
         self.max_open_files = max_open_files
         self._n_atoms: np.ndarray | None = None
         self._volumes: np.ndarray | None = None
+        self._has_stress: np.ndarray | None = None
         self._forget_files()
 
     def _forget_files(self) -> None:
@@ -394,6 +396,28 @@ class ShardDataset(AtomisticDataset):
                     ) from None
             self._volumes = np.concatenate(volumes)
         return self._volumes
+
+    @property
+    def has_stress(self) -> np.ndarray:
+        """Read from every shard's stress on first use (9 numbers per structure)."""
+        if self._has_stress is None:
+            known = []
+            for shard in range(len(self._offsets)):
+                file = self._file(shard)
+                n = int(self._starts[shard + 1] - self._starts[shard])
+                try:
+                    stress = {
+                        out: file[f"stress/{s.stored}"][:]
+                        for out, s in self.selections.items()
+                        if s.stress
+                    }
+                except OSError as error:
+                    raise DataError(
+                        f"shard {file.filename}: cannot read its stress ({error}); {REMEDY}"
+                    ) from None
+                known.append(stress_known(stress, n))
+            self._has_stress = np.concatenate(known)
+        return self._has_stress
 
     def __getitem__(self, index: int) -> Structure:
         if not 0 <= index < len(self):

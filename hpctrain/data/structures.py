@@ -66,6 +66,12 @@ class AtomisticDataset(torch.utils.data.Dataset):
         where a structure is not periodic in all three directions."""
         raise NotImplementedError
 
+    @property
+    def has_stress(self) -> np.ndarray:
+        """Whether each structure has a stress (for every target trained on one); a
+        structure without (NaN in its place) is left out of the stress loss."""
+        raise NotImplementedError
+
     def subset(self, indices: Sequence[int], name: str | None = None) -> Subset:
         """The structures at ``indices``, in that order, read lazily from this one."""
         return Subset(self, indices, name)
@@ -96,6 +102,10 @@ class Subset(AtomisticDataset):
     @property
     def volumes(self) -> np.ndarray:
         return self.dataset.volumes[self.indices]
+
+    @property
+    def has_stress(self) -> np.ndarray:
+        return self.dataset.has_stress[self.indices]
 
 
 class StructureDataset(AtomisticDataset):
@@ -138,6 +148,10 @@ class StructureDataset(AtomisticDataset):
     def volumes(self) -> np.ndarray:
         return cell_volumes(self.cells, self.pbcs)
 
+    @property
+    def has_stress(self) -> np.ndarray:
+        return stress_known(self.stress, len(self))
+
     def __getitem__(self, index: int) -> Structure:
         if not 0 <= index < len(self):
             raise IndexError(f"structure {index} of a dataset of {len(self)}")
@@ -168,6 +182,14 @@ def cell_volumes(cells: np.ndarray, pbcs: np.ndarray) -> np.ndarray:
     return np.where(np.asarray(pbcs).reshape(-1, 3).all(axis=1), volumes, np.nan)
 
 
+def stress_known(stress: dict[str, np.ndarray], n: int) -> np.ndarray:
+    """Whether each of ``n`` structures has a finite stress in every ``[n, 3, 3]``
+    array of ``stress`` (False for all without any)."""
+    if not stress:
+        return np.zeros(n, dtype=bool)
+    return np.all([np.isfinite(v).all(axis=(1, 2)) for v in stress.values()], axis=0)
+
+
 class ConcatDataset:
     """Several datasets with the same targets, indexed as one."""
 
@@ -189,3 +211,7 @@ class ConcatDataset:
     @property
     def volumes(self) -> np.ndarray:
         return np.concatenate([d.volumes for d in self.datasets])
+
+    @property
+    def has_stress(self) -> np.ndarray:
+        return np.concatenate([d.has_stress for d in self.datasets])
