@@ -236,3 +236,30 @@ def test_geometry_keeps_its_precision_under_autocast():
     for a, b in zip(plain, mixed):
         assert b.positions.dtype == b.cell.dtype == torch.float32
         assert torch.equal(a.positions, b.positions) and torch.equal(a.cell, b.cell)
+
+
+def test_the_loss_scales_are_measured_once_and_kept_in_the_checkpoint(ethanol, tmp_path):
+    """A new training measures the scales of its loss; a resumed one keeps the
+    checkpoint's, even on other data (so that it trains the same loss)."""
+    from hpctrain.composition import fit_composition
+
+    train_set, val_set = ethanol
+    model, engine, _ = train(ethanol, tmp_path)
+    fit = fit_composition(train_set, "energy", model.atomic_types, run.current())
+    scales = engine.state_dict()["loss"]["scales"]
+    assert scales == {"energy": fit.energy_scale, "energy forces": fit.forces_scale}
+    other = train_set.dataset.subset(range(40, 64))  # other structures, other scales
+    config = parse(TrainingHypers, {"num_epochs": 2, "batch_size": 8})
+    resumed = Engine(
+        config,
+        model,
+        torch.device("cpu"),
+        [other],
+        [val_set],
+        tmp_path,
+        lambda p: None,
+        state=engine.state_dict(),
+    )
+    assert resumed.loss.scales == scales
+    fresh = Engine(config, model, torch.device("cpu"), [other], [val_set], tmp_path, lambda p: None)
+    assert fresh.loss.scales != scales
