@@ -129,7 +129,7 @@ def banner(
     )
 
 
-def summary(run_dir: Path, wall_s: float) -> str:
+def summary(run_dir: Path, wall_s: float, exported: str = "") -> str:
     """The end-of-run block: best and final validation errors (from ``metrics.csv``,
     over every restart of the run), time, throughput and where the model is."""
     best, final = best_and_final(read_metrics(run_dir / "metrics.csv"))
@@ -156,6 +156,8 @@ def summary(run_dir: Path, wall_s: float) -> str:
         )
     )
     rows.append(("model", f"{run_dir / 'model.pt'} (extensions in {run_dir / 'extensions'})"))
+    if exported:
+        rows.append(("exported", exported))
     rows.append(("checkpoint", str(run_dir / "model.ckpt")))
     return block("training finished", rows)
 

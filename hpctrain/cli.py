@@ -393,6 +393,12 @@ def add_export(commands: argparse._SubParsersAction) -> None:
         help="a reference to cite for the model, e.g. a DOI (repeatable)",
     )
     export.add_argument("--description", help="what the model is, and what it was trained on")
+    export.add_argument(
+        "--best",
+        action="store_true",
+        help="export the weights of the best validation that the checkpoint keeps "
+        "(what 'export: best' exports at the end of training), not its last ones",
+    )
 
 
 def add_plot(commands: argparse._SubParsersAction) -> None:

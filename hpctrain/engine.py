@@ -138,6 +138,7 @@ class Engine:
             costs=self.work_estimates(max((r.cutoff for r in requests), default=0.0)),
         )
         self.progress = Progress()
+        self.best: dict[str, Any] | None = None  # the weights of the best validation
         self.loss = self.make_loss(state is None)
         self.network: torch.nn.Module = EnergyModule(self.model, self.outputs)
         if launch.is_distributed():
@@ -433,6 +434,8 @@ class Engine:
         errors = self.validate()
         val_loss = self.validation_loss(errors)
         self.lr.observe(val_loss)
+        if val_loss < self.progress.best_metric:
+            self.keep_best(val_loss)
         self.progress.best_metric = min(self.progress.best_metric, val_loss)
         row = {
             "epoch": self.progress.epoch,
@@ -480,6 +483,18 @@ class Engine:
         """The training loss's weighting of the validation errors (MSE from RMSE)."""
         return self.loss.of_metrics(metrics, self.targets)
 
+    def keep_best(self, validation_loss: float) -> None:
+        """Keep (on the CPU) the weights just validated: ``export: best`` exports them."""
+        with self.ema.swapped() if self.ema is not None else contextlib.nullcontext():
+            state = self.model.state_dict()
+            weights = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+        self.best = {
+            "epoch": self.progress.epoch,
+            "step": self.progress.step,
+            "validation_loss": validation_loss,
+            "model_state": weights,
+        }
+
     def validate(self) -> dict[str, float]:
         """RMSE and MAE per target over all validation sets, exact across ranks,
         with the averaged weights when ``ema_decay`` is set."""
@@ -511,6 +526,7 @@ class Engine:
             "sampler": self.sampler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "loss": self.loss.state_dict(),
+            "best": self.best,
         }
 
     def load_rank_state(self) -> None:
@@ -523,6 +539,7 @@ class Engine:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.progress = Progress(**state["progress"])
+        self.best = state.get("best")
         self.load_loss_state(state.get("loss"))
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr.load_state_dict(state["learning_rate"])

@@ -68,15 +68,25 @@ def architecture_of_checkpoint(path: Path) -> str:
     )
 
 
-def load_model(path: str | Path) -> tuple[Any, str]:
-    """The model of the checkpoint at ``path`` and the name of its architecture."""
+def load_model(path: str | Path, best: bool = False) -> tuple[Any, str]:
+    """The model of the checkpoint at ``path`` (with the weights of its best
+    validation when ``best``) and the name of its architecture."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     name = architecture_of_checkpoint(path)
     module = import_architecture(name)
     validate_architecture(module)
-    return module.__model__.load_checkpoint(path), name
+    model = module.__model__.load_checkpoint(path)
+    if best:
+        kept = (checkpoint.load(path).get("trainer_state") or {}).get("best")
+        if not kept:
+            raise CheckpointError(
+                f"{path} keeps no best weights (its trainer keeps none, or no validation "
+                "had run when it was written); export it without --best"
+            )
+        model.load_state_dict(kept["model_state"])
+    return model, name
 
 
 def metadata(
@@ -96,12 +106,15 @@ def metadata(
     )
 
 
-def export_checkpoint(path: str | Path, output: str | Path, model_metadata: Any = None) -> Path:
-    """Export the checkpoint at ``path`` to ``output`` (e.g. ``model.pt``), with the
-    TorchScript extensions it needs in ``extensions/`` next to it."""
+def export_checkpoint(
+    path: str | Path, output: str | Path, model_metadata: Any = None, best: bool = False
+) -> Path:
+    """Export the checkpoint at ``path`` (its best weights when ``best``) to ``output``
+    (e.g. ``model.pt``), with the TorchScript extensions it needs in ``extensions/``
+    next to it."""
     from .export import export_model
 
-    model, _ = load_model(path)
+    model, _ = load_model(path, best)
     output = Path(output)
     if output.is_dir():
         raise CheckpointError(f"-o {output} is a directory; give the model's file name")
@@ -111,7 +124,7 @@ def export_checkpoint(path: str | Path, output: str | Path, model_metadata: Any 
 
 def run_export(args: argparse.Namespace) -> None:
     model_metadata = metadata(args.name, args.author, args.reference, args.description)
-    path = export_checkpoint(args.checkpoint, args.output, model_metadata)
+    path = export_checkpoint(args.checkpoint, args.output, model_metadata, args.best)
     print(f"wrote {path} and {path.parent / 'extensions'}", flush=True)
     if args.name or args.author or args.reference or args.description:
         print(str(model_metadata).strip(), flush=True)

@@ -124,9 +124,10 @@ def run_training(
             val_datasets=built.val_sets,
             checkpoint_dir=str(run_dir),
         )
-        finish(built, launched.device, run_dir, env, stop)
+        exported = finish(built, launched.device, run_dir, env, stop, options.export)
         if env.is_main:
-            get_logger().info(banner.summary(run_dir, time.perf_counter() - started))
+            wall_s = time.perf_counter() - started
+            get_logger().info(banner.summary(run_dir, wall_s, exported))
         del built  # (the model and trainer, with DDP and its pending work) before the group goes
     return run_dir
 
@@ -137,11 +138,13 @@ def finish(
     run_dir: Path,
     env: launch.LaunchEnv,
     stop: StopRequest,
-) -> None:
+    which: str = "best",
+) -> str:
     """After the last step: the final checkpoint first (a stop signal waits for it),
-    then, unless a rank was asked to stop, the export and the test metrics, which a
-    stop signal interrupts at once (the next job with ``--continue auto`` resumes
-    after the last step and only does these)."""
+    then, unless a rank was asked to stop, the export and the test metrics of the
+    ``which`` weights (``best`` or ``last``), which a stop signal interrupts at once
+    (the next job with ``--continue auto`` resumes after the last step and only does
+    these). Returns what was exported, in words."""
     final = run_dir / "model.ckpt"
     if env.is_main:
         save_final_checkpoint(built.trainer, built.model, final)
@@ -152,14 +155,30 @@ def finish(
     )
     if received:
         raise Preempted(f"stopped by {' and '.join(received)} after training ended: {left}")
+    model, exported = exported_model(built, which)
     with stop.immediately(f"while exporting the model or computing test metrics: {left}"):
         if env.is_main:
-            export.export_model(built.model, run_dir)
+            export.export_model(model, run_dir)
         if built.test_sets:
-            report_test_metrics(
-                built.model, built.info, built.test_sets, device, run_dir, env.is_main
-            )
+            report_test_metrics(model, built.info, built.test_sets, device, run_dir, env.is_main)
         launch.barrier()
+    return exported
+
+
+def exported_model(built: startup.Built, which: str) -> tuple[Any, str]:
+    """The model to export (``which``: ``best`` or ``last`` weights), and in words
+    what it is. A trainer that keeps no best weights gives the last ones."""
+    if which == "last":
+        return built.model, "the last weights (export: last)"
+    keeps_best = callable(getattr(built.trainer, "best_model", None))
+    best = built.trainer.best_model() if keeps_best else None
+    if best is not None:
+        model, where = best
+        return model, (
+            f"the best validation's weights (epoch {where['epoch']}, step {where['step']}, "
+            f"validation loss {where['validation_loss']:.4g})"
+        )
+    return built.model, "the last weights (the trainer kept no best ones)"
 
 
 def report_test_metrics(

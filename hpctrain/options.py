@@ -258,6 +258,13 @@ class Options:
         factory=DistributedOptions, doc="Collectives and threads."
     )
     checkpoint: CheckpointOptions = option(factory=CheckpointOptions, doc="Checkpoint schedule.")
+    export: Literal["best", "last"] = option(
+        "best",
+        doc="The weights that ``model.pt`` (and the test metrics) are made of: ``best``, "
+        "those of the validation with the lowest validation loss (kept in checkpoints, "
+        "so across restarts); ``last``, those after the last step. An architecture whose "
+        "trainer keeps no best weights exports the last ones.",
+    )
     logging: LoggingOptions = option(factory=LoggingOptions, doc="Progress and metrics.")
     slurm: SlurmOptions = option(factory=SlurmOptions, doc="Used by ``hpctrain submit``.")
 

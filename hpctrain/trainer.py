@@ -7,6 +7,7 @@ A reference trainer is this class with its own ``__hypers__`` (a
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Union
 
@@ -75,6 +76,16 @@ class EngineTrainer(TrainerInterface):
                 "each rank its own device"
             )
         self.make_engine(model, devices[0], train_datasets, val_datasets, checkpoint_dir).train()
+
+    def best_model(self) -> tuple[Any, dict[str, Any]] | None:
+        """A copy of the model with the weights of its best validation, and where they
+        come from (``epoch``, ``step``, ``validation_loss``); None before any."""
+        best = self.engine.best if self.engine is not None else None
+        if self.model is None or best is None:
+            return None
+        model = copy.deepcopy(self.model)
+        model.load_state_dict(best["model_state"])
+        return model, {k: v for k, v in best.items() if k != "model_state"}
 
     def save_checkpoint(self, path: Union[str, Path]) -> None:
         """Model and trainer state in one file (rank 0 calls this)."""
