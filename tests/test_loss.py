@@ -196,3 +196,39 @@ def test_huber_is_the_square_below_delta_and_linear_above():
     x = torch.tensor([0.1, -0.3, 2.0, -4.0], dtype=torch.float64)
     expected = torch.where(x.abs() < 0.5, x**2, 2 * 0.5 * (x.abs() - 0.25))
     torch.testing.assert_close(loss.penalty(x), expected)
+
+
+def test_shards_keep_which_structures_have_a_stress(tmp_path):
+    from hpctrain import cli
+    from hpctrain.data import ShardDataset
+    from hpctrain.data.inspection import summarize
+
+    crystals = emt_structures(True, 5, seed=6)
+    del crystals[3].info["stress"]
+    molecules = emt_structures(False, 2, seed=7)
+    ase.io.write(tmp_path / "mixed.xyz", crystals + molecules)
+    shards = tmp_path / "shards"
+    assert (
+        cli.main(
+            [
+                "convert",
+                str(tmp_path / "mixed.xyz"),
+                "-o",
+                str(shards),
+                "--stress",
+                "stress",
+                "--shard-size",
+                "3",
+            ]
+        )
+        == 0
+    )
+    in_memory = read(tmp_path / "mixed.xyz", {"energy": {"forces": True, "stress": True}})
+    stored = ShardDataset(shards)
+    expected = [True, True, True, False, True, False, False]
+    assert in_memory.has_stress.tolist() == stored.has_stress.tolist() == expected
+    for i in range(len(stored)):
+        a, b = in_memory[i].stress["energy"], stored[i].stress["energy"]
+        torch.testing.assert_close(a, b, equal_nan=True)
+    assert "stress: RMS component" in summarize(shards)
+    assert "on 4 of 7 structures" in summarize(shards)

@@ -70,6 +70,7 @@ class Statistics:
     per_atom: dict[str, Moments]
     forces: dict[str, Moments]
     stress: dict[str, Moments]
+    stressed: dict[str, int] = dataclasses.field(default_factory=dict)  # with a stress
 
 
 def statistics(directory: Path, manifest: dict) -> Statistics:
@@ -98,7 +99,10 @@ def statistics(directory: Path, manifest: dict) -> Statistics:
                     for _, rows in _rows(file[f"forces/{name}"], ATOM_CHUNK):
                         stats.forces[name].add(rows)
                 if "strain" in target["gradients"]:
-                    stats.stress[name].add(file[f"stress/{name}"][:])
+                    stress = file[f"stress/{name}"][:]
+                    known = np.isfinite(stress).all(axis=(1, 2))  # (NaN: no stress)
+                    stats.stress[name].add(stress[known])
+                    stats.stressed[name] = stats.stressed.get(name, 0) + int(known.sum())
     return stats
 
 
@@ -134,8 +138,12 @@ def summarize(directory: str | Path) -> str:
         lines.append(line)
         if forces[name].n:
             lines.append(f"  forces: RMS component {forces[name].rms:.6g} eV/angstrom")
-        if stress[name].n:
-            lines.append(f"  stress: RMS component {stress[name].rms:.6g} eV/angstrom^3")
+        if name in stats.stressed:
+            with_stress = stats.stressed[name]
+            rms = f"RMS component {stress[name].rms:.6g} eV/angstrom^3, " if stress[name].n else ""
+            lines.append(
+                f"  stress: {rms}on {with_stress} of {manifest['n_structures']} structures"
+            )
     lines.append("inputs:")
     lines += [
         f"  {s['path']}: {s['n_structures']} structures, {s['n_atoms']} atoms, {s['bytes']} bytes"
