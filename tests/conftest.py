@@ -1,5 +1,6 @@
 """The test kit: data and options for tiny runs, and one way to run the command line
-under no launcher, mpiexec or torchrun.
+(or a driver script of ``tests/drivers``) under no launcher, mpiexec or torchrun:
+``hpctrain(...)`` to its end, ``start(...)`` for a run the test pauses or signals.
 
 A new end-to-end test is a few lines::
 
@@ -84,18 +85,25 @@ def workdir(tmp_path) -> Path:
     return tmp_path
 
 
-def launcher_command(launcher: str | None = None, ranks: int = 2) -> list[str]:
-    """The start of a command line running ``hpctrain`` in one process (None), or in
-    ``ranks`` ranks under ``mpiexec`` or ``torchrun``."""
+HPCTRAIN = ("-m", "hpctrain")
+
+
+def launcher_command(
+    launcher: str | None = None, ranks: int = 2, program: Any = HPCTRAIN
+) -> list[str]:
+    """The start of a command line running ``program`` in one process (None), or in
+    ``ranks`` ranks under ``mpiexec`` or ``torchrun``. ``program`` is what Python runs:
+    ``-m hpctrain`` (the default), or a script such as ``tests/drivers/sample_trace.py``
+    (a path, or a list of arguments)."""
+    if isinstance(program, (str, os.PathLike)):
+        program = [program]
+    program = [str(part) for part in program]
     if launcher is None:
-        return [sys.executable, "-m", "hpctrain"]
+        return [sys.executable, *program]
     if launcher == "mpiexec":
-        return [str(BIN / "mpiexec"), "-n", str(ranks), sys.executable, "-m", "hpctrain"]
+        return [str(BIN / "mpiexec"), "-n", str(ranks), sys.executable, *program]
     if launcher == "torchrun":
-        return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(ranks)] + [
-            "-m",
-            "hpctrain",
-        ]
+        return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(ranks), *program]
     raise ValueError(f"unknown launcher {launcher!r}")
 
 
@@ -106,16 +114,39 @@ def hpctrain(
     ranks: int = 2,
     env: dict[str, str] | None = None,
     timeout: float = 600,
+    program: Any = HPCTRAIN,
 ) -> subprocess.CompletedProcess:
     """``hpctrain ARGS...`` run to its end in ``cwd`` (see :func:`launcher_command`),
-    in a fresh launch environment; its output captured as text."""
+    in a fresh launch environment (or ``env``); its output captured as text."""
     return subprocess.run(
-        launcher_command(launcher, ranks) + [str(a) for a in args],
+        launcher_command(launcher, ranks, program) + [str(a) for a in args],
         cwd=cwd,
         env=clean_env() if env is None else env,
         capture_output=True,
         text=True,
         timeout=timeout,
+    )
+
+
+def start(
+    *args: Any,
+    cwd: Path,
+    launcher: str | None = None,
+    ranks: int = 2,
+    env: dict[str, str] | None = None,
+    program: Any = HPCTRAIN,
+    **popen: Any,
+) -> subprocess.Popen:
+    """``hpctrain ARGS...`` started as :func:`hpctrain` runs it, not waited for: for
+    tests that pause or signal the run. Its stdout and stderr are text pipes unless
+    ``popen`` says otherwise (other ``subprocess.Popen`` arguments, e.g. ``stdout=``
+    a terminal)."""
+    options = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    return subprocess.Popen(
+        launcher_command(launcher, ranks, program) + [str(a) for a in args],
+        cwd=cwd,
+        env=clean_env() if env is None else env,
+        **{**options, **popen},
     )
 
 
@@ -143,6 +174,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 HOOKS = ROOT / "tests" / "hooks"
+DRIVERS = ROOT / "tests" / "drivers"  # scripts for the program= of start() and hpctrain()
 
 
 def paused_env(pause_dir: Path, *points: int | str, **extra: str) -> dict[str, str]:
