@@ -7,8 +7,9 @@ A term is the mean over the global batch of ``f(error / scale)``, times its weig
 - ``f`` is the square (``loss: mse``) or the Huber function, doubled so that it is the
   square below ``huber_delta`` and grows linearly above (``loss: huber``);
 - the scales (``loss_scales: rms``, the default) are, per energy target: the RMS
-  per-atom energy that the composition baseline leaves unexplained, the RMS force
-  component and the RMS stress component (structures with a stress only). With
+  per-atom energy that the composition baseline leaves unexplained, but at least the
+  RMS force component times 0.1 Å (:data:`ENERGY_LENGTH`); the RMS force component;
+  and the RMS stress component (structures with a stress only). With
   ``loss_scales: none`` every scale is 1: errors count in their own units (eV/atom,
   eV/Å, eV/Å³), and a stress error of 0.01 eV/Å³ (1.6 GPa) weighs as little as a
   force error of 0.01 eV/Å.
@@ -31,6 +32,19 @@ from .data.batch import Batch
 from .evaluation import display_name, metric_label, split_key
 
 COMPONENTS = {"": 1, "forces": 3, "stress": 9}
+
+ENERGY_LENGTH = 0.1
+"""Å: the energy scale is at least the RMS force times this length, about the energy
+that thermal displacements of an atom change. Where all structures have one
+composition (a molecule's MD), the residual energy can be a hundredth of the forces'
+scale; divided by it alone, the energy term would outweigh the forces a
+thousandfold, and neither would be learned (see docs/benchmarks.rst)."""
+
+
+def energy_scale(fit: CompositionFit) -> float:
+    """The per-atom energy scale of the loss: the composition residual, at least the
+    RMS force times :data:`ENERGY_LENGTH`."""
+    return max(fit.energy_scale, ENERGY_LENGTH * (fit.forces_scale or 0.0))
 
 
 class Loss:
@@ -72,7 +86,7 @@ class Loss:
             scale = None
             if normalized and fit is not None:
                 scale = {
-                    "": fit.energy_scale,
+                    "": energy_scale(fit),
                     "forces": fit.forces_scale,
                     "stress": fit.stress_scale,
                 }[gradient]

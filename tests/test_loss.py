@@ -178,8 +178,9 @@ def test_the_scales_are_the_rms_of_each_target_on_the_training_set(tmp_path):
     assert fit.stress_scale == pytest.approx(np.sqrt(np.mean(stress**2)), rel=1e-12)
     terms = ["energy", "energy forces", "energy stress"]
     loss = Loss.measured({"energy": fit}, terms, {}, None, normalized=True)
+    # (the energy scale: at least 0.1 A times the RMS force)
     assert loss.scales == {
-        "energy": fit.energy_scale,
+        "energy": max(fit.energy_scale, 0.1 * fit.forces_scale),
         "energy forces": fit.forces_scale,
         "energy stress": fit.stress_scale,
     }
