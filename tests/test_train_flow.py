@@ -1,10 +1,9 @@
 """The real flow end to end: one process, mpiexec and torchrun, export, continue."""
 
+import copy
 import importlib.util
 import json
 import signal
-import subprocess
-import sys
 import time
 
 import ase.io
@@ -12,27 +11,30 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import BIN, EXAMPLE_XYZ, hpctrain, paused_env, release, run, wait_until_paused
+from conftest import (
+    EXAMPLE_XYZ,
+    hpctrain,
+    merged,
+    paused_env,
+    release,
+    start,
+    tiny_options,
+    wait_until_paused,
+    write_options,
+)
 
 from hpctrain.testing import evaluate_exported, predict_in_memory
 
 pytestmark = pytest.mark.slow
 
-OPTIONS = """
-seed: 1234
-base_precision: 64
-architecture:
-  name: mp_transformer
-  model: {d_model: 16, num_heads: 2, num_layers: 2, num_radial: 4, angular_channels: 4}
-  training: {num_epochs: 2, batch_size: 8}
-training_set:
-  systems: {read_from: ethanol.xyz, length_unit: angstrom}
-  targets:
-    energy: {key: energy, unit: eV, forces: true}
-validation_set: 0.1
-test_set: 0.1
-distributed: {timeout_s: 60}
-"""
+# 2 epochs of 10 steps: 80 training structures in batches of 8
+OPTIONS = tiny_options(
+    seed=1234,
+    base_precision=64,
+    architecture={"model": {"num_layers": 2}},
+    training_set={"targets": {"energy": {"key": "energy"}}},
+    test_set=0.1,
+)
 
 FILES = {"options.resolved.yaml", "train.log", "metrics.csv", "model.ckpt", "model.pt"}
 RUN_FILES = FILES | {"test_metrics.json", "extensions", "checkpoints"}
@@ -45,19 +47,20 @@ def weights(run_dir):
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def flow_dir(tmp_path_factory):
+    """The data and ``options.yaml`` that the runs of this module share."""
     path = tmp_path_factory.mktemp("flow")
     (path / "ethanol.xyz").symlink_to(EXAMPLE_XYZ)
-    (path / "options.yaml").write_text(OPTIONS)
+    write_options(path, OPTIONS)
     return path
 
 
 @pytest.fixture(scope="module")
-def single_run(workdir):
+def single_run(flow_dir):
     """`hpctrain train` in one process."""
-    result = run([str(BIN / "hpctrain"), "train", "options.yaml", "-o", "single"], workdir)
+    result = hpctrain("train", "options.yaml", "-o", "single", cwd=flow_dir)
     assert result.returncode == 0, result.stderr
-    return workdir / "single", result
+    return flow_dir / "single", result
 
 
 def test_single_process_writes_every_output(single_run):
@@ -105,10 +108,10 @@ def test_exported_model_matches_in_memory_model_in_fresh_process(single_run, tmp
     assert np.abs(np.array(expected[0]["forces"])).max() > 1e-3
 
 
-def test_mpiexec_and_torchrun_train_the_same_model(workdir, single_run):
-    mpi = hpctrain("options.yaml", "-o", "mpi", cwd=workdir, launcher="mpiexec")
+def test_mpiexec_and_torchrun_train_the_same_model(flow_dir, single_run):
+    mpi = hpctrain("options.yaml", "-o", "mpi", cwd=flow_dir, launcher="mpiexec")
     assert mpi.returncode == 0, mpi.stderr
-    torchrun = hpctrain("options.yaml", "-o", "torchrun", cwd=workdir, launcher="torchrun")
+    torchrun = hpctrain("options.yaml", "-o", "torchrun", cwd=flow_dir, launcher="torchrun")
     assert torchrun.returncode == 0, torchrun.stderr
     assert "2 ranks via mpi" in mpi.stdout
     assert "2 ranks via torchrun" in torchrun.stdout
@@ -119,8 +122,8 @@ def test_mpiexec_and_torchrun_train_the_same_model(workdir, single_run):
     for result, name in ((mpi, "mpi"), (torchrun, "torchrun")):
         # rank 0 alone reports: each epoch line printed once
         assert result.stdout.count("epoch    1/2") == 1, result.stdout
-        assert {p.name for p in (workdir / name).iterdir()} == RUN_FILES
-    a, b = weights(workdir / "mpi"), weights(workdir / "torchrun")
+        assert {p.name for p in (flow_dir / name).iterdir()} == RUN_FILES
+    a, b = weights(flow_dir / "mpi"), weights(flow_dir / "torchrun")
     for key in a:
         assert torch.equal(a[key], b[key]), key
     # a global batch split over ranks computes the single-process gradient
@@ -129,50 +132,43 @@ def test_mpiexec_and_torchrun_train_the_same_model(workdir, single_run):
         torch.testing.assert_close(a[key], single[key], rtol=1e-7, atol=1e-10)
 
 
-def test_continue_from_checkpoint_trains_the_remaining_epochs(workdir, single_run):
-    text = OPTIONS.replace("num_epochs: 2", "num_epochs: 3")
-    (workdir / "more.yaml").write_text(text)
-    result = run(
-        [
-            sys.executable,
-            "-m",
-            "hpctrain",
-            "more.yaml",
-            "-o",
-            "more",
-            "--continue",
-            "single/model.ckpt",
-        ],
-        workdir,
+def test_continue_from_checkpoint_trains_the_remaining_epochs(flow_dir, single_run):
+    write_options(
+        flow_dir, merged(OPTIONS, {"architecture": {"training": {"num_epochs": 3}}}), "more.yaml"
     )
+    result = hpctrain("more.yaml", "-o", "more", "--continue", "single/model.ckpt", cwd=flow_dir)
     assert result.returncode == 0, result.stderr
-    rows = (workdir / "more" / "metrics.csv").read_text().splitlines()
+    rows = (flow_dir / "more" / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["3"]
-    before, after = weights(single_run[0]), weights(workdir / "more")
+    before, after = weights(single_run[0]), weights(flow_dir / "more")
     assert not torch.equal(before["readout.3.weight"], after["readout.3.weight"])
     torch.testing.assert_close(before["composition"], after["composition"])
 
 
-def test_bad_options_exit_2_with_a_message_and_no_traceback(workdir):
-    (workdir / "bad.yaml").write_text(OPTIONS.replace("num_epochs", "num_epoch"))
-    result = run([sys.executable, "-m", "hpctrain", "bad.yaml", "-o", "bad"], workdir)
+def test_bad_options_exit_2_with_a_message_and_no_traceback(flow_dir):
+    bad = copy.deepcopy(OPTIONS)
+    training = bad["architecture"]["training"]
+    training["num_epoch"] = training.pop("num_epochs")  # misspelt
+    write_options(flow_dir, bad, "bad.yaml")
+    result = hpctrain("bad.yaml", "-o", "bad", cwd=flow_dir)
     assert result.returncode == 2
     assert "hpctrain: error: unknown key 'architecture.training.num_epoch'" in result.stderr
     assert "did you mean 'num_epochs'?" in result.stderr
     assert "Traceback" not in result.stderr
-    assert not (workdir / "bad").exists()
+    assert not (flow_dir / "bad").exists()
 
 
-def test_an_error_after_the_run_directory_exists_is_also_in_train_log(workdir):
-    (workdir / "nokey.yaml").write_text(OPTIONS.replace("{key: energy,", "{key: E_dft,"))
-    result = run([sys.executable, "-m", "hpctrain", "nokey.yaml", "-o", "nokey"], workdir)
+def test_an_error_after_the_run_directory_exists_is_also_in_train_log(flow_dir):
+    nokey = merged(OPTIONS, {"training_set": {"targets": {"energy": {"key": "E_dft"}}}})
+    write_options(flow_dir, nokey, "nokey.yaml")
+    result = hpctrain("nokey.yaml", "-o", "nokey", cwd=flow_dir)
     assert result.returncode == 2, result.stderr
     message = result.stderr.strip().splitlines()[-1]
     assert message.startswith("hpctrain: error: ") and "E_dft" in message
-    assert message in (workdir / "nokey" / "train.log").read_text()
+    assert message in (flow_dir / "nokey" / "train.log").read_text()
 
 
-def test_a_killed_rank_does_not_leave_the_other_hanging(workdir, tmp_path):
+def test_a_killed_rank_does_not_leave_the_other_hanging(flow_dir, tmp_path):
     """Two ranks without a supervising launcher; rank 1 is SIGKILLed mid-training."""
     import socket
 
@@ -192,16 +188,7 @@ def test_a_killed_rank_does_not_leave_the_other_hanging(workdir, tmp_path):
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port),
         )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "hpctrain", "options.yaml", "-o", str(tmp_path / "run")],
-                cwd=workdir,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        )
+        procs.append(start("options.yaml", "-o", tmp_path / "run", cwd=flow_dir, env=env))
     try:
         wait_until_paused(pauses, 12, ranks=2, proc=procs[0])
         procs[1].send_signal(signal.SIGKILL)
@@ -219,63 +206,50 @@ def test_a_killed_rank_does_not_leave_the_other_hanging(workdir, tmp_path):
     assert "lost contact with another rank" in err, err[-2000:]
 
 
-def test_fine_tuning_on_other_data_and_transfer_to_a_new_target(workdir, single_run):
-    fine = OPTIONS.replace("num_epochs: 2", "num_epochs: 3").replace(
-        "validation_set: 0.1", "validation_set: 0.2"
-    )
-    (workdir / "fine.yaml").write_text(fine)
-    result = run(
-        [sys.executable, "-m", "hpctrain", "fine.yaml", "-o", "fine"]
-        + ["--continue", "single/model.ckpt"],
-        workdir,
-    )
+def test_fine_tuning_on_other_data_and_transfer_to_a_new_target(flow_dir, single_run):
+    fine = merged(OPTIONS, {"architecture": {"training": {"num_epochs": 3}}, "validation_set": 0.2})
+    write_options(flow_dir, fine, "fine.yaml")
+    result = hpctrain("fine.yaml", "-o", "fine", "--continue", "single/model.ckpt", cwd=flow_dir)
     assert result.returncode == 0, result.stderr
     assert "starts the new data afresh" in result.stdout + result.stderr
-    rows = (workdir / "fine" / "metrics.csv").read_text().splitlines()
+    rows = (flow_dir / "fine" / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["3"]
 
-    transfer = OPTIONS.replace(
-        "    energy: {key: energy, unit: eV, forces: true}",
-        "    energy: {key: energy, unit: eV, forces: true}\n"
-        "    energy/formation: {key: energy, unit: eV, forces: false}",
-    )
-    (workdir / "transfer.yaml").write_text(transfer)
-    result = run(
-        [sys.executable, "-m", "hpctrain", "transfer.yaml", "-o", "transfer"]
-        + ["--continue", "single/model.ckpt"],
-        workdir,
+    formation = {"key": "energy", "unit": "eV", "forces": False}
+    transfer = merged(OPTIONS, {"training_set": {"targets": {"energy/formation": formation}}})
+    write_options(flow_dir, transfer, "transfer.yaml")
+    result = hpctrain(
+        "transfer.yaml", "-o", "transfer", "--continue", "single/model.ckpt", cwd=flow_dir
     )
     assert result.returncode == 0, result.stderr
     assert "transfer learning" in result.stdout
-    checkpoint = torch.load(workdir / "transfer" / "model.ckpt", weights_only=False)
+    checkpoint = torch.load(flow_dir / "transfer" / "model.ckpt", weights_only=False)
     assert set(checkpoint["dataset_info"]["targets"]) == {"energy", "energy/formation"}
-    rows = (workdir / "transfer" / "metrics.csv").read_text().splitlines()
+    rows = (flow_dir / "transfer" / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
     assert "val energy/formation RMSE [eV/atom]" in rows[0]
 
 
-def test_elements_the_training_set_lacks_are_refused_before_training(workdir):
+def test_elements_the_training_set_lacks_are_refused_before_training(flow_dir):
     frames = ase.io.read(EXAMPLE_XYZ, ":4")
     for atoms in frames:
         atoms.numbers[atoms.numbers == 8] = 7  # the oxygen of ethanol becomes a nitrogen
-    ase.io.write(workdir / "nitrogen.xyz", frames)
-    (workdir / "nitrogen.yaml").write_text(
-        OPTIONS.replace("validation_set: 0.1", "validation_set: nitrogen.xyz")
-    )
-    result = run([sys.executable, "-m", "hpctrain", "nitrogen.yaml", "-o", "nitrogen"], workdir)
+    ase.io.write(flow_dir / "nitrogen.xyz", frames)
+    write_options(flow_dir, merged(OPTIONS, {"validation_set": "nitrogen.xyz"}), "nitrogen.yaml")
+    result = hpctrain("nitrogen.yaml", "-o", "nitrogen", cwd=flow_dir)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     message = result.stderr.strip().splitlines()[-1]
     assert "nitrogen.xyz" in message and "elements (N)" in message, message
     assert "the training set has H, C, O" in message, message
-    assert not (workdir / "nitrogen" / "checkpoints").exists()
+    assert not (flow_dir / "nitrogen" / "checkpoints").exists()
 
 
-def test_training_again_into_a_run_directory_is_refused_without_continue(workdir, single_run):
+def test_training_again_into_a_run_directory_is_refused_without_continue(flow_dir, single_run):
     run_dir, _ = single_run
     before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
     rows = (run_dir / "metrics.csv").read_text()
-    result = run([sys.executable, "-m", "hpctrain", "options.yaml", "-o", "single"], workdir)
+    result = hpctrain("options.yaml", "-o", "single", cwd=flow_dir)
     assert result.returncode == 2, result.stderr[-3000:]
     message = result.stderr.strip().splitlines()[-1]
     assert "single holds a finished run already" in message, message
