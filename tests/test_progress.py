@@ -20,7 +20,7 @@ import time
 
 import pytest
 import torch
-from conftest import BIN, EXAMPLE_XYZ, clean_env
+from conftest import EXAMPLE_XYZ, clean_env, hpctrain, merged, start, tiny_options, write_options
 
 from hpctrain import __version__, progress, report
 from hpctrain.errors import OptionsError
@@ -298,18 +298,10 @@ def test_tensorboard_off_writes_no_event_files_and_says_nothing(tmp_path, consol
 
 # -- real training processes ------------------------------------------------------------
 
-OPTIONS = """
-seed: 1234
-base_precision: 64
-architecture:
-  name: mp_transformer
-  model: {d_model: 8, num_heads: 2, num_layers: 1, num_radial: 4, angular_channels: 4}
-  training: {num_epochs: 2, batch_size: 8}
-training_set: ethanol.xyz
-validation_set: 0.1
-test_set: 0.1
-distributed: {timeout_s: 60}
-"""
+# 2 epochs of 10 steps: 80 training structures in batches of 8
+OPTIONS = tiny_options(
+    seed=1234, base_precision=64, architecture={"model": {"d_model": 8}}, test_set=0.1
+)
 PROGRESS_LINE = re.compile(
     r"^\d\d:\d\d:\d\d epoch (\d)/2  step (\d+)/10  [\d.]+ structures/s  ETA \S+(?: \(run \S+\))?"
     r"  loss \S+$",
@@ -327,47 +319,44 @@ def has_tensorboard() -> bool:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def progress_dir(tmp_path_factory):
+    """The data and options files that the runs of this module share."""
     path = tmp_path_factory.mktemp("progress")
     (path / "ethanol.xyz").symlink_to(EXAMPLE_XYZ)
-    (path / "options.yaml").write_text(OPTIONS + "logging: {progress_every_seconds: 0.001}\n")
-    (path / "every_step.yaml").write_text(
-        OPTIONS + "logging: {progress_every_n_steps: 1, tensorboard: false}\n"
-    )
-    (path / "plain.yaml").write_text(OPTIONS)
+    every_time = {"logging": {"progress_every_seconds": 0.001}}
+    write_options(path, merged(OPTIONS, every_time), "options.yaml")
+    every_step = {"logging": {"progress_every_n_steps": 1, "tensorboard": False}}
+    write_options(path, merged(OPTIONS, every_step), "every_step.yaml")
+    write_options(path, OPTIONS, "plain.yaml")
     (path / "hidden" / "tensorboard").mkdir(parents=True)
     (path / "hidden" / "tensorboard" / "__init__.py").write_text(HIDE_TENSORBOARD)
     return path
 
 
-def train(workdir, args, **env):
-    return subprocess.run(
-        args, cwd=workdir, env=clean_env(**env), capture_output=True, text=True, timeout=600
-    )
-
-
 @pytest.fixture(scope="module")
-def piped(workdir):
+def piped(progress_dir):
     """stdout a pipe (as in a SLURM output file), progress lines due at every step."""
-    result = train(workdir, [sys.executable, "-m", "hpctrain", "options.yaml", "-o", "piped"])
+    result = hpctrain("options.yaml", "-o", "piped", cwd=progress_dir)
     assert result.returncode == 0, result.stderr[-3000:]
-    return workdir / "piped", result.stdout
+    return progress_dir / "piped", result.stdout
 
 
 @pytest.fixture(scope="module")
-def on_terminal(workdir):
+def on_terminal(progress_dir):
     """stdout a pseudo-terminal of 120 columns; TensorBoard hidden (not installed)."""
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-    env = clean_env(PYTHONPATH=str(workdir / "hidden"))
+    env = clean_env(PYTHONPATH=str(progress_dir / "hidden"))
     env.pop("COLUMNS", None)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "hpctrain", "plain.yaml", "-o", "terminal"],
-        cwd=workdir,
+    process = start(
+        "plain.yaml",
+        "-o",
+        "terminal",
+        cwd=progress_dir,
         env=env,
         stdin=subprocess.DEVNULL,
         stdout=follower,
-        stderr=subprocess.PIPE,
+        text=False,
     )
     os.close(follower)
     chunks = []
@@ -384,7 +373,7 @@ def on_terminal(workdir):
     stderr = process.stderr.read().decode()
     assert process.wait(timeout=60) == 0, stderr[-3000:]
     # the terminal turns "\n" into "\r\n"; undo that to see the carriage returns hpctrain wrote
-    return workdir / "terminal", b"".join(chunks).decode().replace("\r\n", "\n")
+    return progress_dir / "terminal", b"".join(chunks).decode().replace("\r\n", "\n")
 
 
 @pytest.mark.slow
@@ -502,12 +491,8 @@ def test_a_run_without_tensorboard_succeeds_with_one_note(on_terminal):
 
 @pytest.mark.slow
 @pytest.mark.mpi
-def test_under_mpiexec_only_rank_0_prints_progress(workdir):
-    result = train(
-        workdir,
-        [str(BIN / "mpiexec"), "-n", "2", sys.executable, "-m", "hpctrain"]
-        + ["every_step.yaml", "-o", "mpi"],
-    )
+def test_under_mpiexec_only_rank_0_prints_progress(progress_dir):
+    result = hpctrain("every_step.yaml", "-o", "mpi", cwd=progress_dir, launcher="mpiexec")
     assert result.returncode == 0, result.stderr[-3000:]
     seen = [(int(e), int(s)) for e, s in PROGRESS_LINE.findall(result.stdout)]
     assert seen == [(e, s) for e in (1, 2) for s in range(1, 11)], result.stdout
@@ -515,4 +500,4 @@ def test_under_mpiexec_only_rank_0_prints_progress(workdir):
     assert "  devices: 2 x cpu\n" in result.stdout
     assert result.stdout.count("training finished") == 1
     assert "structures/s" not in result.stderr and "[rank 1]" not in result.stdout
-    assert not (workdir / "mpi" / "tensorboard").exists()  # logging.tensorboard: false
+    assert not (progress_dir / "mpi" / "tensorboard").exists()  # logging.tensorboard: false
