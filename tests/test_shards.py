@@ -4,14 +4,13 @@ import json
 import os
 import pickle
 import runpy
-import sys
 
 import ase.io
 import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import BIN, EXAMPLE_XYZ, ROOT, run
+from conftest import EXAMPLE_XYZ, ROOT, hpctrain, merged, tiny_options, write_options
 
 from hpctrain import cli
 from hpctrain.data import ShardDataset, read_dataset
@@ -254,10 +253,9 @@ def test_two_mpi_ranks_write_the_same_bytes_as_one(tmp_path, emt_xyz):
         ase.io.write(tmp_path / f"part{i}.xyz", part, format="extxyz")
     args = ["convert", "part0.xyz", "part1.xyz", "part2.xyz", "--stress", "stress"]
     args += ["--shard-size", "4"]
-    single = run([str(BIN / "hpctrain"), *args, "-o", "one"], tmp_path, timeout=120)
+    single = hpctrain(*args, "-o", "one", cwd=tmp_path, timeout=120)
     assert single.returncode == 0, single.stderr
-    mpiexec = [str(BIN / "mpiexec"), "-n", "2", str(BIN / "hpctrain")]
-    mpi = run([*mpiexec, *args, "-o", "two"], tmp_path, timeout=120)
+    mpi = hpctrain(*args, "-o", "two", cwd=tmp_path, launcher="mpiexec", timeout=120)
     assert mpi.returncode == 0, mpi.stderr
     assert mpi.stdout.count("converted 30 structures") == 1, mpi.stdout
     one, two = files_of(tmp_path / "one"), files_of(tmp_path / "two")
@@ -266,7 +264,7 @@ def test_two_mpi_ranks_write_the_same_bytes_as_one(tmp_path, emt_xyz):
     # a bad structure in the file of one rank stops both, without a manifest or shards
     frames[3].calc.results["energy"] = np.inf
     ase.io.write(tmp_path / "part0.xyz", frames[:5], format="extxyz")
-    failed = run([*mpiexec, *args, "-o", "three"], tmp_path, timeout=120)
+    failed = hpctrain(*args, "-o", "three", cwd=tmp_path, launcher="mpiexec", timeout=120)
     assert failed.returncode == 2, failed.stderr
     assert "part0.xyz, structure 3: target 'energy' holds NaN or inf values" in failed.stderr
     assert not (tmp_path / "three").exists()  # nor an empty folder
@@ -399,7 +397,7 @@ def test_inspect_summarizes_and_verify_catches_a_flipped_byte(ethanol, copy_of, 
     shard.write_bytes(bytes(data))
     assert cli.main(["inspect", str(ethanol), "--verify"]) == 0
     assert capsys.readouterr().out.splitlines()[-1].startswith("ok")
-    bad = run([str(BIN / "hpctrain"), "inspect", str(broken), "--verify"], ROOT)
+    bad = hpctrain("inspect", broken, "--verify", cwd=ROOT)
     assert bad.returncode == 2
     assert "shard-0000-00001.h5: sha256" in bad.stderr and "differs" in bad.stderr
     assert "Traceback" not in bad.stderr
@@ -471,47 +469,38 @@ def test_the_command_line_still_trains_by_default():
         cli.main(["inspect", "--help"])
 
 
-TRAIN_OPTIONS = """
-seed: 1234
-base_precision: 64
-architecture:
-  name: mp_transformer
-  model: {d_model: 16, num_heads: 2, num_layers: 2, num_radial: 4, angular_channels: 4}
-  training: {num_epochs: 2, batch_size: 8}
-training_set:
-  systems: {read_from: DATA, length_unit: angstrom}
-  targets:
-    energy: {key: energy, unit: eV, forces: true}
-validation_set: 0.1
-test_set: 0.1
-"""
+TRAIN_OPTIONS = tiny_options(
+    seed=1234,
+    base_precision=64,
+    architecture={"model": {"num_layers": 2}},
+    training_set={"targets": {"energy": {"key": "energy"}}},
+    test_set=0.1,
+)
+del TRAIN_OPTIONS["distributed"]  # the default timeout
 
 
 @pytest.mark.slow
 @pytest.mark.mpi
-def test_training_from_shards_gives_the_same_weights_as_from_xyz(tmp_path):
+def test_training_from_shards_gives_the_same_weights_as_from_xyz(workdir):
     """One process on the xyz file and on one shard: the same weights, bit for bit.
     Two MPI ranks streaming seven shards of 15 structures: the same weights up to
     the order of the sums over ranks."""
-    (tmp_path / "ethanol.xyz").symlink_to(EXAMPLE_XYZ)
     for name, size in (("shards", "10000"), ("small-shards", "15")):
-        convert = [str(BIN / "hpctrain"), "convert", "ethanol.xyz", "-o", name]
-        result = run([*convert, "--shard-size", size], tmp_path)
+        result = hpctrain("convert", "ethanol.xyz", "-o", name, "--shard-size", size, cwd=workdir)
         assert result.returncode == 0, result.stderr
-    assert len(list((tmp_path / "small-shards").glob("*.h5"))) == 7
-    mpiexec = (str(BIN / "mpiexec"), "-n", "2")
+    assert len(list((workdir / "small-shards").glob("*.h5"))) == 7
     runs = {}
     for name, data, launcher in (
-        ("xyz", "ethanol.xyz", ()),
-        ("shards", "shards", ()),
-        ("mpi", "small-shards", mpiexec),
+        ("xyz", "ethanol.xyz", None),
+        ("shards", "shards", None),
+        ("mpi", "small-shards", "mpiexec"),
     ):
-        (tmp_path / f"{name}.yaml").write_text(TRAIN_OPTIONS.replace("DATA", data))
-        command = [*launcher, sys.executable, "-m", "hpctrain", f"{name}.yaml", "-o", name]
-        result = run(command, tmp_path)
+        options = merged(TRAIN_OPTIONS, {"training_set": {"systems": data}})
+        write_options(workdir, options, f"{name}.yaml")
+        result = hpctrain(f"{name}.yaml", "-o", name, cwd=workdir, launcher=launcher)
         assert result.returncode == 0, result.stderr
         assert "80 training, 10 validation, 10 test structures" in result.stdout
-        runs[name] = torch.load(tmp_path / name / "model.ckpt", weights_only=False)["model_state"]
+        runs[name] = torch.load(workdir / name / "model.ckpt", weights_only=False)["model_state"]
     assert "2 ranks" in result.stdout
     assert runs["xyz"].keys() == runs["shards"].keys() == runs["mpi"].keys()
     for key in runs["xyz"]:
@@ -585,7 +574,7 @@ def test_damaged_hdf5_metadata_is_named_never_a_traceback(ethanol, copy_of):
     assert unreadable is not None  # the library's own errors were among those met
     (broken / shard_name).write_bytes(unreadable)
     for command in (["inspect", str(broken)], ["inspect", str(broken), "--verify"]):
-        result = run([str(BIN / "hpctrain"), *command], ROOT)
+        result = hpctrain(*command, cwd=ROOT)
         assert result.returncode == 2, result.stderr
         assert shard_name in result.stderr and "Traceback" not in result.stderr
 
