@@ -116,6 +116,8 @@ def options(framework: str, architecture: str, files: dict, args) -> dict:
         return {"systems": {"read_from": str(path)}, "targets": {"energy": energy}}
 
     training = {"num_epochs": args.epochs, "batch_size": args.batch_size}
+    if framework == "hpctrain":
+        training.update(json.loads(args.hpctrain_training))
     result = {
         "seed": 0,
         "base_precision": 32,
@@ -187,6 +189,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--only", choices=["hpctrain", "metatrain"], default=None)
+    parser.add_argument(
+        "--hpctrain-training",
+        default="{}",
+        metavar="JSON",
+        help='more training hypers for hpctrain, e.g. \'{"loss_scales": "none"}\'',
+    )
     parser.add_argument("--venv", type=Path, default=Path(tempfile.gettempdir()) / "peer-mtt")
     parser.add_argument("--keep", type=Path, default=None, help="keep the runs in this folder")
     parser.add_argument("--out", type=Path, required=True)
@@ -209,7 +217,12 @@ def main() -> None:
         "machine": {"node": platform.node(), "cpu_count": os.cpu_count()},
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": " ".join(sys.argv),
-        "settings": {"epochs": args.epochs, "batch_size": args.batch_size, "precision": 32},
+        "settings": {
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "precision": 32,
+            "hpctrain_training": json.loads(args.hpctrain_training),
+        },
         "peer": peer_info(args.venv) if "metatrain/soap_bpnn" in models else None,
         "results": results,
     }
