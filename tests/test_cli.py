@@ -6,30 +6,21 @@ import re
 import ase.io
 import numpy as np
 import pytest
-from conftest import BIN, EXAMPLE_XYZ, run
+from conftest import EXAMPLE_XYZ, hpctrain, tiny_options, write_options
 
 from hpctrain import cli
 from hpctrain.data import split_indices
 from hpctrain.testing import evaluate_exported, predict_in_memory
 
-OPTIONS = """
-seed: 1234
-base_precision: 64
-architecture:
-  name: mp_transformer
-  model: {d_model: 16, num_heads: 2, num_layers: 1, num_radial: 4, angular_channels: 4}
-  training: {num_epochs: 3, batch_size: 10}
-training_set:
-  systems: {read_from: ethanol.xyz, length_unit: angstrom}
-  targets:
-    energy: {key: energy, unit: eV, forces: true}
-validation_set: 0.1
-test_set: 0.1
-distributed: {timeout_s: 60}
-"""
 SEED = 1234
+OPTIONS = tiny_options(
+    seed=SEED,
+    base_precision=64,
+    architecture={"training": {"num_epochs": 3, "batch_size": 10}},
+    training_set={"targets": {"energy": {"key": "energy"}}},
+    test_set=0.1,
+)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-HPCTRAIN = str(BIN / "hpctrain")
 
 
 def table(stdout: str) -> dict[str, float]:
@@ -59,8 +50,8 @@ def trained(tmp_path_factory):
     """One tiny training; its test set written out as test.xyz."""
     path = tmp_path_factory.mktemp("cli")
     (path / "ethanol.xyz").symlink_to(EXAMPLE_XYZ)
-    (path / "options.yaml").write_text(OPTIONS)
-    result = run([HPCTRAIN, "train", "options.yaml", "-o", "run"], path)
+    write_options(path, OPTIONS)
+    result = hpctrain("train", "options.yaml", "-o", "run", cwd=path)
     assert result.returncode == 0, result.stderr
     frames = ase.io.read(EXAMPLE_XYZ, ":")
     _, test, _ = split_indices(len(frames), [0.1, 0.1], SEED)
@@ -71,10 +62,10 @@ def trained(tmp_path_factory):
 @pytest.fixture(scope="module")
 def evaluated(trained):
     """`hpctrain eval` of the exported model on the test set, with -o and --plot."""
-    result = run(
-        [HPCTRAIN, "eval", "run/model.pt", "test.xyz", "-o", "predictions.xyz"]
-        + ["--plot", "parity.png", "--batch-size", "3"],
-        trained,
+    result = hpctrain(
+        *("eval", "run/model.pt", "test.xyz", "-o", "predictions.xyz"),
+        *("--plot", "parity.png", "--batch-size", "3"),
+        cwd=trained,
     )
     assert result.returncode == 0, result.stderr
     return result
@@ -134,9 +125,8 @@ def test_eval_compares_stress_of_periodic_structures(trained):
         )
         periodic.append(boxed)
     ase.io.write(trained / "periodic.xyz", periodic)
-    result = run(
-        [HPCTRAIN, "eval", "run/model.pt", "periodic.xyz", "-o", "periodic-predictions.xyz"],
-        trained,
+    result = hpctrain(
+        "eval", "run/model.pt", "periodic.xyz", "-o", "periodic-predictions.xyz", cwd=trained
     )
     assert result.returncode == 0, result.stderr
     assert "(energy, forces, stress)" in result.stdout
@@ -155,16 +145,16 @@ def test_eval_compares_stress_of_periodic_structures(trained):
     full = [np.abs(e[[0, 1, 2, 3, 4, 5, 3, 4, 5]]) for e in errors]
     assert printed["stress MAE [eV/A^3]"] == pytest.approx(np.mean(full), rel=1e-5)
     # and with --stress none, no stress
-    result = run([HPCTRAIN, "eval", "run/model.pt", "periodic.xyz", "--stress", "none"], trained)
+    result = hpctrain("eval", "run/model.pt", "periodic.xyz", "--stress", "none", cwd=trained)
     assert result.returncode == 0, result.stderr
     assert "stress" not in result.stdout
 
 
 @pytest.mark.slow
 def test_eval_on_a_shard_directory_gives_the_same_metrics(trained, evaluated):
-    converted = run([HPCTRAIN, "convert", "test.xyz", "-o", "shards", "--shard-size", "4"], trained)
+    converted = hpctrain("convert", "test.xyz", "-o", "shards", "--shard-size", "4", cwd=trained)
     assert converted.returncode == 0, converted.stderr
-    result = run([HPCTRAIN, "eval", "run/model.pt", "shards"], trained)
+    result = hpctrain("eval", "run/model.pt", "shards", cwd=trained)
     assert result.returncode == 0, result.stderr
     from_shards, from_xyz = table(result.stdout), table(evaluated.stdout)
     assert from_shards.keys() == from_xyz.keys()
@@ -174,10 +164,10 @@ def test_eval_on_a_shard_directory_gives_the_same_metrics(trained, evaluated):
 
 @pytest.mark.slow
 def test_eval_under_mpiexec_matches_one_process(trained, evaluated):
-    result = run(
-        [str(BIN / "mpiexec"), "-n", "2", HPCTRAIN, "eval", "run/model.pt", "test.xyz"]
-        + ["-o", "predictions-mpi.xyz", "--batch-size", "3"],
-        trained,
+    result = hpctrain(
+        *("eval", "run/model.pt", "test.xyz", "-o", "predictions-mpi.xyz", "--batch-size", "3"),
+        cwd=trained,
+        launcher="mpiexec",
     )
     assert result.returncode == 0, result.stderr
     assert "2 ranks" in result.stdout
@@ -198,10 +188,10 @@ def test_eval_under_mpiexec_matches_one_process(trained, evaluated):
 @pytest.mark.slow
 def test_parity_and_learning_curve_plots_are_pngs(trained, evaluated):
     assert_png(trained / "parity.png")
-    result = run([HPCTRAIN, "plot", "run"], trained)
+    result = hpctrain("plot", "run", cwd=trained)
     assert result.returncode == 0, result.stderr
     assert_png(trained / "run" / "learning_curves.png")
-    result = run([HPCTRAIN, "plot", "run", "-o", "plots/curves.png"], trained)
+    result = hpctrain("plot", "run", "-o", "plots/curves.png", cwd=trained)
     assert result.returncode == 0, result.stderr
     assert_png(trained / "plots" / "curves.png")
 
@@ -243,11 +233,11 @@ def best_step(run_dir):
 def test_export_of_model_ckpt_predicts_like_the_runs_model_and_has_metadata(trained):
     import metatomic.torch
 
-    result = run(
-        [HPCTRAIN, "export", "run/model.ckpt", "-o", "exported/ethanol.pt"]
-        + ["--name", "ethanol test", "--author", "A. Person", "--author", "B. Person"]
-        + ["--reference", "https://doi.org/10.1/x", "--description", "a tiny model"],
-        trained,
+    result = hpctrain(
+        *("export", "run/model.ckpt", "-o", "exported/ethanol.pt"),
+        *("--name", "ethanol test", "--author", "A. Person", "--author", "B. Person"),
+        *("--reference", "https://doi.org/10.1/x", "--description", "a tiny model"),
+        cwd=trained,
     )
     assert result.returncode == 0, result.stderr
     assert (trained / "exported" / "extensions").is_dir()
@@ -286,7 +276,7 @@ def test_export_of_the_best_step_directory(trained):
     from architectures.mp_transformer import __model__ as Model
 
     step_dir, is_last = best_step(trained / "run")
-    result = run([HPCTRAIN, "export", str(step_dir), "-o", "best/model.pt"], trained)
+    result = hpctrain("export", step_dir, "-o", "best/model.pt", cwd=trained)
     assert result.returncode == 0, result.stderr
     sample = trained / "test.xyz"
     exported = evaluate_exported(
@@ -299,7 +289,7 @@ def test_export_of_the_best_step_directory(trained):
     if not is_last:  # the best step is not the last: its model differs from the final one
         assert exported[0]["energy"] != pytest.approx(final[0]["energy"], rel=1e-9)
     # and eval reads it as it reads any exported model
-    result = run([HPCTRAIN, "eval", "best/model.pt", "test.xyz"], trained)
+    result = hpctrain("eval", "best/model.pt", "test.xyz", cwd=trained)
     assert result.returncode == 0, result.stderr
     assert "energy [eV/atom]" in result.stdout
 
@@ -329,7 +319,7 @@ def test_export_of_the_best_step_directory(trained):
     ],
 )
 def test_bad_inputs_exit_2_naming_the_file(trained, args, named):
-    result = run([HPCTRAIN, *args], trained)
+    result = hpctrain(*args, cwd=trained)
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert "Traceback" not in result.stderr
     assert "hpctrain: error:" in result.stderr
@@ -368,14 +358,14 @@ def test_learning_curves_keep_the_latest_row_of_a_repeated_epoch(tmp_path):
 @pytest.mark.slow
 def test_eval_under_mpiexec_writes_predictions_of_a_shard_directory(trained, evaluated):
     """Only rank 0 writes the predictions; ASE's writers must not wait for the others."""
-    converted = run(
-        [HPCTRAIN, "convert", "test.xyz", "-o", "shards-mpi", "--shard-size", "4"], trained
+    converted = hpctrain(
+        "convert", "test.xyz", "-o", "shards-mpi", "--shard-size", "4", cwd=trained
     )
     assert converted.returncode == 0, converted.stderr
-    result = run(
-        [str(BIN / "mpiexec"), "-n", "2", HPCTRAIN, "eval", "run/model.pt", "shards-mpi"]
-        + ["-o", "predictions-shards-mpi.xyz"],
-        trained,
+    result = hpctrain(
+        *("eval", "run/model.pt", "shards-mpi", "-o", "predictions-shards-mpi.xyz"),
+        cwd=trained,
+        launcher="mpiexec",
         timeout=180,
     )
     assert result.returncode == 0, result.stderr
@@ -407,10 +397,10 @@ def test_a_damaged_checkpoint_is_named_without_a_traceback(trained, kind):
     name = damaged_checkpoint(trained, kind)
     before = (trained / "run" / "model.ckpt").read_bytes()
     for command in (
-        [HPCTRAIN, "train", "options.yaml", "--continue", name, "-o", f"from-{kind}"],
-        [HPCTRAIN, "export", name, "-o", f"{kind}.pt"],
+        ["train", "options.yaml", "--continue", name, "-o", f"from-{kind}"],
+        ["export", name, "-o", f"{kind}.pt"],
     ):
-        result = run(command, trained)
+        result = hpctrain(*command, cwd=trained)
         assert result.returncode == 2, (command, result.stdout, result.stderr)
         assert f"{name} is not a readable checkpoint" in result.stderr, result.stderr
         assert "Traceback" not in result.stderr + result.stdout
@@ -419,13 +409,12 @@ def test_a_damaged_checkpoint_is_named_without_a_traceback(trained, kind):
 
 
 def test_a_checkpoint_of_another_architecture_names_both(trained):
-    options = OPTIONS.replace("name: mp_transformer", "name: soap_bpnn").replace(
-        "  model: {d_model: 16, num_heads: 2, num_layers: 1, num_radial: 4, angular_channels: 4}\n",
-        "",
-    )
-    (trained / "soap.yaml").write_text(options)
-    result = run(
-        [HPCTRAIN, "train", "soap.yaml", "--continue", "run/model.ckpt", "-o", "soap-run"], trained
+    # another architecture, with its own default model hypers
+    soap = {**OPTIONS, "architecture": {**OPTIONS["architecture"], "name": "soap_bpnn"}}
+    del soap["architecture"]["model"]
+    write_options(trained, soap, "soap.yaml")
+    result = hpctrain(
+        "train", "soap.yaml", "--continue", "run/model.ckpt", "-o", "soap-run", cwd=trained
     )
     assert result.returncode == 2, result.stderr
     assert (
