@@ -9,12 +9,20 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
-from conftest import BIN, EXAMPLE_XYZ, ROOT, clean_env, paused_env, release, run
+from conftest import (
+    EXAMPLE_XYZ,
+    ROOT,
+    hpctrain,
+    merged,
+    paused_env,
+    release,
+    tiny_options,
+    write_options,
+)
 
 from hpctrain import checkpoint
 from hpctrain.errors import OptionsError
@@ -71,19 +79,19 @@ def test_dry_run_script_matches_the_golden_file(name, slurm):
 
 # -- real SLURM --------------------------------------------------------------------------
 
-OPTIONS = """
-seed: 21
-base_precision: 64
-architecture:
-  name: mp_transformer
-  model: {d_model: 8, num_heads: 2, num_layers: 1, num_radial: 4, angular_channels: 2}
-  training: {num_epochs: EPOCHS, batch_size: 8, learning_rate: 0.005}
-training_set: ethanol.xyz
-validation_set: 0.1
-test_set: 0.1
-checkpoint: {every_n_steps: 5, keep_last: 2}
-slurm: {nodes: 2, tasks_per_node: 1, cpus_per_task: 1, time: "TIME"}
-"""
+# the epochs and the time limit are set by options()
+OPTIONS = tiny_options(
+    seed=21,
+    base_precision=64,
+    architecture={
+        "model": {"d_model": 8, "angular_channels": 2},
+        "training": {"learning_rate": 0.005},
+    },
+    test_set=0.1,
+    checkpoint={"every_n_steps": 5, "keep_last": 2},
+    slurm={"nodes": 2, "tasks_per_node": 1, "cpus_per_task": 1},
+)
+del OPTIONS["distributed"]  # the default timeout
 LONG = 30  # epochs; the runs that a test interrupts pause at chosen steps (tests/hooks)
 
 
@@ -100,27 +108,25 @@ needs_slurm = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def submit_dir(tmp_path_factory):
+    """The data, options files and run directories that this module's jobs share."""
     path = tmp_path_factory.mktemp("submit")
     (path / "ethanol.xyz").symlink_to(EXAMPLE_XYZ)
     return path
 
 
-def options(workdir, name, epochs, time_limit="00:10:00"):
-    text = OPTIONS.replace("EPOCHS", str(epochs)).replace("TIME", time_limit)
-    path = workdir / f"{name}.yaml"
-    path.write_text(text)
-    return path
+def options(submit_dir, name, epochs, time_limit="00:10:00"):
+    """``OPTIONS`` for ``epochs`` epochs in jobs of ``time_limit``, as ``name.yaml``."""
+    changes = {"architecture": {"training": {"num_epochs": epochs}}, "slurm": {"time": time_limit}}
+    return write_options(submit_dir, merged(OPTIONS, changes), f"{name}.yaml")
 
 
-def submit(workdir, options_path, run_dir, *extra, env=None):
+def submit(submit_dir, options_path, run_dir, *extra, env=None):
     """``hpctrain submit``; the job gets the environment ``env`` (default: clean)."""
-    return subprocess.run(
-        [str(BIN / "hpctrain"), "submit", str(options_path), "--output-dir", str(run_dir), *extra],
-        cwd=workdir,
-        env=env or clean_env(),
-        capture_output=True,
-        text=True,
+    return hpctrain(
+        *("submit", options_path, "--output-dir", run_dir, *extra),
+        cwd=submit_dir,
+        env=env,
         timeout=900,
     )
 
@@ -155,16 +161,12 @@ def newest_step(run_dir) -> int:
 
 
 @pytest.fixture(scope="module")
-def reference(workdir):
+def reference(submit_dir):
     """The same training on 2 ranks without any interruption (mpiexec)."""
-    path = options(workdir, "reference", LONG)
-    result = run(
-        [str(BIN / "mpiexec"), "-n", "2", sys.executable, "-m", "hpctrain", str(path)]
-        + ["-o", "reference"],
-        workdir,
-    )
+    path = options(submit_dir, "reference", LONG)
+    result = hpctrain(path, "-o", "reference", cwd=submit_dir, launcher="mpiexec")
     assert result.returncode == 0, result.stderr
-    return torch.load(workdir / "reference" / "model.ckpt", weights_only=False)["model_state"]
+    return torch.load(submit_dir / "reference" / "model.ckpt", weights_only=False)["model_state"]
 
 
 def assert_same_weights(run_dir, expected):
@@ -175,13 +177,13 @@ def assert_same_weights(run_dir, expected):
 
 @pytest.mark.slow
 @needs_slurm
-def test_two_nodes_train_and_export_a_model_ase_can_run(workdir, tmp_path):
+def test_two_nodes_train_and_export_a_model_ase_can_run(submit_dir, tmp_path):
     import ase.io
 
     from hpctrain.testing import evaluate_exported
 
-    run_dir = workdir / "small"
-    result = submit(workdir, options(workdir, "small", 2), run_dir, "--wait")
+    run_dir = submit_dir / "small"
+    result = submit(submit_dir, options(submit_dir, "small", 2), run_dir, "--wait")
     job = job_id(result)
     assert "scancel" in result.stdout and "done" not in result.stderr
     assert "2 ranks via slurm" in (run_dir / "train.log").read_text()
@@ -200,12 +202,12 @@ def test_two_nodes_train_and_export_a_model_ase_can_run(workdir, tmp_path):
 
 @pytest.mark.slow
 @needs_slurm
-def test_preemption_and_time_limit_requeue_and_end_with_the_same_weights(workdir, reference):
+def test_preemption_and_time_limit_requeue_and_end_with_the_same_weights(submit_dir, reference):
     """The first job is preempted while it pauses after step 5; the requeued one pauses
     after step 20 until the one-minute time limit's signal comes; the third finishes."""
-    run_dir, pauses = workdir / "interrupted", workdir / "pauses-interrupted"
-    path = options(workdir, "interrupted", LONG, "00:01:00")
-    job = job_id(submit(workdir, path, run_dir, env=paused_env(pauses, 5, 20)))
+    run_dir, pauses = submit_dir / "interrupted", submit_dir / "pauses-interrupted"
+    path = options(submit_dir, "interrupted", LONG, "00:01:00")
+    job = job_id(submit(submit_dir, path, run_dir, env=paused_env(pauses, 5, 20)))
     wait_for(lambda: paused(pauses, 5, ranks=2), what="the job to pause after step 5")
     # a job of the higher-priority partition that needs every core preempts ours
     cpus = os.cpu_count()
@@ -229,10 +231,12 @@ def test_preemption_and_time_limit_requeue_and_end_with_the_same_weights(workdir
 
 @pytest.mark.slow
 @needs_slurm
-def test_external_requeue_and_a_killed_task_continue_from_the_last_checkpoint(workdir, reference):
-    path = options(workdir, "requeued", LONG)
-    run_dir, pauses = workdir / "requeued", workdir / "pauses-requeued"
-    job = job_id(submit(workdir, path, run_dir, env=paused_env(pauses, 5, 15)))
+def test_external_requeue_and_a_killed_task_continue_from_the_last_checkpoint(
+    submit_dir, reference
+):
+    path = options(submit_dir, "requeued", LONG)
+    run_dir, pauses = submit_dir / "requeued", submit_dir / "pauses-requeued"
+    job = job_id(submit(submit_dir, path, run_dir, env=paused_env(pauses, 5, 15)))
     wait_for(lambda: paused(pauses, 5, ranks=2), what="the job to pause after step 5")
     subprocess.run(["scontrol", "requeue", job], check=True)  # SIGTERM to every task
     wait_for(lambda: paused(pauses, 15, ranks=2), what="the requeued job to pause after step 15")
@@ -244,7 +248,7 @@ def test_external_requeue_and_a_killed_task_continue_from_the_last_checkpoint(wo
     wait_for(lambda: job_state(job) in {"FAILED", "CANCELLED", "COMPLETED"}, what="the end")
     assert not (run_dir / "model.pt").exists()
     # ... and submitting again continues from the last committed checkpoint
-    again = submit(workdir, path, run_dir, "--wait", env=paused_env(pauses))
+    again = submit(submit_dir, path, run_dir, "--wait", env=paused_env(pauses))
     assert again.returncode == 0, again.stdout + again.stderr
     log = (run_dir / "train.log").read_text()
     assert log.count("newest committed checkpoint") >= 2
@@ -258,18 +262,20 @@ def paused(pauses, point, ranks) -> bool:
 
 @pytest.mark.slow
 @needs_slurm
-def test_bad_requests_fail_before_anything_is_submitted(workdir):
-    path = options(workdir, "bad", 2)
-    unknown = submit(workdir, path, workdir / "bad1", "--partition", "nope")
+def test_bad_requests_fail_before_anything_is_submitted(submit_dir):
+    path = options(submit_dir, "bad", 2)
+    unknown = submit(submit_dir, path, submit_dir / "bad1", "--partition", "nope")
     assert unknown.returncode == 2
     assert "unknown SLURM partition 'nope'; this cluster has: debug, high" in unknown.stderr
-    assert not (workdir / "bad1" / "slurm").exists()
-    impossible = submit(workdir, path, workdir / "bad2", "--nodes", "5", "--cpus-per-task", "64")
+    assert not (submit_dir / "bad1" / "slurm").exists()
+    impossible = submit(
+        submit_dir, path, submit_dir / "bad2", "--nodes", "5", "--cpus-per-task", "64"
+    )
     assert impossible.returncode == 2
     assert "partition 'debug' can never run this job: it asks for 5 nodes, but it has 2" in (
         impossible.stderr
     )
     assert "64 cores per node" in impossible.stderr
-    assert not (workdir / "bad2" / "slurm").exists()
-    missing = submit(workdir, workdir / "missing.yaml", workdir / "bad3")
+    assert not (submit_dir / "bad2" / "slurm").exists()
+    missing = submit(submit_dir, submit_dir / "missing.yaml", submit_dir / "bad3")
     assert missing.returncode == 2 and "missing.yaml' does not exist" in missing.stderr
