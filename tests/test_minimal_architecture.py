@@ -5,12 +5,11 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import EXAMPLE_XYZ, ROOT, clean_env
+from conftest import ROOT, clean_env, hpctrain, tiny_options, write_options
 
 from hpctrain.testing import ArchitectureTests
 
@@ -28,45 +27,30 @@ class TestPairMLP(ArchitectureTests):
     training_hypers = {"num_epochs": 3, "batch_size": 4, "learning_rate": 0.01}
 
 
-def _train(tmp_path: Path, name: str, cwd: Path, pythonpath: str | None, *args: str):
-    data = tmp_path / "ethanol.xyz"
-    if not data.exists():
-        data.symlink_to(EXAMPLE_XYZ)
-    options = tmp_path / "options.yaml"
-    options.write_text(
-        textwrap.dedent(
-            f"""
-            seed: 1
-            architecture:
-              name: {name}
-              model: {{cutoff: 3.5, num_radial: 4, hidden: 8}}
-              training: {{num_epochs: 2, batch_size: 10}}
-            training_set:
-              systems: ethanol.xyz
-              targets: {{energy: {{forces: true}}}}
-            validation_set: 0.1
-            test_set: 0.1
-            """
-        )
+def options_for(name: str) -> dict:
+    """A tiny run of architecture ``name`` with the hypers of pair_mlp (in place of
+    the kit's mp_transformer ones)."""
+    options = tiny_options(
+        architecture={"name": name, "training": {"batch_size": 10}}, test_set=0.1
     )
+    options["architecture"]["model"] = {"cutoff": 3.5, "num_radial": 4, "hidden": 8}
+    del options["distributed"]  # the default timeout
+    return options
+
+
+def _train(workdir: Path, name: str, cwd: Path, pythonpath: str | None, *args: str):
+    options = write_options(workdir, options_for(name))
     env = clean_env()
     env.pop("PYTHONPATH", None)
     if pythonpath is not None:
         env["PYTHONPATH"] = pythonpath
-    return subprocess.run(
-        [sys.executable, "-m", "hpctrain", str(options), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return hpctrain(options, *args, cwd=cwd, env=env)
 
 
 @pytest.mark.slow
-def test_trains_through_the_command_line(tmp_path):
-    run_dir = tmp_path / "run"
-    result = _train(tmp_path, "pair_mlp", tmp_path, str(EXAMPLE), "--output-dir", str(run_dir))
+def test_trains_through_the_command_line(workdir):
+    run_dir = workdir / "run"
+    result = _train(workdir, "pair_mlp", workdir, str(EXAMPLE), "--output-dir", str(run_dir))
     assert result.returncode == 0, result.stderr[-3000:]
     log = (run_dir / "train.log").read_text()
     assert "architecture pair_mlp" in log
@@ -81,11 +65,11 @@ def test_trains_through_the_command_line(tmp_path):
     assert resolved["architecture"]["training"]["learning_rate"] == 1e-3
 
 
-def test_without_the_path_the_architecture_is_unknown(tmp_path):
-    result = _train(tmp_path, "pair_mlp", tmp_path, None)
+def test_without_the_path_the_architecture_is_unknown(workdir):
+    result = _train(workdir, "pair_mlp", workdir, None)
     assert result.returncode == 2
     assert "unknown architecture 'pair_mlp' (at 'architecture.name')" in result.stderr
-    assert not (tmp_path / "outputs").exists()
+    assert not (workdir / "outputs").exists()
 
 
 def test_dotted_module_path_from_the_repository_root(tmp_path):
