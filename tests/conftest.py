@@ -210,9 +210,3 @@ def wait_until_paused(
 def release(pause_dir: Path, point: int | str) -> None:
     """Let the ranks paused at ``point`` go on."""
     (pause_dir / f"release-{point}").touch()
-
-
-def run(args: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        args, cwd=cwd, env=clean_env(), capture_output=True, text=True, timeout=timeout
-    )
