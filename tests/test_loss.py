@@ -17,7 +17,7 @@ from hpctrain.data import read_dataset
 from hpctrain.data.batch import collate
 from hpctrain.errors import DataError
 from hpctrain.evaluation import EnergyModule, ErrorSums, predict
-from hpctrain.loss import Loss
+from hpctrain.loss import ENERGY_LENGTH, Loss
 from hpctrain.options import DatasetOptions
 from hpctrain.systems import NeighborLists
 from hpctrain.testing import emt_structures
@@ -178,9 +178,9 @@ def test_the_scales_are_the_rms_of_each_target_on_the_training_set(tmp_path):
     assert fit.stress_scale == pytest.approx(np.sqrt(np.mean(stress**2)), rel=1e-12)
     terms = ["energy", "energy forces", "energy stress"]
     loss = Loss.measured({"energy": fit}, terms, {}, None, normalized=True)
-    # (the energy scale: at least 0.1 A times the RMS force)
+    # (the energy scale: at least ENERGY_LENGTH times the RMS force)
     assert loss.scales == {
-        "energy": max(fit.energy_scale, 0.1 * fit.forces_scale),
+        "energy": max(fit.energy_scale, ENERGY_LENGTH * fit.forces_scale),
         "energy forces": fit.forces_scale,
         "energy stress": fit.stress_scale,
     }
