@@ -216,7 +216,7 @@ def main() -> None:
     report = {
         "machine": {"node": platform.node(), "cpu_count": os.cpu_count()},
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "command": " ".join(sys.argv),
+        "command": " ".join(a for a in sys.argv if a != str(args.keep) and a != "--keep"),
         "settings": {
             "epochs": args.epochs,
             "batch_size": args.batch_size,
