@@ -194,3 +194,38 @@ def test_gpu_script_cpu_quick_mode(tmp_path):
         assert sum(row["breakdown_fraction"].values()) == pytest.approx(1.0, abs=1e-6)
     assert summary["amp_run"]["ok"] and summary["amp_run"]["model_pt"]
     assert summary["amp_run"]["test_metrics"]
+
+
+def test_step_counts_counts_operators_and_syncs(tmp_path):
+    """The counter sees every operator call and every host-sync proxy of a step."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import step_counts
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    counter = step_counts.Counter()
+    x = torch.ones(3)
+    with counter:
+        y = (x * 2).sum()
+        y.item()
+        torch.nonzero(x)
+    assert counter.calls["aten::mul"] == 1 and counter.calls["aten::sum"] == 1
+    assert counter.syncs == 2  # .item() and nonzero
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "step_counts.py"), "--data"]
+        + [str(ROOT / "examples" / "rmd17_ethanol_100.xyz"), "--batch-sizes", "2", "4"]
+        + ["--architectures", "mp_transformer", "--out", str(tmp_path / "c.json")],
+        env=clean_env(PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads((tmp_path / "c.json").read_text())["results"]["mp_transformer"]
+    small, large = data["steps"]
+    assert (small["batch_size"], large["batch_size"]) == (2, 4)
+    assert large["operator_calls"] > small["operator_calls"] > 1000
+    assert (
+        data["operator_calls_per_structure"]
+        == (large["operator_calls"] - small["operator_calls"]) / 2
+    )
