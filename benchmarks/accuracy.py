@@ -78,12 +78,16 @@ open(out, "w").write(json.dumps(result))
 """.replace("GPA", repr(GPA))
 
 
-def split(data: Path, workdir: Path, seed: int) -> dict[str, Path | int | bool]:
+def split(
+    data: Path, workdir: Path, seed: int, with_stress: bool = False
+) -> dict[str, Path | int | bool]:
     """10 % test, then 10 % of the rest for validation, as files; whether the data
-    has stresses."""
+    has stresses. ``with_stress``: only the structures that have a stress."""
     import ase.io
 
     frames = ase.io.read(data, ":")
+    if with_stress:
+        frames = [f for f in frames if f.pbc.all() and "stress" in f.calc.results]
     workdir.mkdir(parents=True, exist_ok=True)
     order = np.random.default_rng(seed).permutation(len(frames))
     n_test = max(1, round(0.1 * len(frames)))
@@ -190,6 +194,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--only", choices=["hpctrain", "metatrain"], default=None)
     parser.add_argument(
+        "--only-with-stress",
+        action="store_true",
+        help="keep only the structures that have a stress (for a framework that needs "
+        "a stress on every structure of a dataset trained on stress)",
+    )
+    parser.add_argument(
         "--hpctrain-training",
         default="{}",
         metavar="JSON",
@@ -206,7 +216,7 @@ def main() -> None:
     workroot = args.keep or Path(tempfile.mkdtemp(prefix="hpctrain-accuracy-"))
     results: dict[str, dict] = {}
     for data in datasets:
-        files = split(data, workroot / data.stem, seed=0)
+        files = split(data, workroot / data.stem, seed=0, with_stress=args.only_with_stress)
         results[data.name] = {}
         for model in models:
             print(f"{data.name}: {model} ...", flush=True)
@@ -222,6 +232,7 @@ def main() -> None:
             "batch_size": args.batch_size,
             "precision": 32,
             "hpctrain_training": json.loads(args.hpctrain_training),
+            "only_with_stress": args.only_with_stress,
         },
         "peer": peer_info(args.venv) if "metatrain/soap_bpnn" in models else None,
         "results": results,
