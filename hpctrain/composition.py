@@ -26,6 +26,8 @@ class CompositionFit:
     """RMS force component, or None when the structures carry no forces."""
     stress_scale: float | None = None
     """RMS stress component over the structures with a stress, or None without any."""
+    volume_per_atom: float | None = None
+    """Mean cell volume per atom of the structures with a stress (Å³), or None."""
 
     @property
     def output_scale(self) -> float:
@@ -62,9 +64,12 @@ def fit_composition(
         row = torch.cat([counts, torch.tensor([energy], dtype=torch.float64)])
         normal += torch.outer(row, row)
         counts_cache.append((counts, energy))
+        stress = _sum_of_squares(structure.stress.get(target))
+        volume = abs(float(torch.det(structure.cell.double()))) / len(structure.numbers)
         parts.append(
             _sum_of_squares(structure.forces.get(target))
-            + _sum_of_squares(structure.stress.get(target))
+            + stress
+            + ((volume, 1) if stress[1] else (0.0, 0))
         )
     launch.all_reduce_sum(normal)
     xtx, xty = normal[:n_types, :n_types], normal[:n_types, n_types]
@@ -78,11 +83,14 @@ def fit_composition(
     energy_scale = math.sqrt(math.fsum(residuals) / max(1, len(residuals)))
     forces_scale = _rms([p[0] for p in parts], [p[1] for p in parts])
     stress_scale = _rms([p[2] for p in parts], [p[3] for p in parts])
+    stressed = sum(p[5] for p in parts)
+    volume_per_atom = math.fsum(p[4] for p in parts) / stressed if stressed else None
     return CompositionFit(
         weights=weights,
         energy_scale=max(energy_scale, 1e-3),
         forces_scale=max(forces_scale, 1e-3) if forces_scale is not None else None,
         stress_scale=max(stress_scale, 1e-6) if stress_scale is not None else None,
+        volume_per_atom=volume_per_atom,
     )
 
 
