@@ -19,7 +19,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -385,39 +385,36 @@ class ShardDataset(AtomisticDataset):
     def volumes(self) -> np.ndarray:
         """Read from every shard's cells on first use (9 + 3 numbers per structure)."""
         if self._volumes is None:
-            volumes = []
-            for shard in range(len(self._offsets)):
-                file = self._file(shard)
-                try:
-                    volumes.append(cell_volumes(file["cells"][:], file["pbc"][:]))
-                except OSError as error:
-                    raise DataError(
-                        f"shard {file.filename}: cannot read its cells ({error}); {REMEDY}"
-                    ) from None
-            self._volumes = np.concatenate(volumes)
+            self._volumes = self._per_shard(
+                "cells", lambda file, n: cell_volumes(file["cells"][:], file["pbc"][:])
+            )
         return self._volumes
 
     @property
     def has_stress(self) -> np.ndarray:
         """Read from every shard's stress on first use (9 numbers per structure)."""
         if self._has_stress is None:
-            known = []
-            for shard in range(len(self._offsets)):
-                file = self._file(shard)
-                n = int(self._starts[shard + 1] - self._starts[shard])
-                try:
-                    stress = {
-                        out: file[f"stress/{s.stored}"][:]
-                        for out, s in self.selections.items()
-                        if s.stress
-                    }
-                except OSError as error:
-                    raise DataError(
-                        f"shard {file.filename}: cannot read its stress ({error}); {REMEDY}"
-                    ) from None
-                known.append(stress_known(stress, n))
-            self._has_stress = np.concatenate(known)
+            stressed = [(out, s.stored) for out, s in self.selections.items() if s.stress]
+
+            def known(file: Any, n: int) -> np.ndarray:
+                return stress_known({o: file[f"stress/{k}"][:] for o, k in stressed}, n)
+
+            self._has_stress = self._per_shard("stress", known)
         return self._has_stress
+
+    def _per_shard(self, what: str, read: Callable[[Any, int], np.ndarray]) -> np.ndarray:
+        """``read(file, n_structures)`` of every shard, concatenated; a shard that cannot
+        be read is named with ``what`` it held."""
+        parts = []
+        for shard in range(len(self._offsets)):
+            file = self._file(shard)
+            try:
+                parts.append(read(file, int(self._starts[shard + 1] - self._starts[shard])))
+            except OSError as error:
+                raise DataError(
+                    f"shard {file.filename}: cannot read its {what} ({error}); {REMEDY}"
+                ) from None
+        return np.concatenate(parts)
 
     def __getitem__(self, index: int) -> Structure:
         if not 0 <= index < len(self):
