@@ -173,13 +173,6 @@ def display_name(key: str) -> str:
     return gradient if gradient and name == "energy" else key
 
 
-def gradient_of(label: str) -> str:
-    """The gradient a metric names: ``forces RMSE [eV/A]`` and ``energy/pbe forces RMSE
-    [eV/A]`` -> ``forces``; ``energy RMSE [eV/atom]`` -> ``""``."""
-    words = label.split(" [")[0].split(" ")
-    return words[-2] if len(words) >= 2 and words[-2] in ("forces", "stress") else ""
-
-
 def metric_label(key: str, targets: dict[str, Any], total: bool = False) -> str:
     """``energy {} [eV/atom]``, ``forces {} [eV/A]``, ``stress {} [eV/A^3]`` with units;
     ``energy {} [eV]`` for the energy per structure (``total``)."""
