@@ -259,7 +259,7 @@ def model_consumption(
                 if len(step.local) != batch_size:
                     continue  # a merged last batch: keep steps comparable
                 start = time.perf_counter()
-                engine.train_step(step.local, step.global_)
+                engine.train_step(step.global_, engine.step_batches(step.local))
                 times.append(time.perf_counter() - start)
                 if len(times) == steps + 1:
                     break

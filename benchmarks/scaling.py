@@ -481,7 +481,7 @@ def worker(config_path: Path) -> None:
                     start = time.perf_counter()
                 t0 = time.perf_counter()
                 n_step_atoms = int(n_atoms[step.global_].sum())
-                engine.train_step(step.local, step.global_)
+                engine.train_step(step.global_, engine.step_batches(step.local))
                 if i >= warmup and every and (i - warmup + 1) % every == 0:
                     engine.write_checkpoint()
                 if i >= warmup:

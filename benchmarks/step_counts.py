@@ -7,11 +7,15 @@ Each reference architecture (default hypers, float32, one process, CPU) trains
 through its trainer's engine; after one warm-up step, one ``Engine.train_step`` is
 counted with a ``TorchDispatchMode``: every ATen operator call (forward, double
 backward, optimizer: on a GPU each is at least one kernel launch) and every call that
-makes a GPU wait for the host, the CPU proxies of a sync: ``_local_scalar_dense``
-(``.item()``, ``bool()``, ``int()``, ``float()`` of a tensor) and data-dependent
-shapes (``nonzero``, ``masked_select``, ``unique``...). The step includes reading
-and collating its structures. Per extra structure in a batch is the difference
-between two batch sizes divided by the difference of their sizes.
+makes the host wait for the device, the CPU proxies of a sync: ``_local_scalar_dense``
+(``.item()``, ``bool()``, ``int()``, ``float()`` of a tensor), data-dependent
+shapes (``nonzero``, ``masked_select``, ``unique``...) and the read of the ranks'
+agreement after the step (``StepAgreement.finish``, by design the step's one read
+from the device, which a ``.tolist()`` makes without an operator call). The batch
+is made before (training makes it ahead, in the loader): its operator calls are
+reported apart (``loader_operator_calls``, on the CPU, none on a GPU). Per extra
+structure in a batch is the difference between two batch sizes divided by the
+difference of their sizes.
 """
 
 from __future__ import annotations
@@ -57,6 +61,19 @@ class Counter(TorchDispatchMode):
         return sum(n for name, n in self.calls.items() if name in SYNCS)
 
 
+def count_calls(owner: object, method: str) -> list[int]:
+    """Count the calls of ``owner.method`` from now on (in the returned list)."""
+    calls = [0]
+    original = getattr(owner, method)
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    setattr(owner, method, counted)
+    return calls
+
+
 def count_step(architecture: str, data: Path, stress: bool, batch_size: int) -> dict:
     """The operator calls and syncs of one training step (after one warm-up step)."""
     from hpctrain import run
@@ -84,15 +101,21 @@ def count_step(architecture: str, data: Path, stress: bool, batch_size: int) -> 
         engine.sampler.set_epoch(0)
         steps = iter(engine.sampler)
         step = next(steps)
-        engine.train_step(step.local, step.global_)  # warm-up
+        engine.train_step(step.global_, engine.step_batches(step.local))  # warm-up
         step = next(steps)
+        loader = Counter()
+        with loader:
+            batches = engine.step_batches(step.local)
         counter = Counter()
+        reads = count_calls(engine.agreement, "finish")
         with counter:
-            engine.train_step(step.local, step.global_)
+            engine.train_step(step.global_, batches)
     return {
         "batch_size": len(step.global_),
         "operator_calls": sum(counter.calls.values()),
-        "host_syncs": counter.syncs,
+        "host_syncs": counter.syncs + reads[0],
+        "agreement_reads": reads[0],
+        "loader_operator_calls": sum(loader.calls.values()),
         "syncs_by_operator": {k: v for k, v in counter.calls.items() if k in SYNCS},
         "top_operators": dict(counter.calls.most_common(15)),
     }

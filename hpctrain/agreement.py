@@ -60,8 +60,9 @@ class StepAgreement:
         return launch.start_all_reduce_sum(torch.cat([nonfinite, host.to(nonfinite.device)]))
 
     def finish(self, pending: launch.PendingSum) -> Agreed:
-        """Wait for the sums of :meth:`start` and read them."""
-        counts = pending.wait().cpu()
+        """Wait for the sums of :meth:`start` and read them (the step's one read from
+        the device)."""
+        counts = pending.wait().cpu().tolist()
         return Agreed(
             nonfinite=bool(counts[NONFINITE]),
             due=bool(counts[DUE]),

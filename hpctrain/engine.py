@@ -27,17 +27,17 @@ from . import checkpoint, launch, run, timing
 from .agreement import Agreed, StepAgreement
 from .architecture import DatasetInfo
 from .composition import CompositionFit, fit_composition
-from .data.batch import Batch, collate
-from .data.sampler import DistributedBatchSampler, work_estimates
+from .data.batch import Batch
+from .data.loader import BatchLoader, default_workers
+from .data.sampler import DistributedBatchSampler, StepIndices, work_estimates
 from .data.structures import AtomisticDataset, ConcatDataset
 from .epoch_report import EpochReporter
 from .errors import CheckpointError, DataError, OptionsError, Preempted, TrainingDiverged
 from .evaluation import GRADIENT_NAMES, EnergyModule, evaluate, predict
 from .hypers import TrainingHypers
 from .loss import Loss
-from .optim import ExponentialMovingAverage, LearningRate
+from .optim import ExponentialMovingAverage, LearningRate, make_adam
 from .report import get_logger
-from .systems import NeighborLists
 
 
 def labels_of(dataset: AtomisticDataset) -> set[tuple[str, str]]:
@@ -125,10 +125,15 @@ class Engine:
         self.targets = dict(model.dataset_info.targets)
         self.model = model.to(device=device, dtype=self.dtype)
         requests = model.requested_neighbor_lists()
-        self.neighbors = NeighborLists(requests)
         self.outputs = {
             name: ModelOutput(unit=t.unit, sample_kind="system") for name, t in self.targets.items()
         }
+        self.energies = EnergyModule(self.model, self.outputs)
+        # (the System path computes its own neighbour lists, with autograd)
+        self.requests = requests if self.energies.batched else []
+        workers = hypers.num_workers
+        self.workers = default_workers(device) if workers is None else workers
+        self.loader = BatchLoader(self.train_set, self.requests, device, self.workers)
         self.sampler = DistributedBatchSampler(
             len(self.train_set),
             hypers.batch_size,
@@ -140,7 +145,7 @@ class Engine:
         self.progress = Progress()
         self.best: dict[str, Any] | None = None  # the weights of the best validation
         self.loss = self.make_loss(state is None)
-        self.network: torch.nn.Module = EnergyModule(self.model, self.outputs)
+        self.network: torch.nn.Module = self.energies
         if launch.is_distributed():
             self.network = wrap_ddp(self.network, device)
         if hypers.mixed_precision and device.type != "cuda":
@@ -148,7 +153,7 @@ class Engine:
                 "'architecture.training.mixed_precision' needs a CUDA device; this run "
                 f"trains on {device.type}"
             )
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=hypers.learning_rate)
+        self.optimizer = make_adam(self.model.parameters(), hypers.learning_rate)
         self.steps_per_epoch = len(self.sampler)
         self.lr = self.make_learning_rate()
         self.ema = (
@@ -281,17 +286,26 @@ class Engine:
     def predict(
         self, batch: Batch, network: torch.nn.Module, create_graph: bool
     ) -> dict[str, torch.Tensor]:
-        return predict(batch, network, self.neighbors, create_graph)
+        return predict(batch, network, create_graph)
 
-    def train_step(self, local: np.ndarray, global_: np.ndarray) -> torch.Tensor:
-        """One optimizer step on this rank's share ``local`` of the global batch
-        ``global_`` (indices in the training set); returns its loss.
+    def micro_batches(self, local: np.ndarray) -> list[np.ndarray]:
+        """This rank's share of a global batch split into ``accumulation_steps``
+        micro-batches (indices in the training set)."""
+        return [c for c in np.array_split(local, self.hypers.accumulation_steps) if len(c)]
 
-        The share is split into ``accumulation_steps`` micro-batches; gradients are
-        synchronised across ranks only on the last one. Before the weights change,
-        the ranks agree on whether the loss is finite (else nothing is updated and
-        :class:`TrainingDiverged` is raised) and on pending stop signals and time-based
-        checkpoints, acted on after the step. That small all-reduce starts before the
+    def step_batches(self, local: np.ndarray) -> list[Batch]:
+        """The micro-batches of ``local``, made now (the loop has them made ahead)."""
+        return [self.loader.make(c).to(self.device) for c in self.micro_batches(local)]
+
+    def train_step(self, global_: np.ndarray, batches: list[Batch]) -> torch.Tensor:
+        """One optimizer step on this rank's share of the global batch ``global_``
+        (indices in the training set), as micro-batches ``batches``
+        (:meth:`micro_batches`); returns its loss, on the device.
+
+        Gradients are synchronised across ranks only on the last micro-batch. Before
+        the weights change, the ranks agree on whether the loss is finite (else nothing
+        is updated and :class:`TrainingDiverged` is raised) and on pending stop signals
+        and time-based checkpoints, acted on after the step. That small all-reduce starts before the
         last backward pass and overlaps it.
         """
         hp = self.hypers
@@ -301,12 +315,9 @@ class Engine:
             "stress": int(self.has_stress[global_].sum()),
         }
         self.optimizer.zero_grad(set_to_none=True)
-        chunks = [c for c in np.array_split(local, hp.accumulation_steps) if len(c)]
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for i, chunk in enumerate(chunks):
-            with timing.section("data"):
-                batch = collate([self.train_set[int(j)] for j in chunk], self.device)
-            last = i == len(chunks) - 1
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
             sync = last or not hasattr(self.network, "no_sync")
             with contextlib.nullcontext() if sync else self.network.no_sync():
                 with self.autocast():
@@ -404,18 +415,26 @@ class Engine:
         for; the sum of their losses (on the device) and their number."""
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         steps = 0
-        for step in self.sampler:
-            loss_sum += self.train_step(step.local, step.global_)
-            steps += 1
-            report.step(len(step.global_), loss_sum)
-            if self.agreed.stop:
-                self.stop_for_signal()
-            epoch_done = self.sampler.consumed >= self.sampler.n_samples
-            checkpoints = self.checkpoints
-            if checkpoints is not None and not epoch_done:  # (the epoch's end writes its own)
-                if checkpoints.due_after_step(self.progress.step, self.agreed.due):
-                    self.write_checkpoint()
+        plan = [self.micro_batches(step.local) for step in self.sampler.plan()]
+        with contextlib.closing(self.loader.batches(plan)) as prepared:
+            for step in self.sampler:
+                with timing.section("data"):  # (waiting for it, when made ahead)
+                    batches = next(prepared)
+                loss_sum += self.train_step(step.global_, batches)
+                steps += 1
+                self.after_step(step, loss_sum, report)
         return loss_sum, steps
+
+    def after_step(self, step: StepIndices, loss_sum: torch.Tensor, report: EpochReporter) -> None:
+        """Report a step; act on a stop signal and on a checkpoint it makes due."""
+        report.step(len(step.global_), loss_sum)
+        if self.agreed.stop:
+            self.stop_for_signal()
+        epoch_done = self.sampler.consumed >= self.sampler.n_samples
+        checkpoints = self.checkpoints
+        if checkpoints is not None and not epoch_done:  # (the epoch's end writes its own)
+            if checkpoints.due_after_step(self.progress.step, self.agreed.due):
+                self.write_checkpoint()
 
     def stop_for_signal(self) -> None:
         """A rank received a stop signal: checkpoint now, and end with :class:`Preempted`."""
@@ -505,16 +524,15 @@ class Engine:
         self.model.eval()
         size = max(1, self.hypers.batch_size // self.context.world_size)
         return evaluate(
-            lambda batch: self.predict(batch, self.model_forward, create_graph=False),
+            lambda batch: self.predict(batch, self.energies, create_graph=False),
             self.val_sets,
             self.targets,
             size,
             self.device,
             self.context,
+            self.requests,
+            workers=self.workers,
         )
-
-    def model_forward(self, systems):
-        return EnergyModule.run(self.model, self.outputs, systems)
 
     # -- state ------------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -12,42 +12,65 @@ import torch
 from metatomic.torch import AtomisticModel, ModelEvaluationOptions, ModelOutput
 
 from . import launch, run, timing
-from .data.batch import Batch, collate
+from .data.batch import Batch, pair_vectors
+from .data.loader import BatchLoader
 from .data.sampler import shard_for_rank
 from .data.structures import AtomisticDataset
 from .systems import NeighborLists, make_systems
 
 
 class EnergyModule(torch.nn.Module):
-    """The model as DDP sees it: systems in, one energy tensor per target out."""
+    """The model as DDP sees it: a batch and its geometry leaves in, the energy of
+    every structure per target out.
 
-    def __init__(self, model: torch.nn.Module, outputs: dict[str, ModelOutput]):
+    A model with a batch core (``forward_batch(batch, vectors)``, as hpctrain's
+    reference models have) computes on the batch's tensors, with pair vectors made
+    on the device from positions, cells and cell shifts; any other model (one with
+    metatomic's interface alone) gets one metatomic ``System`` per structure, with
+    its neighbour lists, as an MD engine would give them.
+
+    :param batched: force one path (None: the batch core where the model has one)
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, outputs: dict[str, ModelOutput], batched: bool | None = None
+    ):
         super().__init__()
         self.model = model
         self.outputs = outputs
+        self.batched = hasattr(model, "forward_batch") if batched is None else batched
+        self.neighbors = None if self.batched else NeighborLists(model.requested_neighbor_lists())
 
-    @staticmethod
-    def run(model, outputs, systems) -> dict[str, torch.Tensor]:
-        results = model(systems, outputs, None)
-        return {name: results[name].block().values.reshape(-1) for name in outputs}
+    def forward(
+        self, batch: Batch, positions: torch.Tensor, strain: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        if self.batched:
+            vectors = [pair_vectors(p, positions, batch.cells, strain) for p in batch.pairs]
+            energies = self.model.forward_batch(batch, vectors)
+            return {name: energies[name] for name in self.outputs}
+        systems = make_systems(batch, positions, strain, self.neighbors)
+        results = self.model(systems, self.outputs, None)
+        return {name: results[name].block().values.reshape(-1) for name in self.outputs}
 
-    def forward(self, systems):
-        return self.run(self.model, self.outputs, systems)
+
+Network = Callable[[Batch, torch.Tensor, "torch.Tensor | None"], dict[str, torch.Tensor]]
 
 
-def predict(
-    batch: Batch, network: Callable, neighbors: NeighborLists, create_graph: bool
-) -> dict[str, torch.Tensor]:
-    """Energies from ``network(systems)``, and forces/stress by autograd where the
-    batch has reference values for them."""
+def predict(batch: Batch, network: Network, create_graph: bool) -> dict[str, torch.Tensor]:
+    """Energies from ``network(batch, positions, strain)``, and forces/stress by
+    autograd where the batch has reference values for them."""
     forces = bool(batch.forces)
     stress = bool(batch.stress)
-    with timing.section("systems"):
-        systems, positions, strain = make_systems(batch, neighbors, forces, stress)
+    positions = batch.positions.detach().requires_grad_(forces)
+    strain = None
+    if stress:
+        strain = torch.zeros(
+            len(batch), 3, 3, dtype=positions.dtype, device=positions.device, requires_grad=True
+        )
     with timing.section("forward"):  # the energies and their gradients
-        energies = network(systems)
+        energies = network(batch, positions, strain)
         results = dict(energies)
-        inputs = (positions if forces else []) + ([strain] if stress else [])
+        inputs = ([positions] if forces else []) + ([strain] if stress else [])
         for name, energy in energies.items():
             if name not in batch.forces and name not in batch.stress:
                 continue
@@ -55,9 +78,9 @@ def predict(
                 energy.sum(), inputs, create_graph=create_graph, retain_graph=True
             )
             if name in batch.forces:
-                results[f"{name} forces"] = -torch.cat(grads[: len(positions)])
+                results[f"{name} forces"] = -grads[0]
             if name in batch.stress:
-                volumes = torch.stack([torch.det(c).abs() for c in batch.cells])
+                volumes = torch.linalg.det(batch.cells).abs()
                 # (a structure that is not periodic has no stress, and no NaN gradients)
                 volumes = torch.where(volumes > 0, volumes, torch.ones_like(volumes))
                 results[f"{name} stress"] = grads[-1] / volumes[:, None, None]
@@ -78,27 +101,30 @@ class ErrorSums:
         self.totals = totals
         self.sums: dict[tuple[str, bool], torch.Tensor] = {}
 
-    def _add(self, key: str, total: bool, error: torch.Tensor) -> None:
+    def _add(self, key: str, total: bool, error: torch.Tensor, count: Any) -> None:
         error = error.detach().double().reshape(-1)
         acc = self.sums.get((key, total))
         if acc is None:
             acc = torch.zeros(3, dtype=torch.float64, device=self.device)
             self.sums[(key, total)] = acc
-        acc[0] += (error**2).sum()
-        acc[1] += error.abs().sum()
-        acc[2] += error.numel()
+        acc[:2] += torch.stack([(error**2).sum(), error.abs().sum()])
+        acc[2] += count
 
     def add(self, batch: Batch, predictions: dict[str, torch.Tensor]) -> None:
-        """Errors of ``predictions`` (as :func:`predict` returns them) on ``batch``."""
+        """Errors of ``predictions`` (as :func:`predict` returns them) on ``batch``;
+        nothing is read from the device."""
         for key, value in predictions.items():
             error = value.detach() - reference_of(batch, key)
+            count: Any = error.numel()
             if key.endswith(" stress"):  # only the structures with a stress
-                error = error[torch.isfinite(error).flatten(1).all(dim=1)]
+                known = torch.isfinite(error).flatten(1).all(dim=1)
+                error = torch.where(known[:, None, None], error, 0.0)
+                count = known.sum() * 9
             if key in self.targets:
                 if self.totals:
-                    self._add(key, True, error)
+                    self._add(key, True, error, count)
                 error = error / batch.n_atoms
-            self._add(key, False, error)
+            self._add(key, False, error, count)
 
     def metrics(self) -> dict[str, float]:
         """RMSE and MAE of everything added on any rank (a collective: every rank calls)."""
@@ -129,27 +155,32 @@ def evaluate(
     batch_size: int,
     device: torch.device,
     ctx: run.RunContext,
+    requests: Sequence = (),
     totals: bool = False,
     on_batch: BatchCallback | None = None,
+    workers: int = 0,
 ) -> dict[str, float]:
     """RMSE and MAE of every prediction over ``datasets``; each structure is seen by
     exactly one rank and the sums are all-reduced, so the metrics are exact.
 
+    :param requests: the neighbour lists the batches carry (the model's requests)
     :param totals: also report energies per structure, not only per atom
     :param on_batch: called as ``on_batch(dataset_index, indices, batch, predictions)``
         after each batch of this rank (``indices``: positions in that dataset)
+    :param workers: loader threads preparing the next batches
     """
     errors = ErrorSums(targets, device, totals)
     for number, dataset in enumerate(datasets):
         indices = shard_for_rank(len(dataset), ctx.rank, ctx.world_size)
-        for i in range(0, len(indices), batch_size):
-            chunk = indices[i : i + batch_size]
-            batch = collate([dataset[int(j)] for j in chunk], device)
-            with torch.enable_grad():
-                predictions = predict_batch(batch)
-            errors.add(batch, predictions)
-            if on_batch is not None:
-                on_batch(number, chunk, batch, predictions)
+        chunks = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+        loader = BatchLoader(dataset, requests, device, workers)
+        with contextlib.closing(loader.batches([[c] for c in chunks])) as batches:
+            for chunk, (batch,) in zip(chunks, batches):
+                with torch.enable_grad():
+                    predictions = predict_batch(batch)
+                errors.add(batch, predictions)
+                if on_batch is not None:
+                    on_batch(number, chunk, batch, predictions)
     return errors.metrics()
 
 
@@ -193,16 +224,15 @@ def evaluate_model(
     (e.g. the test set after training), distributed over the ranks."""
     model = model.to(device).eval()
     outputs = {name: ModelOutput(unit=t.unit, sample_kind="system") for name, t in targets.items()}
-    neighbors = NeighborLists(model.requested_neighbor_lists())
+    network = EnergyModule(model, outputs)
     return evaluate(
-        lambda batch: predict(
-            batch, lambda systems: EnergyModule.run(model, outputs, systems), neighbors, False
-        ),
+        lambda batch: predict(batch, network, False),
         datasets,
         targets,
         batch_size,
         device,
         run.current(),
+        model.requested_neighbor_lists() if network.batched else (),
     )
 
 
@@ -232,12 +262,13 @@ def evaluate_exported_model(
     )
     neighbors = NeighborLists(model.requested_neighbor_lists())
 
-    def network(systems):
+    def network(batch, positions, strain):
+        systems = make_systems(batch, positions, strain, neighbors)
         results = model(systems, options, check_consistency=False)
         return {name: results[name].block().values.reshape(-1) for name in targets}
 
     return evaluate(
-        lambda batch: predict(cast_batch(batch, dtype), network, neighbors, False),
+        lambda batch: predict(batch.to_dtype(dtype), network, False),
         datasets,
         targets,
         batch_size,
@@ -249,20 +280,6 @@ def evaluate_exported_model(
 
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16}
-
-
-def cast_batch(batch: Batch, dtype: torch.dtype) -> Batch:
-    """``batch`` with positions, cells and references in ``dtype`` (a copy if needed)."""
-    if batch.positions[0].dtype == dtype:
-        return batch
-    return dataclasses.replace(
-        batch,
-        positions=[p.to(dtype) for p in batch.positions],
-        cells=[c.to(dtype) for c in batch.cells],
-        targets={k: v.to(dtype) for k, v in batch.targets.items()},
-        forces={k: v.to(dtype) for k, v in batch.forces.items()},
-        stress={k: v.to(dtype) for k, v in batch.stress.items()},
-    )
 
 
 def reference_of(batch: Batch, key: str) -> torch.Tensor:

@@ -75,6 +75,13 @@ class TrainingHypers:
         doc="Where the Huber loss turns linear, in units of each term's scale (in the "
         "errors' own units with ``loss_scales: none``).",
     )
+    num_workers: Optional[int] = option(
+        None,
+        doc="Loader threads per rank that read, give neighbour lists to and collate the "
+        "coming batches while a step computes (two steps ahead). Left out: 2 on a GPU, "
+        "0 on a CPU (each batch made when its step starts, as the step's threads keep "
+        "the cores busy). The batches, and so the results, do not depend on it.",
+    )
     fit_composition: bool = option(
         True,
         doc="Fit per-element energy offsets by least squares before training, so the "
@@ -91,6 +98,8 @@ class TrainingHypers:
             raise OptionsError(f"'{path}.ema_decay' in {source} must be in (0, 1)")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise OptionsError(f"'{path}.grad_clip' in {source} must be positive")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise OptionsError(f"'{path}.num_workers' in {source} must not be negative")
         if self.huber_delta <= 0:
             raise OptionsError(f"'{path}.huber_delta' in {source} must be positive")
         for name in ("energy_weight", "forces_weight", "stress_weight"):

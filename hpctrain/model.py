@@ -1,9 +1,13 @@
 """What the reference models share: energy heads with a composition baseline,
-metatomic outputs, checkpoints, restart and export.
+metatomic outputs, a batch path for training, checkpoints, restart and export.
 
-A subclass declares ``__hypers__`` (a dataclass of its model hypers),
-``interaction_range`` and ``atomic_outputs``, which maps systems to one raw
-per-atom value per target. Everything else lives here, once.
+A subclass declares ``__hypers__`` (a dataclass of its model hypers), its
+``neighbor_options`` (one neighbour list), ``interaction_range`` and its core,
+``atomic_outputs``, which maps the atoms and neighbour pairs of many structures at
+once to one raw per-atom value per target. Training calls the core through
+``forward_batch`` on a batch's tensors; MD engines and metatomic call ``forward``
+on metatomic ``System`` objects, which gathers the same tensors from them and calls the same core.
+Everything else lives here, once.
 """
 
 from pathlib import Path
@@ -77,8 +81,22 @@ class ReferenceModel(torch.nn.Module, ModelInterface):
     def interaction_range(self) -> float:
         raise NotImplementedError
 
-    def atomic_outputs(self, systems: List[System]) -> torch.Tensor:
-        """``[n_atoms of all systems, n_targets]`` raw per-atom outputs."""
+    def atomic_outputs(
+        self,
+        type_index: torch.Tensor,
+        centers: torch.Tensor,
+        neighbors: torch.Tensor,
+        vectors: torch.Tensor,
+        type_counts: List[int],
+    ) -> torch.Tensor:
+        """``[atoms, n_targets]`` raw per-atom outputs of many structures' atoms.
+
+        :param type_index: each atom's element, as a position in ``atomic_types``
+        :param centers: the centre atom of each pair of ``neighbor_options``
+        :param neighbors: the neighbour atom of each pair
+        :param vectors: ``[pairs, 3]`` from centre to neighbour (differentiable)
+        :param type_counts: atoms of each element (as known on the host)
+        """
         raise NotImplementedError
 
     # -- shared -----------------------------------------------------------------------
@@ -90,13 +108,38 @@ class ReferenceModel(torch.nn.Module, ModelInterface):
         self.composition[i] = weights.to(self.composition)
         self.scale[i] = scale
 
+    def requested_neighbor_lists(self) -> List[NeighborListOptions]:
+        return [self.neighbor_options]
+
+    def atomic_energies(self, raw: torch.Tensor, type_index: torch.Tensor) -> torch.Tensor:
+        """``[atoms, n_targets]``: the network's outputs scaled, plus the baseline."""
+        return raw * self.scale + self.composition.t().index_select(0, type_index)
+
+    @torch.jit.unused
+    def forward_batch(self, batch: Any, vectors: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The energy ``[structures]`` of every target for a batch
+        (:class:`hpctrain.data.batch.Batch`) and its pair ``vectors``."""
+        type_index = self.type_map.index_select(0, batch.types.long())
+        counts = [batch.element_counts.get(z, 0) for z in self.atomic_types]
+        pairs = batch.pairs[0]
+        raw = self.atomic_outputs(type_index, pairs.centers, pairs.neighbors, vectors[0], counts)
+        energies = self.atomic_energies(raw, type_index)
+        totals = torch.zeros(
+            len(batch), energies.shape[1], dtype=energies.dtype, device=energies.device
+        ).index_add(0, batch.system, energies)
+        return {name: totals[:, i] for i, name in enumerate(self.target_names)}
+
     def forward(
         self,
         systems: List[System],
         outputs: Dict[str, ModelOutput],
         selected_atoms: Optional[Labels] = None,
     ) -> Dict[str, TensorMap]:
-        raw = self.atomic_outputs(systems)
+        types, centers, neighbors, vectors = batched_pairs(systems, self.neighbor_options)
+        type_index = self.type_map[types.long()]
+        counts: List[int] = torch.bincount(type_index, minlength=len(self.atomic_types)).tolist()
+        raw = self.atomic_outputs(type_index, centers, neighbors, vectors, counts)
+        energies = self.atomic_energies(raw, type_index)
         device = raw.device
         system_index = torch.cat(
             [
@@ -105,7 +148,6 @@ class ReferenceModel(torch.nn.Module, ModelInterface):
             ]
         )
         atom_index = torch.cat([torch.arange(len(s), device=device) for s in systems])
-        type_index = self.type_map[torch.cat([s.types for s in systems]).long()]
         keep = torch.ones(len(atom_index), dtype=torch.bool, device=device)
         if selected_atoms is not None:
             wanted = selected_atoms.values.to(device)
@@ -117,7 +159,7 @@ class ReferenceModel(torch.nn.Module, ModelInterface):
         for i, name in enumerate(self.target_names):
             if name not in outputs:
                 continue
-            energy = raw[:, i] * self.scale[i] + self.composition[i][type_index]
+            energy = energies[:, i]
             if outputs[name].sample_kind == "atom":
                 values = energy[keep].unsqueeze(1)
                 samples = Labels(

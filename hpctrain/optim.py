@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -133,3 +133,9 @@ class ExponentialMovingAverage:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for shadow, saved in zip(self.shadow, state["shadow"]):
             shadow.copy_(saved)
+
+
+def make_adam(parameters: Iterable[torch.nn.Parameter], learning_rate: float) -> torch.optim.Adam:
+    """Adam updating all parameters in one fused operation (one kernel on a GPU,
+    where the per-tensor update launches about ten per parameter tensor)."""
+    return torch.optim.Adam(parameters, lr=learning_rate, fused=True)

@@ -1,4 +1,5 @@
-"""metatomic Systems from batches: strain for stress, neighbour lists with autograd."""
+"""metatomic Systems from batches, for models trained through metatomic's interface
+(and for exported models): strain for stress, neighbour lists with autograd."""
 
 from __future__ import annotations
 
@@ -29,40 +30,33 @@ class NeighborLists:
 
 def make_systems(
     batch: Batch,
+    positions: torch.Tensor,
+    strain: torch.Tensor | None,
     neighbors: NeighborLists,
-    positions_grad: bool,
-    strain_grad: bool,
-) -> tuple[list[System], list[torch.Tensor], torch.Tensor | None]:
-    """Systems for ``batch``; returns them, the position leaves and the strain leaf.
+) -> list[System]:
+    """One System per structure of ``batch``, with the neighbour lists of ``neighbors``.
 
-    With ``strain_grad``, positions and cells are multiplied by ``1 + strain``
-    (a ``[n_structures, 3, 3]`` zero tensor), so that the derivative of the energy
-    with respect to the strain, divided by the volume, is the stress.
+    ``positions`` (``[n_atoms, 3]``, the batch's, usually a leaf that requires
+    gradients) are split per structure; with ``strain`` (``[n_structures, 3, 3]``
+    zeros), positions and cells are multiplied by ``1 + strain``, so that the
+    derivative of the energy with respect to the strain, divided by the volume, is
+    the stress.
 
     The geometry keeps the batch's precision under mixed precision: autocast would
     turn the strain product into bfloat16, positions to three significant digits.
     """
-    device_type = batch.positions[0].device.type if len(batch) else "cpu"
-    with torch.autocast(device_type, enabled=False):
-        return _make_systems(batch, neighbors, positions_grad, strain_grad)
-
-
-def _make_systems(
-    batch: Batch, neighbors: NeighborLists, positions_grad: bool, strain_grad: bool
-) -> tuple[list[System], list[torch.Tensor], torch.Tensor | None]:
-    positions = [p.detach().requires_grad_(positions_grad) for p in batch.positions]
-    strain = None
-    if strain_grad:
-        dtype, device = positions[0].dtype, positions[0].device
-        strain = torch.zeros(len(batch), 3, 3, dtype=dtype, device=device, requires_grad=True)
-        eye = torch.eye(3, dtype=dtype, device=device)
-    systems = []
-    for i in range(len(batch)):
-        pos, cell = positions[i], batch.cells[i]
+    with torch.autocast(positions.device.type, enabled=False):
+        per_structure = torch.split(positions, batch.sizes)
+        types = torch.split(batch.types, batch.sizes)
         if strain is not None:
-            deform = eye + strain[i]
-            pos = pos @ deform
-            cell = cell @ deform
-        systems.append(System(types=batch.numbers[i], positions=pos, cell=cell, pbc=batch.pbcs[i]))
-    neighbors.add(systems)
-    return systems, positions, strain
+            eye = torch.eye(3, dtype=positions.dtype, device=positions.device)
+        systems = []
+        for i in range(len(batch)):
+            pos, cell = per_structure[i], batch.cells[i]
+            if strain is not None:
+                deform = eye + strain[i]
+                pos = pos @ deform
+                cell = cell @ deform
+            systems.append(System(types=types[i], positions=pos, cell=cell, pbc=batch.pbcs[i]))
+        neighbors.add(systems)
+    return systems

@@ -215,9 +215,11 @@ def test_geometry_keeps_its_precision_under_autocast():
     """Mixed precision runs the network in bfloat16, never the positions and cells:
     the strain product for stress would otherwise round positions to three digits
     (the CPU's autocast casts matrix products as CUDA's does)."""
+    import dataclasses
+
     from metatomic.torch import NeighborListOptions
 
-    from hpctrain.data.batch import collate
+    from hpctrain.data.batch import collate, pair_vectors
     from hpctrain.systems import NeighborLists, make_systems
 
     options = parse(
@@ -225,17 +227,24 @@ def test_geometry_keeps_its_precision_under_autocast():
         {"systems": {"read_from": str(EXAMPLE_XYZ)}, "targets": {"energy": {"forces": True}}},
     )
     dataset = read_dataset(options, "training_set", "test", torch.float32)
-    batch = collate([dataset[i] for i in range(3)])
-    batch.cells = [torch.eye(3) * 20.0 for _ in batch.cells]  # periodic, so that stress applies
-    batch.pbcs = [torch.ones(3, dtype=torch.bool) for _ in batch.pbcs]
-    neighbors = NeighborLists([NeighborListOptions(cutoff=4.0, full_list=False, strict=True)])
-    plain, _, _ = make_systems(batch, neighbors, True, True)
+    request = NeighborListOptions(cutoff=4.0, full_list=False, strict=True)
+    batch = collate([dataset[i] for i in range(3)], [request])
+    # periodic, so that stress applies
+    batch = dataclasses.replace(
+        batch, cells=torch.eye(3).repeat(3, 1, 1) * 20.0, pbcs=torch.ones(3, 3, dtype=torch.bool)
+    )
+    neighbors = NeighborLists([request])
+    strain = torch.zeros(3, 3, 3, requires_grad=True)
+    plain = make_systems(batch, batch.positions, strain, neighbors)
+    vectors = pair_vectors(batch.pairs[0], batch.positions, batch.cells, strain)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed, _, strain = make_systems(batch, neighbors, True, True)
-    assert strain.dtype == torch.float32
+        mixed = make_systems(batch, batch.positions, strain, neighbors)
+        mixed_vectors = pair_vectors(batch.pairs[0], batch.positions, batch.cells, strain)
     for a, b in zip(plain, mixed):
         assert b.positions.dtype == b.cell.dtype == torch.float32
         assert torch.equal(a.positions, b.positions) and torch.equal(a.cell, b.cell)
+    # (the batch path computes its pair vectors under the same rule)
+    assert mixed_vectors.dtype == torch.float32 and torch.equal(vectors, mixed_vectors)
 
 
 def test_the_loss_scales_are_measured_once_and_kept_in_the_checkpoint(ethanol, tmp_path):

@@ -19,7 +19,6 @@ from hpctrain.errors import DataError
 from hpctrain.evaluation import EnergyModule, ErrorSums, predict
 from hpctrain.loss import ENERGY_LENGTH, Loss
 from hpctrain.options import DatasetOptions
-from hpctrain.systems import NeighborLists
 from hpctrain.testing import emt_structures
 
 
@@ -84,10 +83,12 @@ def test_stress_and_virial_in_the_data_are_the_strain_derivative_of_the_energy(t
         np.testing.assert_allclose(by_emt[k].stress["energy"].numpy(), expected, atol=1e-7)
 
 
+@pytest.mark.parametrize("batched", [True, False], ids=["batch-path", "system-path"])
 @pytest.mark.parametrize("architecture", ["mp_transformer", "soap_bpnn"])
-def test_a_models_stress_is_the_strain_derivative_of_its_energy(architecture, tmp_path):
-    """Through the training path (batches, systems with a strain, autograd), for a
-    batch mixing crystals and a molecule (which has no stress, and no NaN either)."""
+def test_a_models_stress_is_the_strain_derivative_of_its_energy(architecture, batched, tmp_path):
+    """Through both training paths (the batch core with pair vectors strained on the
+    device; metatomic Systems with a strained cell), with autograd, for a batch
+    mixing crystals and a molecule (which has no stress, and no NaN either)."""
     from hpctrain.architecture import resolve
 
     crystals, molecules = emt_structures(True, 3, seed=4), emt_structures(False, 1, seed=5)
@@ -99,9 +100,9 @@ def test_a_models_stress_is_the_strain_derivative_of_its_energy(architecture, tm
     arch = resolve(architecture, {}, {}, "test")
     torch.manual_seed(0)
     model = arch.model_class(arch.model_hypers, dataset.info).to(torch.float64)
-    network = EnergyModule(model, {"energy": _output()})
-    neighbors = NeighborLists(model.requested_neighbor_lists())
-    predictions = predict(collate([dataset[i] for i in range(4)]), network, neighbors, False)
+    network = EnergyModule(model, {"energy": _output()}, batched)
+    requests = model.requested_neighbor_lists()
+    predictions = predict(collate([dataset[i] for i in range(4)], requests), network, False)
     stress = predictions["energy stress"].detach().numpy()
     assert np.isfinite(stress).all()
 
@@ -115,7 +116,7 @@ def test_a_models_stress_is_the_strain_derivative_of_its_energy(architecture, tm
             stress={},
         )
         with torch.no_grad():
-            return float(predict(collate([strained]), network, neighbors, False)["energy"][0])
+            return float(predict(collate([strained], requests), network, False)["energy"][0])
 
     for k, atoms in enumerate(ase.io.read(tmp_path / "mixed.xyz", ":3")):
         expected = strain_derivative(model_energy, atoms, h=1e-5)

@@ -15,10 +15,10 @@ import math
 from typing import List
 
 import torch
-from metatomic.torch import NeighborListOptions, System
+from metatomic.torch import NeighborListOptions
 
 from hpctrain.config import option
-from hpctrain.model import ReferenceModel, batched_pairs
+from hpctrain.model import ReferenceModel
 
 
 @dataclasses.dataclass
@@ -153,13 +153,14 @@ class MessagePassingTransformer(ReferenceModel):
     def interaction_range(self) -> float:
         return self.cutoff * self.num_layers
 
-    def requested_neighbor_lists(self) -> List[NeighborListOptions]:
-        return [self.neighbor_options]
-
-    def atomic_outputs(self, systems: List[System]) -> torch.Tensor:
-        types, centers_, neighbors_, vectors_ = batched_pairs(systems, self.neighbor_options)
-        type_index = self.type_map[types.long()]
-
+    def atomic_outputs(
+        self,
+        type_index: torch.Tensor,
+        centers_: torch.Tensor,
+        neighbors_: torch.Tensor,
+        vectors_: torch.Tensor,
+        type_counts: List[int],
+    ) -> torch.Tensor:
         distances = torch.linalg.vector_norm(vectors_, dim=1)
         inside = distances < self.cutoff
         smooth = torch.where(

@@ -21,10 +21,10 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 import torch
 from metatensor.torch import Labels
-from metatomic.torch import NeighborListOptions, System
+from metatomic.torch import NeighborListOptions
 
 from hpctrain.config import option
-from hpctrain.model import ReferenceModel, batched_pairs
+from hpctrain.model import ReferenceModel
 
 
 @dataclasses.dataclass
@@ -363,9 +363,6 @@ class SoapBpnn(ReferenceModel):
     def interaction_range(self) -> float:
         return self.cutoff
 
-    def requested_neighbor_lists(self) -> List[NeighborListOptions]:
-        return [self.neighbor_options]
-
     def radial(self, distances: torch.Tensor) -> torch.Tensor:
         """``[pairs, l, n]``: the splined radial integral times cutoff and scaling."""
         x = distances / self.spline_step
@@ -398,19 +395,21 @@ class SoapBpnn(ReferenceModel):
         return spline * (cutoff * scaling).unsqueeze(1).unsqueeze(2)
 
     def power_spectrum(
-        self, systems: List[System]
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[int]]:
-        """SOAP power spectra ``[atoms, features]`` of all atoms of ``systems``, sorted
-        by element (stably); the rank of each atom (in system order) in that order; the
-        element index of each atom (system order); and the atoms of each element."""
-        types, first, second, vector = batched_pairs(systems, self.neighbor_options)
-        type_index = self.type_map[types.long()]
-        n_atoms = len(types)
+        self,
+        type_index: torch.Tensor,
+        first: torch.Tensor,
+        second: torch.Tensor,
+        vector: torch.Tensor,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """SOAP power spectra ``[atoms, features]`` of the atoms of elements
+        ``type_index`` with the half neighbour list (``first``, ``second``,
+        ``vector``), sorted by element (stably); and the rank of each atom in that
+        order."""
+        n_atoms = type_index.shape[0]
         device = vector.device
         # atoms sorted by element, so that each element's network gets a contiguous slice
         order = torch.argsort(type_index, stable=True)
         rank = torch.empty_like(order).index_copy_(0, order, torch.arange(n_atoms, device=device))
-        counts: List[int] = torch.bincount(type_index, minlength=self.n_types).tolist()
 
         distances = torch.linalg.vector_norm(vector, dim=1)
         harmonics = spherical_harmonics(
@@ -439,14 +438,21 @@ class SoapBpnn(ReferenceModel):
         # [atoms, l, t1, n1, t2, n2] -> the features, in featomic's order
         gram = torch.bmm(padded.transpose(1, 2), padded).reshape(n_atoms, -1)
         features = gram.index_select(1, self.feature_index) * self.feature_scale
-        return features, rank, type_index, counts
+        return features, rank
 
-    def atomic_outputs(self, systems: List[System]) -> torch.Tensor:
-        features, rank, _, counts = self.power_spectrum(systems)
+    def atomic_outputs(
+        self,
+        type_index: torch.Tensor,
+        centers: torch.Tensor,
+        neighbors: torch.Tensor,
+        vectors: torch.Tensor,
+        type_counts: List[int],
+    ) -> torch.Tensor:
+        features, rank = self.power_spectrum(type_index, centers, neighbors, vectors)
         outputs: List[torch.Tensor] = []
         # an element absent from the batch still runs (on no atoms), so that every
         # parameter takes part in the graph as DDP expects
-        chunks = torch.split(features, counts)
+        chunks = torch.split(features, type_counts)
         for i, network in enumerate(self.networks):
             outputs.append(network(chunks[i]))
         return torch.cat(outputs).index_select(0, rank)

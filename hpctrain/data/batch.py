@@ -1,50 +1,204 @@
-"""Batches of structures as lists of tensors on a device (:func:`collate`)."""
+"""Batches: several structures as one set of tensors, with their neighbour pairs
+(:func:`collate`).
+
+A batch is made off the training step's critical path (by the loader,
+:mod:`hpctrain.data.loader`): the structures' arrays are concatenated per atom, the
+neighbour lists the model requests are computed on the CPU and concatenated with
+their cell shifts, and the whole batch is moved to the device in one go. The step
+then computes pair vectors from positions, cells and shifts on the device, so that
+forces and stress come from autograd; nothing in it loops over structures.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from .structures import Structure
 
 
 @dataclasses.dataclass
+class Pairs:
+    """The neighbour pairs of one requested neighbour list, over a whole batch.
+
+    The vector of pair ``p`` is ``positions[neighbors[p]] - positions[centers[p]]
+    + shifts[p] @ cells[system[p]]`` (:func:`pair_vectors`); the indices are
+    positions in the batch's atoms.
+    """
+
+    centers: torch.Tensor  # [pairs] int64
+    neighbors: torch.Tensor  # [pairs] int64
+    shifts: torch.Tensor  # [pairs, 3] whole cell shifts, in the positions' dtype
+    system: torch.Tensor  # [pairs] int64: the structure of each pair
+
+    def __len__(self) -> int:
+        return len(self.centers)
+
+
+@dataclasses.dataclass
 class Batch:
     """Several structures, concatenated per atom, on one device.
 
+    ``types``, ``positions`` and ``system`` (the structure of each atom) are per
+    atom; ``cells`` ``[n_structures, 3, 3]``, ``pbcs`` ``[n_structures, 3]`` and
+    ``n_atoms`` per structure; ``pairs`` holds one :class:`Pairs` per neighbour list
+    the model requested, in the order it requested them. ``sizes`` and
+    ``element_counts`` (atoms of each atomic number) are the same counts on the host,
+    so that splitting the batch needs no read from the device.
     ``targets[name]`` is ``[n_structures]`` (or ``[n_atoms]`` per atom),
-    ``forces[name]`` is ``[n_atoms, 3]``, ``stress[name]`` is ``[n_structures, 3, 3]``.
+    ``forces[name]`` is ``[n_atoms, 3]``, ``stress[name]`` is ``[n_structures, 3, 3]``
+    (NaN for a structure without a stress).
     """
 
-    numbers: list[torch.Tensor]
-    positions: list[torch.Tensor]
-    cells: list[torch.Tensor]
-    pbcs: list[torch.Tensor]
+    types: torch.Tensor
+    positions: torch.Tensor
+    system: torch.Tensor
+    cells: torch.Tensor
+    pbcs: torch.Tensor
     n_atoms: torch.Tensor
+    pairs: list[Pairs]
     targets: dict[str, torch.Tensor]
     forces: dict[str, torch.Tensor]
     stress: dict[str, torch.Tensor]
+    sizes: list[int]
+    element_counts: dict[int, int]
 
     def __len__(self) -> int:
-        return len(self.numbers)
+        return len(self.sizes)
+
+    def apply(self, function) -> Batch:
+        """A batch with ``function`` applied to every tensor."""
+
+        def each(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: function(v) for k, v in values.items()}
+
+        fields = {
+            f.name: function(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        pairs = [
+            Pairs(*(function(getattr(p, f.name)) for f in dataclasses.fields(Pairs)))
+            for p in self.pairs
+        ]
+        return dataclasses.replace(
+            self,
+            **fields,
+            pairs=pairs,
+            targets=each(self.targets),
+            forces=each(self.forces),
+            stress=each(self.stress),
+        )
+
+    def to(self, device: torch.device | str | None, non_blocking: bool = False) -> Batch:
+        """This batch on ``device`` (itself if it is there already)."""
+        if device is None or self.positions.device == torch.device(device):
+            return self
+        return self.apply(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def to_dtype(self, dtype: torch.dtype) -> Batch:
+        """Positions, cells, shifts and references in ``dtype`` (itself if they are)."""
+        if self.positions.dtype == dtype:
+            return self
+        return self.apply(lambda t: t.to(dtype) if t.is_floating_point() else t)
+
+    def pin_memory(self) -> Batch:
+        """This batch in page-locked memory, for asynchronous copies to a GPU."""
+        return self.apply(lambda t: t.pin_memory())
 
 
-def collate(structures: Sequence[Structure], device: torch.device | None = None) -> Batch:
-    """Stack structures into a batch on ``device``."""
+def neighbor_pairs(
+    structures: Sequence[Structure],
+    offsets: np.ndarray,
+    cutoff: float,
+    full_list: bool,
+    dtype: torch.dtype,
+) -> Pairs:
+    """The pairs within ``cutoff`` of every structure (one thread, on the CPU)."""
+    from vesin import NeighborList
+
+    calculator = NeighborList(cutoff=cutoff, full_list=full_list, n_threads=1)
+    centers, neighbors, shifts, counts = [], [], [], []
+    for s, offset in zip(structures, offsets):
+        pbc = s.pbc.numpy()
+        cell = s.cell.numpy().astype(np.float64) if pbc.any() else np.zeros((3, 3))
+        i, j, shift = calculator.compute(
+            s.positions.numpy().astype(np.float64), cell, pbc, quantities="ijS", copy=True
+        )
+        centers.append(i.astype(np.int64) + offset)
+        neighbors.append(j.astype(np.int64) + offset)
+        shifts.append(shift)
+        counts.append(len(i))
+    return Pairs(
+        centers=torch.from_numpy(np.concatenate(centers)),
+        neighbors=torch.from_numpy(np.concatenate(neighbors)),
+        shifts=torch.from_numpy(np.concatenate(shifts).reshape(-1, 3)).to(dtype),
+        system=torch.from_numpy(np.repeat(np.arange(len(structures)), counts)),
+    )
+
+
+def collate(
+    structures: Sequence[Structure],
+    requests: Sequence = (),
+    device: torch.device | str | None = None,
+) -> Batch:
+    """Concatenate ``structures`` into a batch, with the neighbour pairs of each
+    request (metatomic ``NeighborListOptions``: cutoff and full or half list; the
+    pairs are those strictly within the cutoff), on ``device``."""
+    sizes = [len(s.numbers) for s in structures]
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    numbers = np.concatenate([s.numbers.numpy() for s in structures])
+    elements, counts = np.unique(numbers, return_counts=True)
+    dtype = structures[0].positions.dtype
 
     def cat(tensors: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat(tensors).to(device)
+        return torch.from_numpy(np.concatenate([t.numpy() for t in tensors]))
+
+    def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.from_numpy(np.stack([t.numpy() for t in tensors]))
 
     first = structures[0]
-    return Batch(
-        numbers=[s.numbers.to(device) for s in structures],
-        positions=[s.positions.to(device) for s in structures],
-        cells=[s.cell.to(device) for s in structures],
-        pbcs=[s.pbc.to(device) for s in structures],
-        n_atoms=torch.tensor([len(s.numbers) for s in structures], device=device),
+    batch = Batch(
+        types=torch.from_numpy(numbers.astype(np.int32)),
+        positions=cat([s.positions for s in structures]),
+        system=torch.from_numpy(np.repeat(np.arange(len(sizes)), sizes)),
+        cells=stack([s.cell for s in structures]),
+        pbcs=stack([s.pbc for s in structures]),
+        n_atoms=torch.tensor(sizes),
+        pairs=[neighbor_pairs(structures, offsets, r.cutoff, r.full_list, dtype) for r in requests],
         targets={k: cat([s.targets[k] for s in structures]) for k in first.targets},
         forces={k: cat([s.forces[k] for s in structures]) for k in first.forces},
-        stress={k: torch.stack([s.stress[k] for s in structures]).to(device) for k in first.stress},
+        stress={k: stack([s.stress[k] for s in structures]) for k in first.stress},
+        sizes=sizes,
+        element_counts={int(z): int(n) for z, n in zip(elements, counts)},
     )
+    return batch.to(device)
+
+
+def pair_vectors(
+    pairs: Pairs,
+    positions: torch.Tensor,
+    cells: torch.Tensor,
+    strain: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``[pairs, 3]`` vectors from each centre to its neighbour, differentiable in
+    ``positions`` and, with ``strain`` (``[n_structures, 3, 3]``), in the strain that
+    deforms each structure's positions and cell by ``1 + strain``.
+
+    The geometry keeps the positions' precision under mixed precision (autocast
+    would compute these products in bfloat16: three significant digits).
+    """
+    with torch.autocast(positions.device.type, enabled=False):
+        shift = torch.bmm(pairs.shifts.unsqueeze(1), cells.index_select(0, pairs.system))
+        vectors = (
+            positions.index_select(0, pairs.neighbors)
+            - positions.index_select(0, pairs.centers)
+            + shift.squeeze(1)
+        )
+        if strain is not None:
+            deform = torch.bmm(vectors.unsqueeze(1), strain.index_select(0, pairs.system))
+            vectors = vectors + deform.squeeze(1)
+    return vectors

@@ -194,11 +194,19 @@ class DistributedBatchSampler:
     def remaining_steps(self) -> int:
         return len(self.global_batches(self.consumed)) if self.consumed < self.n_samples else 0
 
+    def plan(self) -> list[StepIndices]:
+        """The steps left in the epoch, without handing them out: what a loader
+        prepares ahead, while iterating hands out the same steps one by one."""
+        return [
+            StepIndices(local=self.share(batch), global_=batch)
+            for batch in self.global_batches(self.consumed)
+        ]
+
     def __iter__(self) -> Iterator[StepIndices]:
         """The rest of the epoch; ``consumed`` counts each batch as it is handed out."""
-        for batch in self.global_batches(self.consumed):
-            self.consumed += len(batch)
-            yield StepIndices(local=self.share(batch), global_=batch)
+        for step in self.plan():
+            self.consumed += len(step.global_)
+            yield step
 
     def share(self, batch: np.ndarray) -> np.ndarray:
         """This rank's structures of a global batch, in the batch's order."""

@@ -11,6 +11,7 @@ from metatomic.torch import ModelOutput, System
 
 from architectures.soap_bpnn import __model__ as SoapBpnn
 from hpctrain.architecture import DatasetInfo, TargetInfo
+from hpctrain.model import batched_pairs
 from hpctrain.systems import NeighborLists
 from hpctrain.testing import ArchitectureTests
 
@@ -156,7 +157,10 @@ def test_power_spectrum_and_its_gradients_equal_featomics(data, hypers):
     requests = calculator.requested_neighbor_lists() + model.requested_neighbor_lists()
     NeighborLists(requests).add(systems)
 
-    ours, rank, _, _ = model.power_spectrum(systems)
+    types, first_atoms, second_atoms, vectors = batched_pairs(systems, model.neighbor_options)
+    ours, rank = model.power_spectrum(
+        model.type_map[types.long()], first_atoms, second_atoms, vectors
+    )
     ours = ours[rank]
     reference = calculator(systems).keys_to_properties(model.neighbor_pairs.to("cpu"))
     first = torch.cumsum(torch.tensor([0] + [len(a) for a in frames]), 0)

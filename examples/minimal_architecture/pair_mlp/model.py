@@ -4,8 +4,12 @@ Each atom is described by the sum, over its neighbours within ``cutoff``, of a
 smooth radial basis of their distance, one block per neighbour element, next to a
 one-hot code of its own element. An MLP maps this descriptor to the atom's energy;
 the structure's energy is the sum. Forces and stress come from autograd.
-Everything else (composition baseline, metatomic outputs, checkpoints, restart,
-export) is inherited from :class:`hpctrain.model.ReferenceModel`.
+
+``atomic_outputs`` is the model's core: it sees the atoms and neighbour pairs of a
+whole batch at once (no loop over structures), in training and in MD engines alike.
+Everything else (composition baseline, metatomic outputs, the batch path of
+training, checkpoints, restart, export) is inherited from
+:class:`hpctrain.model.ReferenceModel`.
 
 TorchScript compiles this file when the model is exported: annotations use
 ``typing.List``.
@@ -18,7 +22,7 @@ import math
 from typing import List
 
 import torch
-from metatomic.torch import NeighborListOptions, System
+from metatomic.torch import NeighborListOptions
 
 from hpctrain.config import option
 from hpctrain.errors import OptionsError
@@ -67,27 +71,24 @@ class PairMLP(ReferenceModel):
     def interaction_range(self) -> float:
         return self.cutoff
 
-    def requested_neighbor_lists(self) -> List[NeighborListOptions]:
-        return [self.neighbor_options]
-
-    def atomic_outputs(self, systems: List[System]) -> torch.Tensor:
-        features: List[torch.Tensor] = []
-        for system in systems:
-            pairs = system.get_neighbor_list(self.neighbor_options)
-            first = pairs.samples.values[:, 0].long()
-            second = pairs.samples.values[:, 1].long()
-            distances = torch.linalg.vector_norm(pairs.values.reshape(-1, 3), dim=1)
-            # Bessel-like basis times a cosine cutoff: zero value and slope at the cutoff
-            smooth = 0.5 * (torch.cos(math.pi * distances / self.cutoff) + 1.0)
-            radial = torch.sin(self.frequencies * distances.unsqueeze(1))
-            radial = radial * (smooth / distances).unsqueeze(1)
-            types = self.type_map[system.types.long()]
-            n_atoms, n_radial = len(system), self.frequencies.shape[0]
-            # sum over neighbours, into the block of the neighbour's element
-            blocks = torch.zeros(
-                n_atoms * self.num_types, n_radial, dtype=radial.dtype, device=radial.device
-            )
-            blocks = blocks.index_add(0, first * self.num_types + types[second], radial)
-            own = torch.nn.functional.one_hot(types, self.num_types).to(radial.dtype)
-            features.append(torch.cat([own, blocks.reshape(n_atoms, -1)], dim=1))
-        return self.mlp(torch.cat(features))
+    def atomic_outputs(
+        self,
+        type_index: torch.Tensor,
+        centers: torch.Tensor,
+        neighbors: torch.Tensor,
+        vectors: torch.Tensor,
+        type_counts: List[int],
+    ) -> torch.Tensor:
+        distances = torch.linalg.vector_norm(vectors, dim=1)
+        # Bessel-like basis times a cosine cutoff: zero value and slope at the cutoff
+        smooth = 0.5 * (torch.cos(math.pi * distances / self.cutoff) + 1.0)
+        radial = torch.sin(self.frequencies * distances.unsqueeze(1))
+        radial = radial * (smooth / distances).unsqueeze(1)
+        n_atoms, n_radial = type_index.shape[0], self.frequencies.shape[0]
+        # sum over neighbours, into the block of the neighbour's element
+        blocks = torch.zeros(
+            n_atoms * self.num_types, n_radial, dtype=radial.dtype, device=radial.device
+        )
+        blocks = blocks.index_add(0, centers * self.num_types + type_index[neighbors], radial)
+        own = torch.nn.functional.one_hot(type_index, self.num_types).to(radial.dtype)
+        return self.mlp(torch.cat([own, blocks.reshape(n_atoms, -1)], dim=1))
