@@ -18,11 +18,12 @@ batch per rank fixed (global batch ``N * --batch-size``): efficiency
 ``throughput_N / (N throughput_1)``. With ``--ranks`` not starting at 1, the
 smallest count is the reference.
 
-The breakdown of a step, per rank, in seconds per step: ``data`` (reading and
-collating this rank's structures: waiting for data, as the engine reads them in
-the training loop), ``systems`` (metatomic systems and neighbour lists),
-``forward`` (energies, and forces/stress by autograd), ``backward`` (gradient
-computation not overlapped with communication), ``allreduce`` (gradient all-reduce
+The breakdown of a step, per rank, in seconds per step: ``data`` (reading this
+rank's structures, their neighbour lists and collating them into a batch, made in
+line, as training does with ``num_workers: 0``; with loader threads it is the wait
+for a batch made ahead), ``forward`` (energies, and forces/stress by autograd),
+``backward`` (gradient computation not overlapped with communication),
+``allreduce`` (gradient all-reduce
 not hidden behind backward: from the moment DDP hands the last gradient bucket to
 the all-reduce until backward returns, timed by a DDP communication hook, see
 :mod:`hpctrain.timing`), ``agree`` (the small per-step all-reduce of stop and NaN
@@ -67,7 +68,6 @@ ROOT = Path(__file__).resolve().parents[1]
 ARCHITECTURES = ("mp_transformer", "soap_bpnn")
 PARTS = (
     "data",
-    "systems",
     "forward",
     "backward",
     "allreduce",
@@ -370,10 +370,8 @@ def summarise(data: dict[str, Any]) -> dict[str, Any]:
         "per_rank_breakdown_s": per_rank,
         "data_fraction": breakdown["data"] / mean_step,
         # everything but the model's own work (forward, backward, gradient all-reduce,
-        # optimizer); the second also counts building systems and neighbour lists as work
+        # optimizer): data (made in line here) included
         "framework_overhead": 1 - model_work / mean_step,
-        "framework_overhead_without_neighbour_lists": 1
-        - (model_work + breakdown["systems"]) / mean_step,
         "allreduce_buckets_per_step": ranks[0]["comm"].get("buckets", 0) / steps,
         "allreduce_bytes_per_step": ranks[0]["comm"].get("bytes", 0) / steps,
         "allreduce_busy_s": sum(busy) / len(busy) / steps if busy else None,
@@ -481,7 +479,9 @@ def worker(config_path: Path) -> None:
                     start = time.perf_counter()
                 t0 = time.perf_counter()
                 n_step_atoms = int(n_atoms[step.global_].sum())
-                engine.train_step(step.global_, engine.step_batches(step.local))
+                with timing.section("data"):
+                    batches = engine.step_batches(step.local)
+                engine.train_step(step.global_, batches)
                 if i >= warmup and every and (i - warmup + 1) % every == 0:
                     engine.write_checkpoint()
                 if i >= warmup:

@@ -294,6 +294,35 @@ class ArchitectureTests:
         assert all(math.isfinite(r["energy"]) for r in results)
         assert len({round(r["energy"], 10) for r in results}) > 1
 
+    def test_the_batch_path_and_the_system_path_agree(self, datasets):
+        """Where the model has a batch core (``forward_batch``), training computes
+        through it; MD engines call ``forward`` on Systems. Both give the same
+        energies, forces and stress, on periodic crystals and molecules together."""
+        from metatomic.torch import ModelOutput
+
+        from .data.batch import collate
+        from .evaluation import EnergyModule, predict
+
+        outputs = {"energy": ModelOutput(unit="eV", sample_kind="system")}
+        for name, expected_keys in [
+            ("crystals", {"energy", "energy forces", "energy stress"}),
+            ("molecules", {"energy", "energy forces"}),
+        ]:
+            model = self.new_model(datasets[name].info)
+            if not hasattr(model, "forward_batch"):
+                pytest.skip(f"{self.architecture} trains through metatomic's interface alone")
+            requests = model.requested_neighbor_lists()
+            batch = collate([datasets[name][i] for i in (3, 0, 7, 1)], requests)
+            batched, systems = (
+                predict(batch, EnergyModule(model, outputs, path), create_graph=False)
+                for path in (True, False)
+            )
+            assert set(batched) == set(systems) == expected_keys
+            for key, value in batched.items():
+                expected = systems[key]
+                assert value.shape == expected.shape and bool(expected.abs().max() > 0), key
+                torch.testing.assert_close(value, expected, rtol=1e-9, atol=1e-9)
+
     def test_energy_is_invariant_under_rotation_and_permutation(self, datasets, tmp_path):
         import ase.io
         import numpy as np

@@ -106,6 +106,12 @@ MALFORMED = {
         "'architecture.training.batch_size'",
         "at least 1",
     ),
+    "negative loader threads": (
+        "architecture: {name: mp_transformer, training: {num_workers: -1}}\n"
+        "training_set: ethanol.xyz\n",
+        "'architecture.training.num_workers'",
+        "must not be negative",
+    ),
     "missing data file": (
         "architecture: mp_transformer\ntraining_set: missing.xyz\n",
         "'training_set.systems.read_from'",
