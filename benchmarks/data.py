@@ -143,21 +143,42 @@ def hot_functions(profile: cProfile.Profile, top: int = 12) -> list[dict]:
     return rows[:top]
 
 
-def dataset_options(path: Path, stress: bool):
+def dataset_options(path: Path, stress: bool, forces: bool = True):
     from hpctrain.config import parse
     from hpctrain.options import DatasetOptions
 
-    targets = {"energy": {"forces": True, "stress": stress}}
+    targets = {"energy": {"forces": forces, "stress": stress}}
     return parse(DatasetOptions, {"systems": {"read_from": str(path)}, "targets": targets})
 
 
-def open_dataset(path: Path, stress: bool):
+def open_dataset(path: Path, stress: bool, forces: bool = True):
     """The dataset as training opens it (``read_dataset``): float32, the default precision."""
     import torch
 
     from hpctrain.data import read_dataset
 
-    return read_dataset(dataset_options(path, stress), "training_set", "benchmark", torch.float32)
+    options = dataset_options(path, stress, forces)
+    return read_dataset(options, "training_set", "benchmark", torch.float32)
+
+
+def training_engine(dataset, training: dict, device, workdir: Path, architecture="mp_transformer"):
+    """The engine ``hpctrain train`` would make for a reference architecture (default
+    model hypers, seed 0, ``training`` options), in training mode; 4 structures validate."""
+    import importlib
+
+    import torch
+
+    from hpctrain.config import parse
+    from hpctrain.engine import Engine
+
+    package = importlib.import_module(f"architectures.{architecture}")
+    torch.manual_seed(0)
+    model = package.__model__({}, dataset.info)
+    hypers = parse(package.__trainer__.__hypers__, training, "architecture.training")
+    validation = [dataset.subset(range(4))]
+    engine = Engine(hypers, model, torch.device(device), [dataset], validation, workdir, print)
+    engine.model.train()
+    return engine
 
 
 def epoch(dataset, sampler) -> int:

@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# One short check of hpctrain on a CUDA node (about 5 minutes, at most 8):
+# One short check of hpctrain on a CUDA node (about 7 minutes, at most 9):
 #  1. NCCL: training steps with as many ranks as the node has GPUs (torchrun), against
 #     one rank, for both reference architectures (benchmarks/scaling.py, weak scaling),
-#     at two batch sizes each: throughput, efficiency and the step breakdown;
-#  2. bf16 mixed precision (architecture.training.mixed_precision): the same steps with
+#     EMT structures of 32 atoms at batches 16 and 64 (soap_bpnn: 64), and ethanol at
+#     batch 64: throughput, efficiency and the step breakdown;
+#  2. the same node's CPU cores on the same EMT steps (one rank per core, global
+#     batch 64): the GPU's speed-up is measured against them;
+#  3. where a step's time goes on the GPU (benchmarks/step_profile.py: kernels per
+#     step, device busy time, the host gaps between kernels) and the loader's own rate
+#     by loader threads (benchmarks/loader.py);
+#  4. bf16 mixed precision (architecture.training.mixed_precision): the same steps with
 #     autocast, and a full run of benchmarks/gpu_amp_check.yaml on all GPUs (gradient
 #     accumulation, clipping, EMA, checkpoints, export);
-#  3. the exported model evaluated on the GPU against the CPU (benchmarks/train_speed.py).
+#  5. the exported model evaluated on the GPU against the CPU (benchmarks/train_speed.py).
 # Everything lands as JSON in the output directory; gpu.json sums it up, and the exit
 # status is non-zero if any check failed.
 #
@@ -34,7 +40,7 @@ if [ -n "${QUICK:-}" ]; then  # tiny models, all ranks only, no export check
   N=24; ATOMS=8; STEPS=3; WARMUP=1; MP_BATCH=2; SOAP_BATCH=2; EPOCHS=1
   QUICKFLAG=--quick; RANK_LIST=$RANKS; THREADS=1
 else
-  N=256; ATOMS=16; STEPS=10; WARMUP=3; MP_BATCH="16 64"; SOAP_BATCH="4 16"; EPOCHS=2
+  N=1024; ATOMS=32; STEPS=10; WARMUP=3; MP_BATCH="16 64"; SOAP_BATCH=64; EPOCHS=2
   QUICKFLAG=; RANK_LIST="1 $RANKS"
 fi
 FAILED=()
@@ -82,6 +88,20 @@ if [ -n "${QUICK:-}" ]; then
 else
   for b in $MP_BATCH; do scaling "scaling-mp_transformer-b$b" mp_transformer "$b"; done
   for b in $SOAP_BATCH; do scaling "scaling-soap_bpnn-b$b" soap_bpnn "$b"; done
+  RANK_LIST=1 scaling scaling-ethanol-mp_transformer-b64 mp_transformer 64 \
+    --data "$PWD/examples/rmd17_ethanol_100.xyz" --no-stress
+fi
+
+if [ "$DEVICE" = cuda ] && [ -z "${QUICK:-}" ]; then
+  check cpu-mp_transformer-b64 $PY benchmarks/scaling.py --launcher torchrun --device cpu \
+    --ranks "$CORES" --mode weak --threads-per-rank 1 --architectures mp_transformer \
+    --data "$work/emt.xyz" --batch-size $(( 64 / CORES > 0 ? 64 / CORES : 1 )) \
+    --steps "$STEPS" --warmup "$WARMUP" --timeout 300 --out "$OUT/cpu-mp_transformer-b64.json"
+  check profile-emt-b64 $PY benchmarks/step_profile.py --device cuda --data "$work/emt.xyz" \
+    --stress --batch-size 64 --out "$OUT/profile-emt-b64.json" --trace "$OUT/trace-emt-b64.json"
+  check profile-ethanol-b64 $PY benchmarks/step_profile.py --device cuda --batch-size 64 \
+    --out "$OUT/profile-ethanol-b64.json"
+  check loader $PY benchmarks/loader.py --workers 0 1 2 4 8 --out "$OUT/loader.json"
 fi
 
 if [ "$DEVICE" = cuda ]; then
@@ -118,7 +138,7 @@ summary = {
     "scaling": [],
 }
 for path in sorted(out.glob("*.json")):
-    if path.name.startswith(("scaling-", "bf16-")):
+    if path.name.startswith(("scaling-", "bf16-", "cpu-")):
         data = json.loads(path.read_text())
         for r in data["results"]:
             summary["scaling"].append({
@@ -138,6 +158,13 @@ summary["amp_run"] = {
 }
 for path in out.glob("export-*.json"):
     summary["export"] = json.loads(path.read_text())
+for path in out.glob("profile-*.json"):
+    profile = json.loads(path.read_text())
+    summary.setdefault("profiles", {})[path.stem] = {
+        k: profile.get(k) for k in ("step_s", "structures_per_s", "device")
+    }
+if (out / "loader.json").exists():
+    summary["loader"] = json.loads((out / "loader.json").read_text())["verdicts"]
 (out / "gpu.json").write_text(json.dumps(summary, indent=1) + "\n")
 print(f"{'check':<30}{'ranks':>6}{'batch':>6}{'step ms':>9}{'struct/s':>10}{'eff':>6}")
 for r in summary["scaling"]:

@@ -234,3 +234,51 @@ def test_step_counts_counts_operators_and_syncs(tmp_path):
     # ...while the step's calls do not, and the host reads the device once (the agreement)
     assert large["operator_calls"] == small["operator_calls"]
     assert small["host_syncs"] == large["host_syncs"] == small["agreement_reads"] == 1
+
+
+def run_benchmark(script: str, *args: str, timeout: int = 300) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        env=clean_env(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_loader_benchmark_quick(tmp_path):
+    """Every batch of an epoch is made at each thread count, and the shares add up."""
+    out = tmp_path / "loader.json"
+    run_benchmark("loader.py", "--quick", "--workers", "0", "2", "--out", str(out))
+    data = json.loads(out.read_text())
+    assert [r["workers"] for r in data["rate"]] == [0, 2]
+    assert data["requests"] == [{"cutoff": 5.0, "full_list": True}]
+    for row in data["rate"]:
+        assert row["n_structures"] == 64 and row["structures_per_s"] > 0
+        assert row["pairs_per_structure"] > 100  # 32 atoms within 5 Å of each other
+    parts = data["breakdown"]
+    assert parts["neighbor_lists_us"] > 0 and parts["read_us"] > 0
+    assert parts["total_us"] == pytest.approx(
+        parts["read_us"] + parts["neighbor_lists_us"] + parts["collate_without_neighbor_lists_us"]
+    )
+    assert [r["workers"] for r in data["training"]] == [0, 2]
+    for row in data["training"]:
+        assert 0 <= row["data_share"] < 1 and row["step_s"] > 0
+    assert data["verdicts"]["best_structures_per_s"] == max(
+        r["structures_per_s"] for r in data["rate"]
+    )
+
+
+def test_step_profile_quick(tmp_path):
+    out, trace = tmp_path / "profile.json", tmp_path / "trace.json"
+    run_benchmark(
+        "step_profile.py", "--quick", "--device", "cpu", "--out", str(out), "--trace", str(trace)
+    )
+    data = json.loads(out.read_text())
+    assert data["settings"]["batch_size"] == 4 and data["settings"]["steps"] == 2
+    assert data["structures_per_s"] == pytest.approx(4 / data["step_s"])
+    assert data["aten_events_per_step"] > 1000 and "device" not in data  # CPU: no kernels
+    names = [row["name"] for row in data["top_host"]]
+    assert "aten::mm" in names or "aten::addmm" in names
+    assert json.loads(trace.read_text())["traceEvents"]
