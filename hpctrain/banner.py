@@ -129,9 +129,12 @@ def banner(
     )
 
 
-def summary(run_dir: Path, wall_s: float, exported: str = "") -> str:
+def summary(
+    run_dir: Path, wall_s: float, exported: str = "", stopped_early: str | None = None
+) -> str:
     """The end-of-run block: best and final validation errors (from ``metrics.csv``,
-    over every restart of the run), time, throughput and where the model is."""
+    over every restart of the run), whether training stopped early, time, throughput
+    and where the model is."""
     best, final = best_and_final(read_metrics(run_dir / "metrics.csv"))
     rows = []
     if best is not None:
@@ -147,6 +150,8 @@ def summary(run_dir: Path, wall_s: float, exported: str = "") -> str:
         )
     if final is not None:
         rows.append(("final epoch", f"{int(final['epoch'])}: {validation_errors(final)}"))
+    if stopped_early:
+        rows.append(("stopped early", stopped_early))
     totals = progress.TOTALS
     rows.append(
         (

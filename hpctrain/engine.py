@@ -32,45 +32,13 @@ from .data.loader import BatchLoader, default_workers
 from .data.sampler import DistributedBatchSampler, StepIndices, work_estimates
 from .data.structures import AtomisticDataset, ConcatDataset
 from .epoch_report import EpochReporter
-from .errors import CheckpointError, DataError, OptionsError, Preempted, TrainingDiverged
-from .evaluation import GRADIENT_NAMES, EnergyModule, evaluate, predict
+from .errors import CheckpointError, OptionsError, Preempted, TrainingDiverged
+from .evaluation import EnergyModule, evaluate, predict
 from .hypers import TrainingHypers
 from .loss import Loss
 from .optim import ExponentialMovingAverage, LearningRate, make_adam
 from .report import get_logger
-
-
-def labels_of(dataset: AtomisticDataset) -> set[tuple[str, str]]:
-    """``{("energy", ""), ("energy", "forces")}``: each target, and its gradients."""
-    return {
-        (name, GRADIENT_NAMES.get(g, g))
-        for name, target in dataset.info.targets.items()
-        for g in ["", *target.gradients]
-    }
-
-
-def check_datasets(hypers: TrainingHypers, world_size: int, train_datasets: Sequence) -> None:
-    """What the engine cannot train, found before training (the flow asks through
-    :meth:`~hpctrain.trainer.EngineTrainer.check_datasets`, before its banner): training
-    sets with different labels, and fewer structures or a smaller batch than ranks."""
-    keys = [f"training_set[{i}]" for i in range(len(train_datasets))]
-    labels = [labels_of(d) for d in train_datasets]
-    for i in range(1, len(train_datasets)):
-        if labels[i] != labels[0]:
-            target, gradient = sorted(labels[i] ^ labels[0])[0]
-            has, lacks = (0, i) if (target, gradient) in labels[0] else (i, 0)
-            what = f"'{target}' {gradient}" if gradient else f"target '{target}'"
-            setting = f"targets.{target}.{gradient}" if gradient else f"targets.{target}"
-            raise DataError(
-                f"the training sets carry different labels: {keys[has]} "
-                f"({train_datasets[has].name}) has {what}, {keys[lacks]} "
-                f"({train_datasets[lacks].name}) has not. Every training set needs the same "
-                f"labels for now: give {keys[lacks]} {what} too, or leave {setting} out of "
-                f"{keys[has]}"
-            )
-    DistributedBatchSampler.check_fits(
-        sum(len(d) for d in train_datasets), hypers.batch_size, world_size
-    )
+from .training_sets import check_datasets, labels_of
 
 
 class EngineModel(Protocol):
@@ -94,6 +62,7 @@ class Progress:
     epoch: int = 0
     step: int = 0
     best_metric: float = math.inf
+    validations_without_improvement: int = 0  # (early stopping's count)
 
 
 class Engine:
@@ -383,6 +352,9 @@ class Engine:
             within = self.sampler.consumed if self.sampler.epoch == progress.epoch else 0
             report.started(progress.epoch, progress.step, hp.batch_size, within)
             for epoch in range(progress.epoch, hp.num_epochs):
+                if self.stopped_early:
+                    self.log.info(f"early stopping: training ended {self.stopped_early}")
+                    break
                 self.train_epoch(epoch, report)
             if self.ema is not None:
                 self.ema.copy_to_model()
@@ -407,8 +379,16 @@ class Engine:
         val_loss = None
         if validating:
             val_loss = self.validate_epoch(train_loss, elapsed, trained / elapsed, report)
+        last = last or self.stopped_early is not None
         if self.checkpoints is not None and self.checkpoints.due_after_epoch(epoch + 1, last):
             self.write_checkpoint(val_loss, wait=last)
+
+    @property
+    def stopped_early(self) -> str | None:
+        """Why training ends before ``num_epochs`` (early stopping), or None."""
+        p, hp = self.progress, self.hypers
+        count = p.validations_without_improvement
+        return hp.early_stopping.note(count, p.epoch, hp.num_epochs, p.best_metric)
 
     def run_steps(self, report: EpochReporter) -> tuple[torch.Tensor, int]:
         """The steps left in the epoch, with the checkpoints and the stop they call
@@ -453,6 +433,10 @@ class Engine:
         errors = self.validate()
         val_loss = self.validation_loss(errors)
         self.lr.observe(val_loss)
+        progress = self.progress
+        progress.validations_without_improvement = self.hypers.early_stopping.count(
+            progress.validations_without_improvement, val_loss, progress.best_metric
+        )
         if val_loss < self.progress.best_metric:
             self.keep_best(val_loss)
         self.progress.best_metric = min(self.progress.best_metric, val_loss)

@@ -127,7 +127,8 @@ def run_training(
         exported = finish(built, launched.device, run_dir, env, stop, options.export)
         if env.is_main:
             wall_s = time.perf_counter() - started
-            get_logger().info(banner.summary(run_dir, wall_s, exported))
+            stopped = getattr(built.trainer, "stopped_early", None)
+            get_logger().info(banner.summary(run_dir, wall_s, exported, stopped))
         del built  # (the model and trainer, with DDP and its pending work) before the group goes
     return run_dir
 

@@ -8,6 +8,7 @@ import dataclasses
 from typing import Literal, Optional
 
 from .config import option
+from .early_stopping import EarlyStoppingOptions
 from .errors import OptionsError
 
 
@@ -81,6 +82,11 @@ class TrainingHypers:
         "coming batches while a step computes (two steps ahead). Left out: 2 on a GPU, "
         "0 on a CPU (each batch made when its step starts, as the step's threads keep "
         "the cores busy). The batches, and so the results, do not depend on it.",
+    )
+    early_stopping: EarlyStoppingOptions = option(
+        factory=EarlyStoppingOptions,
+        doc="End training when the validation loss stops improving, e.g. ``{patience: "
+        "20, min_delta: 0.001}``; off unless ``patience`` is given.",
     )
     fit_composition: bool = option(
         True,

@@ -16,7 +16,8 @@ import torch
 from . import checkpoint, run
 from .architecture import TrainerInterface
 from .config import parse, to_dict
-from .engine import Engine, TrainingHypers, check_datasets
+from .engine import Engine, TrainingHypers
+from .training_sets import check_datasets
 
 
 class EngineTrainer(TrainerInterface):
@@ -76,6 +77,11 @@ class EngineTrainer(TrainerInterface):
                 "each rank its own device"
             )
         self.make_engine(model, devices[0], train_datasets, val_datasets, checkpoint_dir).train()
+
+    @property
+    def stopped_early(self) -> str | None:
+        """Why training ended before its last epoch (early stopping), or None."""
+        return self.engine.stopped_early if self.engine is not None else None
 
     def best_model(self) -> tuple[Any, dict[str, Any]] | None:
         """A copy of the model with the weights of its best validation, and where they

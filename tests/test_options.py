@@ -112,6 +112,31 @@ MALFORMED = {
         "'architecture.training.num_workers'",
         "must not be negative",
     ),
+    "early stopping patience zero": (
+        "architecture: {name: mp_transformer, training: {early_stopping: {patience: 0}}}\n"
+        "training_set: ethanol.xyz\n",
+        "'architecture.training.early_stopping.patience'",
+        "at least 1",
+    ),
+    "early stopping negative min_delta": (
+        "architecture:\n  name: mp_transformer\n"
+        "  training: {early_stopping: {patience: 3, min_delta: -0.1}}\n"
+        "training_set: ethanol.xyz\n",
+        "'architecture.training.early_stopping.min_delta'",
+        "0 or more",
+    ),
+    "early stopping typo": (
+        "architecture: {name: mp_transformer, training: {early_stopping: {patients: 3}}}\n"
+        "training_set: ethanol.xyz\n",
+        "unknown key 'architecture.training.early_stopping.patients'",
+        "did you mean 'patience'?",
+    ),
+    "early stopping not a section": (
+        "architecture: {name: mp_transformer, training: {early_stopping: 5}}\n"
+        "training_set: ethanol.xyz\n",
+        "'architecture.training.early_stopping'",
+        "mapping",
+    ),
     "missing data file": (
         "architecture: mp_transformer\ntraining_set: missing.xyz\n",
         "'training_set.systems.read_from'",

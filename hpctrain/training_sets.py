@@ -1,0 +1,45 @@
+"""The training sets as the engine trains them: the labels each carries, and what it
+cannot train (checked before training, so that the error comes before the banner)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .data.sampler import DistributedBatchSampler
+from .data.structures import AtomisticDataset
+from .errors import DataError
+from .evaluation import GRADIENT_NAMES
+from .hypers import TrainingHypers
+
+
+def labels_of(dataset: AtomisticDataset) -> set[tuple[str, str]]:
+    """``{("energy", ""), ("energy", "forces")}``: each target, and its gradients."""
+    return {
+        (name, GRADIENT_NAMES.get(g, g))
+        for name, target in dataset.info.targets.items()
+        for g in ["", *target.gradients]
+    }
+
+
+def check_datasets(hypers: TrainingHypers, world_size: int, train_datasets: Sequence) -> None:
+    """What the engine cannot train, found before training (the flow asks through
+    :meth:`~hpctrain.trainer.EngineTrainer.check_datasets`, before its banner): training
+    sets with different labels, and fewer structures or a smaller batch than ranks."""
+    keys = [f"training_set[{i}]" for i in range(len(train_datasets))]
+    labels = [labels_of(d) for d in train_datasets]
+    for i in range(1, len(train_datasets)):
+        if labels[i] != labels[0]:
+            target, gradient = sorted(labels[i] ^ labels[0])[0]
+            has, lacks = (0, i) if (target, gradient) in labels[0] else (i, 0)
+            what = f"'{target}' {gradient}" if gradient else f"target '{target}'"
+            setting = f"targets.{target}.{gradient}" if gradient else f"targets.{target}"
+            raise DataError(
+                f"the training sets carry different labels: {keys[has]} "
+                f"({train_datasets[has].name}) has {what}, {keys[lacks]} "
+                f"({train_datasets[lacks].name}) has not. Every training set needs the same "
+                f"labels for now: give {keys[lacks]} {what} too, or leave {setting} out of "
+                f"{keys[has]}"
+            )
+    DistributedBatchSampler.check_fits(
+        sum(len(d) for d in train_datasets), hypers.batch_size, world_size
+    )
