@@ -38,7 +38,7 @@ from .hypers import TrainingHypers
 from .loss import Loss
 from .optim import ExponentialMovingAverage, LearningRate, make_adam
 from .report import get_logger
-from .training_sets import check_datasets, labels_of
+from .training_sets import batch_in_words, check_datasets, labels_of
 
 
 class EngineModel(Protocol):
@@ -110,6 +110,8 @@ class Engine:
             self.context.world_size,
             self.context.seed,
             costs=self.work_estimates(max((r.cutoff for r in requests), default=0.0)),
+            max_atoms=hypers.max_atoms_per_batch,
+            n_atoms=self.n_atoms,
         )
         self.progress = Progress()
         self.best: dict[str, Any] | None = None  # the weights of the best validation
@@ -350,7 +352,7 @@ class Engine:
         report = EpochReporter(self.context, hp.num_epochs, self.steps_per_epoch, progress.step)
         try:
             within = self.sampler.consumed if self.sampler.epoch == progress.epoch else 0
-            report.started(progress.epoch, progress.step, hp.batch_size, within)
+            report.started(progress.epoch, progress.step, batch_in_words(hp), within)
             for epoch in range(progress.epoch, hp.num_epochs):
                 if self.stopped_early:
                     self.log.info(f"early stopping: training ended {self.stopped_early}")

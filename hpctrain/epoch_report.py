@@ -30,12 +30,12 @@ class EpochReporter:
         if context.is_main and context.run_dir:
             self.metrics = MetricsLog(context.run_dir, context.logging.tensorboard, first_step)
 
-    def started(self, epoch: int, step: int, batch_size: int, resumed_within: int) -> None:
-        """Training begins at ``epoch`` (done so far) and ``step``; ``resumed_within``
-        structures of that epoch are done already."""
+    def started(self, epoch: int, step: int, batch: str, resumed_within: int) -> None:
+        """Training begins at ``epoch`` (done so far) and ``step``, with global batches
+        of ``batch`` (in words); ``resumed_within`` structures of that epoch are done."""
         self.log.info(
             f"training: {plural(self.num_epochs, 'epoch')} of "
-            f"{plural(self.steps_per_epoch, 'step')}, global batch {batch_size} on "
+            f"{plural(self.steps_per_epoch, 'step')}, global batch {batch} on "
             f"{plural(self.context.world_size, 'rank')}"
         )
         if epoch >= self.num_epochs:

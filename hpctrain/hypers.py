@@ -22,6 +22,15 @@ class TrainingHypers:
         doc="Structures per optimizer step, summed over all ranks (a global batch), "
         "so that results do not depend on the number of ranks.",
     )
+    max_atoms_per_batch: Optional[int] = option(
+        None,
+        doc="Batches by atom budget instead of ``batch_size``: each optimizer step takes "
+        "the next structures of the epoch's order while their atoms, summed over all "
+        "ranks, fit in this number, so that a step's memory does not depend on which "
+        "structures it draws. The ranks share each batch by estimated work. Every "
+        "structure must have at most ``max_atoms_per_batch / ranks`` atoms. The learning-"
+        "rate schedule counts the first epoch's steps for every epoch.",
+    )
     learning_rate: float = option(1e-3, doc="Peak learning rate of Adam.")
     warmup_epochs: float = option(0.0, doc="Epochs of linear learning-rate warm-up from zero.")
     scheduler: Literal["cosine", "plateau", "constant"] = option(
@@ -98,6 +107,8 @@ class TrainingHypers:
         for name in ("num_epochs", "batch_size", "accumulation_steps"):
             if getattr(self, name) < 1:
                 raise OptionsError(f"'{path}.{name}' in {source} must be at least 1")
+        if self.max_atoms_per_batch is not None and self.max_atoms_per_batch < 1:
+            raise OptionsError(f"'{path}.max_atoms_per_batch' in {source} must be at least 1")
         if self.learning_rate <= 0:
             raise OptionsError(f"'{path}.learning_rate' in {source} must be positive")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from .data.sampler import DistributedBatchSampler
 from .data.structures import AtomisticDataset
-from .errors import DataError
+from .errors import DataError, OptionsError
 from .evaluation import GRADIENT_NAMES
 from .hypers import TrainingHypers
 
@@ -40,6 +40,31 @@ def check_datasets(hypers: TrainingHypers, world_size: int, train_datasets: Sequ
                 f"labels for now: give {keys[lacks]} {what} too, or leave {setting} out of "
                 f"{keys[has]}"
             )
-    DistributedBatchSampler.check_fits(
-        sum(len(d) for d in train_datasets), hypers.batch_size, world_size
+    if hypers.max_atoms_per_batch is None:
+        n_samples = sum(len(d) for d in train_datasets)
+        DistributedBatchSampler.check_fits(n_samples, hypers.batch_size, world_size)
+        return
+    for key, dataset in zip(keys, train_datasets):
+        check_budget(key, dataset, hypers.max_atoms_per_batch, world_size)
+
+
+def check_budget(key: str, dataset: AtomisticDataset, max_atoms: int, world_size: int) -> None:
+    """Every structure fits a rank's share of an atom budget (a clear error if not)."""
+    index = DistributedBatchSampler.check_budget(dataset.n_atoms, max_atoms, world_size)
+    if index is None:
+        return
+    atoms = int(dataset.n_atoms[index])
+    ranks = f"the {world_size} ranks" if world_size > 1 else "one rank"
+    raise OptionsError(
+        f"structure {index} of {key} ({dataset.name}) has {atoms} atoms, more than "
+        f"'architecture.training.max_atoms_per_batch' ({max_atoms}) shared by {ranks} "
+        f"allows ({max_atoms // world_size} per rank): raise max_atoms_per_batch to at "
+        f"least {atoms * world_size}, or use fewer ranks"
     )
+
+
+def batch_in_words(hypers: TrainingHypers) -> str:
+    """``16`` or ``of up to 2,000 atoms``: the global batch, as the log says it."""
+    if hypers.max_atoms_per_batch is None:
+        return str(hypers.batch_size)
+    return f"of up to {hypers.max_atoms_per_batch:,} atoms"

@@ -112,6 +112,12 @@ MALFORMED = {
         "'architecture.training.num_workers'",
         "must not be negative",
     ),
+    "atom budget zero": (
+        "architecture: {name: mp_transformer, training: {max_atoms_per_batch: 0}}\n"
+        "training_set: ethanol.xyz\n",
+        "'architecture.training.max_atoms_per_batch'",
+        "at least 1",
+    ),
     "early stopping patience zero": (
         "architecture: {name: mp_transformer, training: {early_stopping: {patience: 0}}}\n"
         "training_set: ethanol.xyz\n",

@@ -209,3 +209,68 @@ def test_work_estimates_follow_density_and_size():
 def test_costs_must_cover_every_structure():
     with pytest.raises(ValueError, match="10 positive numbers"):
         DistributedBatchSampler(10, 4, 0, 2, seed=0, costs=np.ones(9))
+
+
+def budget_sampler(n_atoms, max_atoms, rank=0, world_size=1, seed=5, costs=None):
+    return DistributedBatchSampler(
+        len(n_atoms), 1, rank, world_size, seed, max_atoms=max_atoms, n_atoms=n_atoms, costs=costs
+    )
+
+
+# 9-atom molecules and 200-atom cells, mixed
+MIXED = np.array([9] * 300 + [200] * 40)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_atom_budget_batches_fit_and_cover_the_epoch_once(world_size):
+    budget = 800
+    assert DistributedBatchSampler.check_budget(MIXED, budget, world_size) is None
+    ranks = [budget_sampler(MIXED, budget, r, world_size) for r in range(world_size)]
+    for epoch in (0, 1):
+        per_rank = [epoch_steps(s, epoch) for s in ranks]
+        seen = []
+        for step, steps in enumerate(zip(*per_rank)):
+            batch = steps[0].global_
+            assert all(np.array_equal(s.global_, batch) for s in steps)
+            if step + 1 < len(per_rank[0]):
+                assert MIXED[batch].sum() <= budget
+            else:  # an epoch's tail of fewer structures than ranks joins the last batch
+                fitting = np.searchsorted(np.cumsum(MIXED[batch]), budget, side="right")
+                assert len(batch) - fitting < world_size
+            locals_ = [s.local for s in steps]
+            assert all(len(local) >= 1 for local in locals_)  # every rank has a structure
+            assert sorted(np.concatenate(locals_).tolist()) == sorted(batch.tolist())
+            seen.extend(batch.tolist())
+        assert sorted(seen) == list(range(len(MIXED)))
+        # greedy: a batch ends only where the next structure would not fit
+        batches = [s.global_ for s in per_rank[0]]
+        for batch, following in zip(batches, batches[1:]):
+            assert MIXED[batch].sum() + MIXED[following[0]] > budget
+    # the global batches do not depend on the number of ranks (but for that tail)
+    one = [s.global_ for s in epoch_steps(budget_sampler(MIXED, budget), 1)]
+    many = [s.global_ for s in epoch_steps(budget_sampler(MIXED, budget, 0, world_size), 1)]
+    assert len(many) in (len(one), len(one) - 1)
+    assert all(np.array_equal(a, b) for a, b in zip(one, many[:-1]))
+    np.testing.assert_array_equal(np.concatenate(one[len(many) - 1 :]), many[-1])
+
+
+def test_atom_budget_batches_resume_mid_epoch_exactly():
+    whole = epoch_steps(budget_sampler(MIXED, 800), 2)
+    first = budget_sampler(MIXED, 800)
+    first.set_epoch(2)
+    it = iter(first)
+    done = [next(it) for _ in range(5)]
+    state = first.state_dict()
+    resumed = budget_sampler(MIXED, 800)
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert [s.global_.tolist() for s in done + rest] == [s.global_.tolist() for s in whole]
+    # another budget is another data order: refused, as a changed batch size is
+    with pytest.raises(CheckpointError, match="max_atoms=800, this run has 900"):
+        budget_sampler(MIXED, 900).load_state_dict(state)
+
+
+def test_a_structure_larger_than_a_ranks_share_of_the_budget_is_found():
+    assert DistributedBatchSampler.check_budget(MIXED, 400, 1) is None
+    assert DistributedBatchSampler.check_budget(MIXED, 400, 2) is None  # 200 per rank
+    assert DistributedBatchSampler.check_budget(MIXED, 399, 2) == 300  # the first cell

@@ -122,6 +122,10 @@ class DistributedBatchSampler:
     :param costs: relative cost of every structure (:func:`work_estimates`); ranks
         get global batches' structures with equal summed costs, else every
         ``world_size``-th structure
+    :param max_atoms: batches by atom budget instead of ``batch_size``: each global
+        batch takes the next structures of the order while their atoms fit in
+        ``max_atoms`` (:func:`check_budget` makes sure that every batch then has a
+        structure for every rank); ``n_atoms`` gives the atoms of every structure
     """
 
     def __init__(
@@ -135,8 +139,15 @@ class DistributedBatchSampler:
         block: int = BLOCK,
         window: int = WINDOW,
         costs: np.ndarray | None = None,
+        max_atoms: int | None = None,
+        n_atoms: np.ndarray | None = None,
     ):
-        self.check_fits(n_samples, batch_size, world_size)
+        if max_atoms is None:
+            self.check_fits(n_samples, batch_size, world_size)
+        elif n_atoms is None or len(n_atoms) != n_samples:
+            raise ValueError(f"batches by atom budget need n_atoms for all {n_samples} structures")
+        self.max_atoms = max_atoms
+        self.n_atoms = None if n_atoms is None else np.asarray(n_atoms, dtype=np.int64)
         self.n_samples = n_samples
         self.batch_size = batch_size
         self.rank = rank
@@ -166,6 +177,16 @@ class DistributedBatchSampler:
                 "(batch_size is the global batch)"
             )
 
+    @staticmethod
+    def check_budget(n_atoms: np.ndarray, max_atoms: int, world_size: int) -> int | None:
+        """The first structure too large for batches of ``max_atoms`` atoms shared by
+        ``world_size`` ranks (more than ``max_atoms // world_size`` atoms), or None.
+        Below that size, a batch that the next structure would overflow already holds
+        more than ``max_atoms - max_atoms // world_size`` atoms: at least one structure
+        per rank."""
+        too_large = np.flatnonzero(np.asarray(n_atoms) > max_atoms // world_size)
+        return int(too_large[0]) if len(too_large) else None
+
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its beginning, unless it is the one being resumed."""
         if epoch != self.epoch:
@@ -181,8 +202,11 @@ class DistributedBatchSampler:
     def global_batches(self, start: int = 0) -> list[np.ndarray]:
         """The global batches of the epoch from structure ``start`` of its order on."""
         order = self.order()[start:]
-        size = self.batch_size
-        batches = [order[i : i + size] for i in range(0, len(order), size)]
+        if self.max_atoms is None:
+            size = self.batch_size
+            batches = [order[i : i + size] for i in range(0, len(order), size)]
+        else:
+            batches = np.split(order, budget_cuts(self.n_atoms[order], self.max_atoms))
         if len(batches) > 1 and len(batches[-1]) < self.world_size:
             batches[-2:] = [np.concatenate(batches[-2:])]
         return batches
@@ -223,18 +247,32 @@ class DistributedBatchSampler:
             "batch_size": self.batch_size,
             "block": self.block,
             "window": self.window,
+            "max_atoms": self.max_atoms,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue where ``state`` stopped; the world size may differ."""
-        for key in ("seed", "n_samples", "batch_size", "block", "window"):
-            if state[key] != getattr(self, key):
+        for key in ("seed", "n_samples", "batch_size", "block", "window", "max_atoms"):
+            if state.get(key) != getattr(self, key):
                 raise CheckpointError(
                     f"cannot resume the data order: the checkpoint has {key}={state[key]}, "
                     f"this run has {getattr(self, key)} (the training set or options changed)"
                 )
         self.epoch = state["epoch"]
         self.consumed = state["consumed"]
+
+
+def budget_cuts(n_atoms: np.ndarray, max_atoms: int) -> list[int]:
+    """Where a sequence of structures with ``n_atoms`` atoms is cut into batches of at
+    most ``max_atoms`` atoms, each taking structures in order while they fit (a
+    structure larger than the budget gets a batch of its own)."""
+    cuts, total = [], 0
+    for i, atoms in enumerate(n_atoms.tolist()):
+        if total + atoms > max_atoms and total > 0:
+            cuts.append(i)
+            total = 0
+        total += atoms
+    return cuts
 
 
 def shard_for_rank(n_samples: int, rank: int, world_size: int) -> np.ndarray:
