@@ -282,3 +282,25 @@ def test_step_profile_quick(tmp_path):
     names = [row["name"] for row in data["top_host"]]
     assert "aten::mm" in names or "aten::addmm" in names
     assert json.loads(trace.read_text())["traceEvents"]
+
+
+@pytest.mark.slow
+def test_atom_budget_benchmark_quick(tmp_path):
+    out = tmp_path / "budget.json"
+    run_benchmark("atom_budget.py", "--quick", "--out", str(out))
+    data = json.loads(out.read_text())
+    budget, runs = data["budget"], data["runs"]
+    assert budget == round(8 * data["mean_atoms"])
+    by_count, by_atoms = runs["batch_size"]["steps"], runs["max_atoms_per_batch"]["steps"]
+    assert all(step["structures"] == 8 for step in by_count[:-1])
+    assert all(step["atoms"] <= budget for step in by_atoms)  # one rank: no merged tail
+    # the atom budget evens out the atoms per step that a structure count leaves uneven
+    spread = {
+        k: max(s["atoms"] for s in v) - min(s["atoms"] for s in v[:-1])
+        for k, v in (("count", by_count), ("atoms", by_atoms))
+    }
+    assert spread["atoms"] < spread["count"]
+    for batching in ("batch_size", "max_atoms_per_batch"):
+        for world in ("2", "4", "8"):
+            ratio = data["rank_imbalance"][batching][world]
+            assert 1.0 <= ratio["mean"] <= ratio["worst"]
