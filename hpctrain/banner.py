@@ -25,6 +25,7 @@ from .report import (
 )
 from .startup import Built, Launched
 from .threads import Threads
+from .training_sets import mixture_in_words
 
 
 def report_start(
@@ -48,6 +49,9 @@ def report_start(
         sets = (built.train_sets, built.val_sets, built.test_sets)
         sizes = [sum(map(len, datasets)) for datasets in sets]
         rows = [("parameters", parameters_of(built.model)), *sanity.lines()]
+        mixture = mixture_in_words(built.train_sets)
+        if mixture:
+            rows.append(("per epoch", mixture))
         log.info(
             banner(
                 architecture,

@@ -38,7 +38,7 @@ from .hypers import TrainingHypers
 from .loss import Loss
 from .optim import ExponentialMovingAverage, LearningRate, make_adam
 from .report import get_logger
-from .training_sets import batch_in_words, check_datasets, labels_of
+from .training_sets import batch_in_words, check_datasets, labels_of, mixture_of
 
 
 class EngineModel(Protocol):
@@ -112,6 +112,7 @@ class Engine:
             costs=self.work_estimates(max((r.cutoff for r in requests), default=0.0)),
             max_atoms=hypers.max_atoms_per_batch,
             n_atoms=self.n_atoms,
+            mixture=mixture_of(train_datasets),
         )
         self.progress = Progress()
         self.best: dict[str, Any] | None = None  # the weights of the best validation

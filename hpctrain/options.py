@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -103,6 +104,21 @@ class DatasetOptions:
         doc="Targets by name. Default: ``energy`` with forces; a validation or test "
         "set without ``targets`` takes the training set's.",
     )
+    sampling_weight: Optional[float] = option(
+        None,
+        doc="Training sets only: this set's share of every epoch, relative to the other "
+        "sets' weights (each set needs one when any has one). An epoch keeps the total "
+        "number of training structures; a set whose share is smaller than itself gives "
+        "a different random subset each epoch, a larger one repeats each structure "
+        "equally often plus a random draw of the rest.",
+    )
+
+    def validate(self, path: str, source: str) -> None:
+        weight = self.sampling_weight
+        if weight is not None and not (math.isfinite(weight) and weight > 0):
+            raise OptionsError(
+                f"'{path}.sampling_weight' in {source} must be a positive number, got {weight}"
+            )
 
 
 @dataclasses.dataclass
@@ -325,6 +341,25 @@ def _fraction_or_datasets(value: Any, key: str, base: Path, source: str) -> Any:
     return _datasets(value, key, base, source)
 
 
+def _check_sampling_weights(options: Options, source: str) -> None:
+    """Sampling weights: on training sets only, and on all of them or none."""
+    for key in ("validation_set", "test_set"):
+        value = getattr(options, key)
+        for i, dataset in enumerate(value if isinstance(value, list) else []):
+            if dataset.sampling_weight is not None:
+                raise OptionsError(
+                    f"'{key}[{i}].sampling_weight' in {source}: only training sets are "
+                    "sampled (validation and test sets are used whole); remove it"
+                )
+    weighted = [d.sampling_weight is not None for d in options.training_set]
+    if any(weighted) and not all(weighted):
+        missing = weighted.index(False)
+        raise OptionsError(
+            f"'training_set[{missing}]' in {source} has no sampling_weight while other "
+            "training sets have one; give every training set a sampling_weight (or none)"
+        )
+
+
 def load_yaml(path: Union[str, Path]) -> dict[str, Any]:
     """Read an options file as a mapping, with messages that name the file."""
     path = Path(path)
@@ -378,6 +413,7 @@ def load_options(path: Union[str, Path], overrides: dict[str, Any] | None = None
     )
     for key in ("validation_set", "test_set"):
         _inherit_targets(datasets.get(key), getattr(options, key), options.training_set)
+    _check_sampling_weights(options, source)
     fractions = [v for v in (options.validation_set, options.test_set) if isinstance(v, float)]
     if sum(fractions) >= 1.0:
         raise OptionsError(

@@ -291,15 +291,11 @@ def load_datasets(
 ) -> tuple[list[AtomisticDataset], list[AtomisticDataset], list[AtomisticDataset]]:
     """Training, validation and test datasets; fractions split from the training set
     (the split drawn from ``seed``, the same on every rank)."""
-    train = [
-        read_dataset(
-            d,
-            f"training_set[{i}]" if len(options.training_set) > 1 else "training_set",
-            source,
-            dtype,
-        )
-        for i, d in enumerate(options.training_set)
-    ]
+    train = []
+    for i, d in enumerate(options.training_set):
+        key = f"training_set[{i}]" if len(options.training_set) > 1 else "training_set"
+        train.append(read_dataset(d, key, source, dtype))
+        train[-1].sampling_weight = d.sampling_weight
     sets: dict[str, list[AtomisticDataset]] = {}
     fractions = []
     for key in ("validation_set", "test_set"):

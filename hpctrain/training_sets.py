@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .data.sampler import DistributedBatchSampler
+from .data.sampler import DistributedBatchSampler, mixture_counts
 from .data.structures import AtomisticDataset
 from .errors import DataError, OptionsError
 from .evaluation import GRADIENT_NAMES
@@ -60,6 +60,27 @@ def check_budget(key: str, dataset: AtomisticDataset, max_atoms: int, world_size
         f"'architecture.training.max_atoms_per_batch' ({max_atoms}) shared by {ranks} "
         f"allows ({max_atoms // world_size} per rank): raise max_atoms_per_batch to at "
         f"least {atoms * world_size}, or use fewer ranks"
+    )
+
+
+def mixture_of(datasets: Sequence[AtomisticDataset]) -> tuple[list, list] | None:
+    """The sizes and sampling weights of the training sets, when they have weights."""
+    if all(d.sampling_weight is None for d in datasets):
+        return None
+    return [len(d) for d in datasets], [d.sampling_weight for d in datasets]
+
+
+def mixture_in_words(datasets: Sequence[AtomisticDataset]) -> str | None:
+    """``a.xyz: 700 from 1,000 (50.0 %), ...``: the structures each set gives an epoch,
+    drawn from how many, and their share."""
+    mixture = mixture_of(datasets)
+    if mixture is None:
+        return None
+    counts = mixture_counts(*mixture)
+    total = int(counts.sum())
+    return ", ".join(
+        f"{d.name}: {int(k):,} from {len(d):,} ({100 * k / total:.1f} %)"
+        for d, k in zip(datasets, counts)
     )
 
 

@@ -112,6 +112,23 @@ MALFORMED = {
         "'architecture.training.num_workers'",
         "must not be negative",
     ),
+    "sampling weight zero": (
+        "architecture: mp_transformer\n"
+        "training_set: [{systems: ethanol.xyz, sampling_weight: 0}]\n",
+        "'training_set[0].sampling_weight'",
+        "positive number",
+    ),
+    "sampling weight on some sets only": (
+        "architecture: mp_transformer\n"
+        "training_set: [{systems: ethanol.xyz, sampling_weight: 2}, ethanol.xyz]\n",
+        "'training_set[1]'",
+        "give every training set a sampling_weight",
+    ),
+    "sampling weight on a validation set": (
+        GOOD + "validation_set: {systems: ethanol.xyz, sampling_weight: 1}\n",
+        "'validation_set[0].sampling_weight'",
+        "only training sets are sampled",
+    ),
     "atom budget zero": (
         "architecture: {name: mp_transformer, training: {max_atoms_per_batch: 0}}\n"
         "training_set: ethanol.xyz\n",

@@ -7,6 +7,7 @@ from hpctrain.data.sampler import (
     DistributedBatchSampler,
     balanced_owners,
     local_order,
+    mixture_counts,
     split_indices,
     work_estimates,
 )
@@ -274,3 +275,59 @@ def test_a_structure_larger_than_a_ranks_share_of_the_budget_is_found():
     assert DistributedBatchSampler.check_budget(MIXED, 400, 1) is None
     assert DistributedBatchSampler.check_budget(MIXED, 400, 2) is None  # 200 per rank
     assert DistributedBatchSampler.check_budget(MIXED, 399, 2) == 300  # the first cell
+
+
+SIZES, WEIGHTS = [1000, 300, 100], [0.5, 0.3, 0.2]
+
+
+def mixture_sampler(rank=0, world_size=1, batch_size=32):
+    return DistributedBatchSampler(
+        sum(SIZES), batch_size, rank, world_size, seed=9, mixture=(SIZES, WEIGHTS)
+    )
+
+
+def test_sampling_weights_give_each_set_its_share_of_every_epoch():
+    assert mixture_counts(SIZES, WEIGHTS).tolist() == [700, 420, 280]
+    assert mixture_counts([10, 10, 10], [1, 1, 1]).tolist() == [10, 10, 10]
+    assert mixture_counts([7, 5], [1, 2]).sum() == 12  # (rounded to add up)
+    starts = np.cumsum([0] + SIZES)
+    draws = []
+    for epoch in range(3):
+        steps = epoch_steps(mixture_sampler(), epoch)
+        drawn = np.concatenate([s.global_ for s in steps])
+        assert len(drawn) == sum(SIZES)
+        per_set = [drawn[(drawn >= a) & (drawn < b)] - a for a, b in zip(starts, starts[1:])]
+        for part, size, weight in zip(per_set, SIZES, WEIGHTS):
+            assert abs(len(part) / len(drawn) - weight) < 0.01
+            times = np.bincount(part, minlength=size)
+            # never a structure twice before every other has been seen as often
+            assert times.max() - times.min() <= 1
+        assert len(set(per_set[0].tolist())) == 700  # a subset without repeats
+        draws.append(per_set[0])
+    assert not np.array_equal(np.sort(draws[0]), np.sort(draws[1]))  # another subset
+
+
+def test_sampling_weights_give_the_same_batches_on_any_number_of_ranks():
+    one = [s.global_ for s in epoch_steps(mixture_sampler(), 1)]
+    for world in (2, 4):
+        ranks = [epoch_steps(mixture_sampler(r, world), 1) for r in range(world)]
+        for i, batch in enumerate(one):
+            assert all(np.array_equal(steps[i].global_, batch) for steps in ranks)
+            shares = np.concatenate([steps[i].local for steps in ranks])
+            assert sorted(shares.tolist()) == sorted(batch.tolist())
+
+
+def test_sampling_weights_resume_mid_epoch_and_refuse_other_weights():
+    whole = epoch_steps(mixture_sampler(), 2)
+    first = mixture_sampler()
+    first.set_epoch(2)
+    it = iter(first)
+    done = [next(it) for _ in range(7)]
+    state = first.state_dict()
+    resumed = mixture_sampler(world_size=2)  # elastic: on 2 ranks, the same batches
+    resumed.load_state_dict(state)
+    rest = [s.global_.tolist() for s in resumed]
+    assert [s.global_.tolist() for s in done] + rest == [s.global_.tolist() for s in whole]
+    other = DistributedBatchSampler(1400, 32, 0, 1, seed=9, mixture=(SIZES, [0.4, 0.4, 0.2]))
+    with pytest.raises(CheckpointError, match="mixture"):
+        other.load_state_dict(state)

@@ -17,7 +17,7 @@ consumed, so a run resumes mid-epoch exactly, at the same or at another world si
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -72,6 +72,34 @@ def local_order(n_samples: int, seed: int, epoch: int, block: int, window: int) 
     return order
 
 
+def mixture_counts(sizes: Sequence[int], weights: Sequence[float]) -> np.ndarray:
+    """Structures each training set gives an epoch of ``sum(sizes)`` structures: shares
+    proportional to ``weights``, rounded so that they add up (largest remainders)."""
+    total = int(sum(sizes))
+    exact = total * np.asarray(weights, dtype=np.float64) / float(sum(weights))
+    counts = np.floor(exact).astype(np.int64)
+    short = total - int(counts.sum())
+    counts[np.argsort(-(exact - counts), kind="stable")[:short]] += 1
+    return counts
+
+
+def mixture_draw(
+    sizes: Sequence[int], weights: Sequence[float], seed: int, epoch: int
+) -> np.ndarray:
+    """The structures of an epoch mixing training sets by ``weights``, as indices into
+    their concatenation, sorted. A set asked for ``k`` of its ``n`` structures gives
+    ``k`` distinct ones drawn at random when ``k <= n``, else each structure ``k // n``
+    times and ``k % n`` drawn at random once more: never one structure twice before
+    every other has been seen as often."""
+    parts, start = [], 0
+    for i, (n, k) in enumerate(zip(sizes, mixture_counts(sizes, weights))):
+        rng = _generator(seed, epoch, 1 + i)
+        extra = rng.permutation(n)[: k % n]
+        parts.append(start + np.concatenate([np.tile(np.arange(n), k // n), extra]))
+        start += n
+    return np.sort(np.concatenate(parts))
+
+
 def work_estimates(n_atoms: np.ndarray, volumes: np.ndarray, cutoff: float) -> np.ndarray:
     """The relative cost of each structure for a model whose work grows with atoms and
     neighbour pairs within ``cutoff`` (angstrom): ``atoms * (1 + neighbours)``.
@@ -122,6 +150,9 @@ class DistributedBatchSampler:
     :param costs: relative cost of every structure (:func:`work_estimates`); ranks
         get global batches' structures with equal summed costs, else every
         ``world_size``-th structure
+    :param mixture: the sizes and sampling weights of the training sets concatenated
+        into ``n_samples`` structures: each epoch then draws every set's share
+        (:func:`mixture_draw`) instead of taking every structure once
     :param max_atoms: batches by atom budget instead of ``batch_size``: each global
         batch takes the next structures of the order while their atoms fit in
         ``max_atoms`` (:func:`check_budget` makes sure that every batch then has a
@@ -141,7 +172,13 @@ class DistributedBatchSampler:
         costs: np.ndarray | None = None,
         max_atoms: int | None = None,
         n_atoms: np.ndarray | None = None,
+        mixture: tuple[Sequence[int], Sequence[float]] | None = None,
     ):
+        self.mixture = None
+        if mixture is not None:
+            if sum(mixture[0]) != n_samples:
+                raise ValueError(f"the mixture's sets hold {sum(mixture[0])}, not {n_samples}")
+            self.mixture = ([int(n) for n in mixture[0]], [float(w) for w in mixture[1]])
         if max_atoms is None:
             self.check_fits(n_samples, batch_size, world_size)
         elif n_atoms is None or len(n_atoms) != n_samples:
@@ -197,7 +234,10 @@ class DistributedBatchSampler:
         """The epoch's order of all structures, the same on every rank."""
         if not self.shuffle:
             return np.arange(self.n_samples)
-        return local_order(self.n_samples, self.seed, self.epoch, self.block, self.window)
+        order = local_order(self.n_samples, self.seed, self.epoch, self.block, self.window)
+        if self.mixture is None:
+            return order
+        return mixture_draw(*self.mixture, self.seed, self.epoch)[order]
 
     def global_batches(self, start: int = 0) -> list[np.ndarray]:
         """The global batches of the epoch from structure ``start`` of its order on."""
@@ -248,12 +288,14 @@ class DistributedBatchSampler:
             "block": self.block,
             "window": self.window,
             "max_atoms": self.max_atoms,
+            "mixture": self.mixture,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue where ``state`` stopped; the world size may differ."""
-        for key in ("seed", "n_samples", "batch_size", "block", "window", "max_atoms"):
-            if state.get(key) != getattr(self, key):
+        keys = ("seed", "n_samples", "batch_size", "block", "window", "max_atoms", "mixture")
+        for key in keys:
+            if _plain(state.get(key)) != _plain(getattr(self, key)):
                 raise CheckpointError(
                     f"cannot resume the data order: the checkpoint has {key}={state[key]}, "
                     f"this run has {getattr(self, key)} (the training set or options changed)"
@@ -273,6 +315,11 @@ def budget_cuts(n_atoms: np.ndarray, max_atoms: int) -> list[int]:
             total = 0
         total += atoms
     return cuts
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists: a state read back from a checkpoint compares equal."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def shard_for_rank(n_samples: int, rank: int, world_size: int) -> np.ndarray:

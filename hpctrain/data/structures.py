@@ -49,6 +49,7 @@ class AtomisticDataset(torch.utils.data.Dataset):
     info: DatasetInfo
     name: str
     dtype: torch.dtype
+    sampling_weight: float | None = None  # (a training set's share of each epoch)
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -86,6 +87,7 @@ class Subset(AtomisticDataset):
         self.info = dataset.info
         self.name = name or dataset.name
         self.dtype = dataset.dtype
+        self.sampling_weight = dataset.sampling_weight
 
     def __len__(self) -> int:
         return len(self.indices)
