@@ -52,6 +52,9 @@ def report_start(
         mixture = mixture_in_words(built.train_sets)
         if mixture:
             rows.append(("per epoch", mixture))
+        if any(d.loss_weight != 1.0 for d in built.train_sets):
+            weights = ", ".join(f"{d.name}: {d.loss_weight:g}" for d in built.train_sets)
+            rows.append(("loss weights", weights))
         log.info(
             banner(
                 architecture,

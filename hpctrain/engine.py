@@ -100,20 +100,7 @@ class Engine:
         self.energies = EnergyModule(self.model, self.outputs)
         # (the System path computes its own neighbour lists, with autograd)
         self.requests = requests if self.energies.batched else []
-        workers = hypers.num_workers
-        self.workers = default_workers(device) if workers is None else workers
-        self.loader = BatchLoader(self.train_set, self.requests, device, self.workers)
-        self.sampler = DistributedBatchSampler(
-            len(self.train_set),
-            hypers.batch_size,
-            self.context.rank,
-            self.context.world_size,
-            self.context.seed,
-            costs=self.work_estimates(max((r.cutoff for r in requests), default=0.0)),
-            max_atoms=hypers.max_atoms_per_batch,
-            n_atoms=self.n_atoms,
-            mixture=mixture_of(train_datasets),
-        )
+        self.loader, self.sampler = self.make_data(train_datasets, requests)
         self.progress = Progress()
         self.best: dict[str, Any] | None = None  # the weights of the best validation
         self.loss = self.make_loss(state is None)
@@ -137,6 +124,30 @@ class Engine:
         if state is not None:
             self.load_state_dict(state)
             self.load_rank_state()
+
+    def make_data(self, train_datasets: Sequence[AtomisticDataset], requests: list) -> tuple:
+        """The loader of the training batches and the sampler of their structures."""
+        hp, ctx = self.hypers, self.context
+        self.workers = default_workers(self.device) if hp.num_workers is None else hp.num_workers
+        loader = BatchLoader(
+            self.train_set,
+            self.requests,
+            self.device,
+            self.workers,
+            loss_weights=self.train_set.loss_weights,
+        )
+        sampler = DistributedBatchSampler(
+            len(self.train_set),
+            hp.batch_size,
+            ctx.rank,
+            ctx.world_size,
+            ctx.seed,
+            costs=self.work_estimates(max((r.cutoff for r in requests), default=0.0)),
+            max_atoms=hp.max_atoms_per_batch,
+            n_atoms=self.n_atoms,
+            mixture=mixture_of(train_datasets),
+        )
+        return loader, sampler
 
     def make_learning_rate(self) -> LearningRate:
         hp = self.hypers

@@ -145,7 +145,12 @@ class Loss:
                 error = torch.where(known, predictions[term] - reference.nan_to_num(), 0.0)
             else:
                 error = (predictions[term] - batch.targets[target]) / batch.n_atoms
-            total = self.penalty(error / scale).sum()
+            penalty = self.penalty(error / scale)
+            if batch.loss_weights is not None:  # (per structure; per atom for forces)
+                weights = batch.loss_weights
+                weights = weights[batch.system] if gradient == "forces" else weights
+                penalty = penalty * weights.reshape(-1, *[1] * (penalty.dim() - 1))
+            total = penalty.sum()
             divisor = COMPONENTS[gradient] * max(1, counts.get(gradient, 0))
             parts[term] = self.weights.get(gradient, 1.0) * total / divisor
         return torch.stack(list(parts.values())).sum(), parts

@@ -104,6 +104,11 @@ class DatasetOptions:
         doc="Targets by name. Default: ``energy`` with forces; a validation or test "
         "set without ``targets`` takes the training set's.",
     )
+    loss_weight: float = option(
+        1.0,
+        doc="Training sets only: multiplies every loss term of this set's structures "
+        "(0 keeps a set out of the loss; 2 counts each of its structures twice).",
+    )
     sampling_weight: Optional[float] = option(
         None,
         doc="Training sets only: this set's share of every epoch, relative to the other "
@@ -114,6 +119,11 @@ class DatasetOptions:
     )
 
     def validate(self, path: str, source: str) -> None:
+        if not (math.isfinite(self.loss_weight) and self.loss_weight >= 0):
+            raise OptionsError(
+                f"'{path}.loss_weight' in {source} must be a number, 0 or more, got "
+                f"{self.loss_weight}"
+            )
         weight = self.sampling_weight
         if weight is not None and not (math.isfinite(weight) and weight > 0):
             raise OptionsError(
@@ -342,14 +352,16 @@ def _fraction_or_datasets(value: Any, key: str, base: Path, source: str) -> Any:
 
 
 def _check_sampling_weights(options: Options, source: str) -> None:
-    """Sampling weights: on training sets only, and on all of them or none."""
+    """Sampling and loss weights: on training sets only; sampling weights on all of
+    them or none."""
     for key in ("validation_set", "test_set"):
         value = getattr(options, key)
         for i, dataset in enumerate(value if isinstance(value, list) else []):
-            if dataset.sampling_weight is not None:
+            if dataset.sampling_weight is not None or dataset.loss_weight != 1.0:
+                name = "sampling_weight" if dataset.sampling_weight is not None else "loss_weight"
                 raise OptionsError(
-                    f"'{key}[{i}].sampling_weight' in {source}: only training sets are "
-                    "sampled (validation and test sets are used whole); remove it"
+                    f"'{key}[{i}].{name}' in {source}: only training sets are sampled and "
+                    "weighted in the loss (validation and test sets are used whole); remove it"
                 )
     weighted = [d.sampling_weight is not None for d in options.training_set]
     if any(weighted) and not all(weighted):

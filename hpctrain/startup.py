@@ -295,7 +295,7 @@ def load_datasets(
     for i, d in enumerate(options.training_set):
         key = f"training_set[{i}]" if len(options.training_set) > 1 else "training_set"
         train.append(read_dataset(d, key, source, dtype))
-        train[-1].sampling_weight = d.sampling_weight
+        train[-1].sampling_weight, train[-1].loss_weight = d.sampling_weight, d.loss_weight
     sets: dict[str, list[AtomisticDataset]] = {}
     fractions = []
     for key in ("validation_set", "test_set"):

@@ -238,3 +238,36 @@ def test_shards_keep_which_structures_have_a_stress(tmp_path):
         torch.testing.assert_close(a, b, equal_nan=True)
     assert "stress: RMS component" in summarize(shards)
     assert "on 4 of 7 structures" in summarize(shards)
+
+
+def test_loss_weights_multiply_each_structures_terms(tmp_path):
+    """A structure of weight w counts w times in every term (forces: its atoms)."""
+    ase.io.write(tmp_path / "emt.xyz", emt_structures(True, 3, seed=4))
+    dataset = read(tmp_path / "emt.xyz", {"energy": {"forces": True, "stress": True}})
+    batch = collate([dataset[i] for i in range(3)])
+    predictions = {
+        "energy": batch.targets["energy"] + torch.tensor([0.3, -0.1, 0.2], dtype=torch.float64),
+        "energy forces": batch.forces["energy"] + 0.05,
+        "energy stress": batch.stress["energy"] - 0.01,
+    }
+    loss = Loss({"energy": 0.2, "energy forces": 0.5, "energy stress": 0.02}, {})
+    counts = {"": 3, "forces": int(batch.n_atoms.sum()), "stress": 3}
+    _, plain = loss(predictions, batch, counts)
+    weights = torch.tensor([2.0, 0.0, 1.0], dtype=torch.float64)
+    weighted = dataclasses.replace(batch, loss_weights=weights)
+    _, parts = loss(predictions, weighted, counts)
+    # the same terms computed by hand, structure by structure
+    per_atom = ((predictions["energy"] - batch.targets["energy"]) / batch.n_atoms / 0.2) ** 2
+    torch.testing.assert_close(parts["energy"], (weights * per_atom).sum() / 3)
+    force_terms = ((predictions["energy forces"] - batch.forces["energy"]) / 0.5) ** 2
+    by_structure = torch.zeros(3, dtype=torch.float64).index_add_(
+        0, batch.system, force_terms.sum(dim=1)
+    )
+    torch.testing.assert_close(
+        parts["energy forces"], (weights * by_structure).sum() / (3 * counts["forces"])
+    )
+    torch.testing.assert_close(plain["energy forces"], by_structure.sum() / (3 * counts["forces"]))
+    stress_terms = (((predictions["energy stress"] - batch.stress["energy"]) / 0.02) ** 2).sum(
+        dim=(1, 2)
+    )
+    torch.testing.assert_close(parts["energy stress"], (weights * stress_terms).sum() / 27)

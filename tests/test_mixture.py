@@ -55,3 +55,34 @@ def test_a_mixed_run_says_each_share_and_resumes_mid_epoch_bitwise(mixed):
     expected, got = final_weights(mixed / "straight"), final_weights(mixed / "stopped")
     for key, value in expected.items():
         assert torch.equal(got[key], value), key
+
+
+def run_with_second_set(workdir, name, second, loss_weight):
+    options = {
+        **OPTIONS,
+        "training_set": [
+            {"systems": "first.xyz", "sampling_weight": 0.7},
+            {"systems": second, "sampling_weight": 0.3, "loss_weight": loss_weight},
+        ],
+    }
+    write_options(workdir, options, f"{name}.yaml")
+    result = hpctrain("train", f"{name}.yaml", "-o", name, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    return final_weights(workdir / name), result.stdout
+
+
+def test_a_set_of_loss_weight_zero_does_not_train_the_model(mixed):
+    """The second set with its forces reversed: the same loss scales (RMS forces) and
+    batches, so with loss_weight 0 the weights are bit for bit those of the true
+    forces; with weight 1 they differ."""
+    frames = ase.io.read(mixed / "second.xyz", ":")
+    for atoms in frames:
+        atoms.calc.results["forces"] = -atoms.get_forces()
+    ase.io.write(mixed / "reversed.xyz", frames)
+    true_forces, stdout = run_with_second_set(mixed, "true", "second.xyz", 0.0)
+    assert "loss weights:" in stdout and "second.xyz: 0" in stdout
+    reversed_forces, _ = run_with_second_set(mixed, "reversed", "reversed.xyz", 0.0)
+    for key, value in true_forces.items():
+        assert torch.equal(reversed_forces[key], value), key
+    counted, _ = run_with_second_set(mixed, "counted", "reversed.xyz", 1.0)
+    assert any(not torch.equal(counted[k], v) for k, v in true_forces.items())

@@ -129,6 +129,16 @@ MALFORMED = {
         "'validation_set[0].sampling_weight'",
         "only training sets are sampled",
     ),
+    "negative loss weight": (
+        "architecture: mp_transformer\ntraining_set: [{systems: ethanol.xyz, loss_weight: -1}]\n",
+        "'training_set[0].loss_weight'",
+        "0 or more",
+    ),
+    "loss weight on a test set": (
+        GOOD + "test_set: [{systems: ethanol.xyz, loss_weight: 2}]\n",
+        "'test_set[0].loss_weight'",
+        "only training sets",
+    ),
     "atom budget zero": (
         "architecture: {name: mp_transformer, training: {max_atoms_per_batch: 0}}\n"
         "training_set: ethanol.xyz\n",

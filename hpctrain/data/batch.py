@@ -50,7 +50,8 @@ class Batch:
     so that splitting the batch needs no read from the device.
     ``targets[name]`` is ``[n_structures]`` (or ``[n_atoms]`` per atom),
     ``forces[name]`` is ``[n_atoms, 3]``, ``stress[name]`` is ``[n_structures, 3, 3]``
-    (NaN for a structure without a stress).
+    (NaN for a structure without a stress). ``loss_weights`` ``[n_structures]`` weighs
+    each structure's loss terms (None: all 1).
     """
 
     types: torch.Tensor
@@ -65,6 +66,7 @@ class Batch:
     stress: dict[str, torch.Tensor]
     sizes: list[int]
     element_counts: dict[int, int]
+    loss_weights: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.sizes)

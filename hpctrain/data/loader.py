@@ -16,6 +16,7 @@ the run with that error and its traceback, raised in the step that needed the ba
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -50,6 +51,7 @@ class BatchLoader:
         device: torch.device,
         workers: int = 0,
         ahead: int = 2,
+        loss_weights: np.ndarray | None = None,
     ):
         if workers < 0 or ahead < 1:
             raise ValueError(f"workers must be >= 0 and ahead >= 1, got {workers}, {ahead}")
@@ -59,6 +61,7 @@ class BatchLoader:
         self.workers = workers
         self.ahead = ahead
         self.pin = self.device.type == "cuda"
+        self.loss_weights = loss_weights
         self._reading = threading.Lock()
 
     def make(self, indices: np.ndarray) -> Batch:
@@ -66,6 +69,9 @@ class BatchLoader:
         with self._reading:
             structures = [self.dataset[int(i)] for i in indices]
         batch = collate(structures, self.requests)
+        if self.loss_weights is not None:
+            weights = torch.as_tensor(self.loss_weights[indices], dtype=batch.positions.dtype)
+            batch = dataclasses.replace(batch, loss_weights=weights)
         return batch.pin_memory() if self.pin else batch
 
     def batches(self, plan: Iterable[Sequence[np.ndarray]]) -> Iterator[list[Batch]]:

@@ -50,6 +50,7 @@ class AtomisticDataset(torch.utils.data.Dataset):
     name: str
     dtype: torch.dtype
     sampling_weight: float | None = None  # (a training set's share of each epoch)
+    loss_weight: float = 1.0  # (a training set's weight in the loss)
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -88,6 +89,7 @@ class Subset(AtomisticDataset):
         self.name = name or dataset.name
         self.dtype = dataset.dtype
         self.sampling_weight = dataset.sampling_weight
+        self.loss_weight = dataset.loss_weight
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -217,3 +219,10 @@ class ConcatDataset:
     @property
     def has_stress(self) -> np.ndarray:
         return np.concatenate([d.has_stress for d in self.datasets])
+
+    @property
+    def loss_weights(self) -> np.ndarray | None:
+        """Every structure's weight in the loss (its set's), or None: all 1."""
+        if all(d.loss_weight == 1.0 for d in self.datasets):
+            return None
+        return np.concatenate([np.full(len(d), d.loss_weight) for d in self.datasets])
