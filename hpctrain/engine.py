@@ -530,6 +530,7 @@ class Engine:
             self.context,
             self.requests,
             workers=self.workers,
+            each_set=True,
         )
 
     # -- state ------------------------------------------------------------------------

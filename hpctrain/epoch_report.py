@@ -9,7 +9,15 @@ from typing import Any
 import torch
 
 from .progress import ProgressMeter
-from .report import MetricsLog, errors_text, get_logger, plural, significant
+from .report import (
+    MetricsLog,
+    errors_text,
+    get_logger,
+    plural,
+    significant,
+    validation_metrics,
+    validation_sets_in,
+)
 from .run import RunContext
 
 
@@ -63,6 +71,9 @@ class EpochReporter:
     def validated(self, row: dict[str, Any], rate: float) -> None:
         """A validated epoch: its line, and its row in the metrics files."""
         self.log.info(epoch_line(row, self.num_epochs, rate))
+        for number in validation_sets_in(row):
+            errors = errors_text(validation_metrics(row, number))
+            self.log.info(f"{'':>11}validation_set[{number}]: {errors}")
         if self.metrics is not None:
             self.metrics.write(row)
 
@@ -75,7 +86,7 @@ def epoch_line(row: dict[str, Any], num_epochs: int, rate: float) -> str:
     """``epoch    3/10  loss 0.42  energy RMSE ... eV/atom  forces RMSE ...  lr 0.003
     0.33 s (240 structures/s)``."""
     parts = [f"epoch {row['epoch']:>4}/{num_epochs}", f"loss {row['train_loss']:.4g}"]
-    parts.append(errors_text({k: v for k, v in row.items() if k.startswith("val ")}))
+    parts.append(errors_text(validation_metrics(row)))
     parts.append(f"lr {row['learning_rate']:.3g}")
     parts.append(f"{row['epoch_time_s']:.2f} s ({significant(rate)} structures/s)")
     return "  ".join(p for p in parts if p)

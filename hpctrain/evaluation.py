@@ -159,6 +159,7 @@ def evaluate(
     totals: bool = False,
     on_batch: BatchCallback | None = None,
     workers: int = 0,
+    each_set: bool = False,
 ) -> dict[str, float]:
     """RMSE and MAE of every prediction over ``datasets``; each structure is seen by
     exactly one rank and the sums are all-reduced, so the metrics are exact.
@@ -168,8 +169,12 @@ def evaluate(
     :param on_batch: called as ``on_batch(dataset_index, indices, batch, predictions)``
         after each batch of this rank (``indices``: positions in that dataset)
     :param workers: loader threads preparing the next batches
+    :param each_set: with several datasets, also the metrics of each, as
+        ``[i] energy RMSE [eV/atom]`` for dataset ``i``
     """
     errors = ErrorSums(targets, device, totals)
+    several = each_set and len(datasets) > 1
+    per_set = [ErrorSums(targets, device, totals) for _ in datasets] if several else []
     for number, dataset in enumerate(datasets):
         indices = shard_for_rank(len(dataset), ctx.rank, ctx.world_size)
         chunks = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
@@ -179,9 +184,14 @@ def evaluate(
                 with torch.enable_grad():
                     predictions = predict_batch(batch)
                 errors.add(batch, predictions)
+                if per_set:
+                    per_set[number].add(batch, predictions)
                 if on_batch is not None:
                     on_batch(number, chunk, batch, predictions)
-    return errors.metrics()
+    metrics = errors.metrics()
+    for number, sums in enumerate(per_set):
+        metrics.update({f"[{number}] {key}": value for key, value in sums.metrics().items()})
+    return metrics
 
 
 GRADIENT_NAMES = {"positions": "forces", "strain": "stress"}  # (TargetInfo.gradients)

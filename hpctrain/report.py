@@ -12,10 +12,11 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 LOGGER_NAME = "hpctrain"
 
@@ -257,11 +258,27 @@ def errors_text(metrics: dict[str, float], sep: str = "  ") -> str:
     return sep.join(parts)
 
 
+PER_SET = re.compile(r"^val \[(\d+)\] ")
+"""A metrics column of one validation set of several: ``val [1] energy RMSE [eV/atom]``."""
+
+
+def validation_metrics(row: dict[str, Any], number: int | None = None) -> dict[str, float]:
+    """The validation metrics of a row: over all validation sets (``number`` None), or
+    of set ``number``, named as the totals are."""
+    if number is None:
+        return {k: v for k, v in row.items() if k.startswith("val ") and not PER_SET.match(k)}
+    prefix = f"val [{number}] "
+    return {"val " + k[len(prefix) :]: v for k, v in row.items() if k.startswith(prefix)}
+
+
+def validation_sets_in(row: dict[str, Any]) -> list[int]:
+    """The validation sets with metrics of their own in a row (none with one set)."""
+    return sorted({int(m.group(1)) for k in row if (m := PER_SET.match(k))})
+
+
 def validation_errors(row: dict[str, float]) -> str:
     """``energy RMSE 0.012 eV/atom, forces RMSE 0.3 eV/A`` from a metrics row."""
-    return errors_text({k: v for k, v in row.items() if k.startswith("val ")}, ", ") or (
-        "none recorded"
-    )
+    return errors_text(validation_metrics(row), ", ") or "none recorded"
 
 
 def best_and_final(

@@ -1,6 +1,7 @@
 """Training sets mixed by ``sampling_weight`` in real runs: the banner says each set's
 share, and a run stopped mid-epoch resumes bit for bit."""
 
+import csv
 import signal
 
 import ase.io
@@ -86,3 +87,26 @@ def test_a_set_of_loss_weight_zero_does_not_train_the_model(mixed):
         assert torch.equal(reversed_forces[key], value), key
     counted, _ = run_with_second_set(mixed, "counted", "reversed.xyz", 1.0)
     assert any(not torch.equal(counted[k], v) for k, v in true_forces.items())
+
+
+def test_each_validation_set_has_its_own_metrics(mixed):
+    frames = ase.io.read(mixed / "ethanol.xyz", ":")
+    ase.io.write(mixed / "val-a.xyz", frames[:6])
+    ase.io.write(mixed / "val-b.xyz", frames[80:])
+    options = {**OPTIONS, "validation_set": ["val-a.xyz", "val-b.xyz"]}
+    write_options(mixed, options, "two.yaml")
+    result = hpctrain("train", "two.yaml", "-o", "two", cwd=mixed)
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader((mixed / "two" / "metrics.csv").open()))
+    assert len(rows) == 3
+    column = "val {}energy RMSE [eV/atom]"
+    for row in rows:
+        total, a, b = (float(row[column.format(p)]) for p in ("", "[0] ", "[1] "))
+        # the total is over both sets' structures (6 and 20): a mean of squares
+        assert total**2 == pytest.approx((6 * a**2 + 20 * b**2) / 26, rel=1e-9)
+        assert float(row["val [1] forces RMSE [eV/A]"]) > 0
+    assert "validation_set[0]: energy RMSE" in result.stdout
+    assert "validation_set[1]: energy RMSE" in result.stdout
+    # the summary speaks of the totals only
+    summary = result.stdout[result.stdout.index("training finished") :]
+    assert "[0]" not in summary and "validation_set[" not in summary
