@@ -24,9 +24,10 @@ def labels_of(dataset: AtomisticDataset) -> set[tuple[str, str]]:
 def check_datasets(hypers: TrainingHypers, world_size: int, train_datasets: Sequence) -> None:
     """What the engine cannot train, found before training (the flow asks through
     :meth:`~hpctrain.trainer.EngineTrainer.check_datasets`, before its banner): training
-    sets with different labels, and fewer structures or a smaller batch than ranks."""
+    sets with different labels (but the stress: a set without one is left out of the
+    stress loss), and fewer structures or a smaller batch than ranks."""
     keys = [f"training_set[{i}]" for i in range(len(train_datasets))]
-    labels = [labels_of(d) for d in train_datasets]
+    labels = [{(t, g) for t, g in labels_of(d) if g != "stress"} for d in train_datasets]
     for i in range(1, len(train_datasets)):
         if labels[i] != labels[0]:
             target, gradient = sorted(labels[i] ^ labels[0])[0]
@@ -36,9 +37,9 @@ def check_datasets(hypers: TrainingHypers, world_size: int, train_datasets: Sequ
             raise DataError(
                 f"the training sets carry different labels: {keys[has]} "
                 f"({train_datasets[has].name}) has {what}, {keys[lacks]} "
-                f"({train_datasets[lacks].name}) has not. Every training set needs the same "
-                f"labels for now: give {keys[lacks]} {what} too, or leave {setting} out of "
-                f"{keys[has]}"
+                f"({train_datasets[lacks].name}) has not. Training sets need the same "
+                f"labels but the stress for now: give {keys[lacks]} {what} too, or leave "
+                f"{setting} out of {keys[has]}"
             )
     if hypers.max_atoms_per_batch is None:
         n_samples = sum(len(d) for d in train_datasets)

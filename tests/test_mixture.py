@@ -2,6 +2,7 @@
 share, and a run stopped mid-epoch resumes bit for bit."""
 
 import csv
+import math
 import signal
 
 import ase.io
@@ -110,3 +111,30 @@ def test_each_validation_set_has_its_own_metrics(mixed):
     # the summary speaks of the totals only
     summary = result.stdout[result.stdout.index("training finished") :]
     assert "[0]" not in summary and "validation_set[" not in summary
+
+
+def test_a_set_with_a_stress_and_one_without_train_together(workdir):
+    from hpctrain.testing import emt_structures
+
+    ase.io.write(workdir / "bulk.xyz", emt_structures(True, 40, seed=1))
+    ase.io.write(workdir / "molecules.xyz", emt_structures(False, 40, seed=2))
+    options = tiny_options(
+        architecture={"training": {"num_epochs": 2, "batch_size": 8}},
+        training_set=[
+            {"systems": "bulk.xyz", "targets": {"energy": {"forces": True, "stress": True}}},
+            {"systems": "molecules.xyz", "targets": {"energy": {"forces": True}}},
+        ],
+        validation_set=0.2,
+    )
+    write_options(workdir, options)
+    result = hpctrain("train", "options.yaml", "-o", "run", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert "stress: on 32 of 64 training structures (32 without" in result.stdout
+    rows = list(csv.DictReader((workdir / "run" / "metrics.csv").open()))
+    assert len(rows) == 2
+    for row in rows:
+        assert math.isfinite(float(row["train_loss"]))
+        # over the bulk structures only: the molecules' stress is unknown, not zero
+        assert float(row["val stress RMSE [eV/A^3]"]) == float(row["val [0] stress RMSE [eV/A^3]"])
+        assert not row.get("val [1] stress RMSE [eV/A^3]")  # (no stress in that set)
+        assert float(row["val [1] forces RMSE [eV/A]"]) > 0

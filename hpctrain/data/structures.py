@@ -9,6 +9,7 @@ eV/angstrom, stress in eV/angstrom^3 (ASE's sign).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -186,6 +187,11 @@ def cell_volumes(cells: np.ndarray, pbcs: np.ndarray) -> np.ndarray:
     return np.where(np.asarray(pbcs).reshape(-1, 3).all(axis=1), volumes, np.nan)
 
 
+def stress_targets(dataset: AtomisticDataset) -> set[str]:
+    """The targets of which ``dataset`` gives a stress."""
+    return {name for name, t in dataset.info.targets.items() if "strain" in t.gradients}
+
+
 def stress_known(stress: dict[str, np.ndarray], n: int) -> np.ndarray:
     """Whether each of ``n`` structures has a finite stress in every ``[n, 3, 3]``
     array of ``stress`` (False for all without any)."""
@@ -200,13 +206,22 @@ class ConcatDataset:
     def __init__(self, datasets: Sequence[AtomisticDataset]):
         self.datasets = list(datasets)
         self.starts = np.cumsum([0] + [len(d) for d in self.datasets])
+        # a set without the stress that another set has gives NaN: left out of the loss
+        with_stress = [stress_targets(d) for d in self.datasets]
+        every = set().union(*with_stress)
+        self.missing_stress = [sorted(every - mine) for mine in with_stress]
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
     def __getitem__(self, index: int):
         which = int(np.searchsorted(self.starts, index, side="right") - 1)
-        return self.datasets[which][index - int(self.starts[which])]
+        structure = self.datasets[which][index - int(self.starts[which])]
+        if not self.missing_stress[which]:
+            return structure
+        unknown = torch.full((3, 3), math.nan, dtype=structure.positions.dtype)
+        stress = {**structure.stress, **dict.fromkeys(self.missing_stress[which], unknown)}
+        return dataclasses.replace(structure, stress=stress)
 
     @property
     def n_atoms(self) -> np.ndarray:
