@@ -25,7 +25,7 @@ from .report import (
 )
 from .startup import Built, Launched
 from .threads import Threads
-from .training_sets import mixture_in_words
+from .training_sets import labels_in_words, labels_of, mixture_in_words
 
 
 def report_start(
@@ -52,6 +52,9 @@ def report_start(
         mixture = mixture_in_words(built.train_sets)
         if mixture:
             rows.append(("per epoch", mixture))
+        labels = [sorted(labels_of(d)) for d in built.train_sets]
+        if any(mine != labels[0] for mine in labels):
+            rows.append(("labels", labels_in_words(built.train_sets)))
         if any(d.loss_weight != 1.0 for d in built.train_sets):
             weights = ", ".join(f"{d.name}: {d.loss_weight:g}" for d in built.train_sets)
             rows.append(("loss weights", weights))

@@ -85,6 +85,18 @@ def mixture_in_words(datasets: Sequence[AtomisticDataset]) -> str | None:
     )
 
 
+def labels_in_words(datasets: Sequence[AtomisticDataset]) -> str:
+    """``a.xyz: energy, forces, stress; b.xyz: energy, forces``: what each set carries."""
+    parts = []
+    for d in datasets:
+        names = [
+            " ".join(x for x in ("" if t == "energy" and g else t, g) if x)
+            for t, g in sorted(labels_of(d))
+        ]
+        parts.append(f"{d.name}: {', '.join(names)}")
+    return "; ".join(parts)
+
+
 def batch_in_words(hypers: TrainingHypers) -> str:
     """``16`` or ``of up to 2,000 atoms``: the global batch, as the log says it."""
     if hypers.max_atoms_per_batch is None:

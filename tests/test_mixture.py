@@ -130,6 +130,8 @@ def test_a_set_with_a_stress_and_one_without_train_together(workdir):
     result = hpctrain("train", "options.yaml", "-o", "run", cwd=workdir)
     assert result.returncode == 0, result.stderr
     assert "stress: on 32 of 64 training structures (32 without" in result.stdout
+    assert "bulk.xyz: energy, forces, stress;" in result.stdout  # the banner's labels row
+    assert "molecules.xyz: energy, forces" in result.stdout
     rows = list(csv.DictReader((workdir / "run" / "metrics.csv").open()))
     assert len(rows) == 2
     for row in rows:
