@@ -8,9 +8,10 @@ The flow opens the W&B run before training and finishes it however the run ends
 run continued in the same run directory (``--continue auto``, a requeued job)
 continues the same W&B run. Its id is kept in the run directory (``wandb-run-id``),
 its files go to ``wandb/`` there. W&B takes no step lower than one it has: a continued
-run leaves out its rows up to the last step already logged (those that an
+run leaves out its rows up to the last step of ``metrics.csv`` (the rows that an
 interrupted process logged after its last checkpoint stay as that process logged
-them).
+them). W&B writes what it is given every few seconds: the rows that a killed process
+logged in its last seconds may be missing from W&B, never from ``metrics.csv``.
 
 The ``wandb`` package is optional (``pip install hpctrain[wandb]``);
 :func:`check_installed` fails a run that asks for it before anything starts.
