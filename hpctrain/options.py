@@ -170,7 +170,7 @@ class WandbOptions:
     its config (``pip install hpctrain[wandb]``). Its id is kept in the run directory
     (``wandb-run-id``): a run continued there continues the same W&B run."""
 
-    project: str = option(doc="W&B project of the run.")
+    project: str = option(doc="W&B project of the run (a ``logging.wandb`` section needs it).")
     entity: str | None = option(
         None, doc="W&B entity (user or team) of the project; default: the account's."
     )

@@ -115,6 +115,7 @@ def start(options: WandbOptions, run_dir: Path, config: dict[str, Any], source: 
     run_id = known or new_run_id()
     if not known:
         write_text_atomically(id_file, run_id + "\n")  # before: a crash in init keeps it
+    run = None
     try:
         run = wandb.init(
             project=options.project,
@@ -130,10 +131,12 @@ def start(options: WandbOptions, run_dir: Path, config: dict[str, Any], source: 
         run.config.update(config, allow_val_change=True)  # (a continued run's may change)
         next_step = max(run.step, last_logged_step(run_dir) + 1)
     except Exception as error:
+        if run is not None:
+            run.finish(exit_code=1)
         raise OptionsError(
-            f"'logging.wandb' in {source}: W&B could not start run {run_id}: {error}. Log "
-            "in with 'wandb login' (or set WANDB_API_KEY), or set 'mode: offline' and "
-            "upload later with 'wandb sync'"
+            f"'logging.wandb' in {source}: W&B could not start run {run_id}: "
+            f"{str(error).rstrip('.')}. Log in with 'wandb login' (or set WANDB_API_KEY), "
+            "or set 'mode: offline' and upload later with 'wandb sync'"
         ) from None
     continued = " (continued)" if known else ""
     get_logger().info(
