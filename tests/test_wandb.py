@@ -230,6 +230,21 @@ def test_a_killed_run_continued_logs_no_step_again(wandb_dir):
     assert [row["step"] for row in report.read_metrics(run_dir / "metrics.csv")] == [12, 12, 24]
 
 
+@needs_wandb
+def test_a_wandb_run_that_cannot_start_ends_every_rank_before_training(wandb_dir):
+    if not (BIN / "mpiexec").exists():
+        pytest.skip("no mpiexec beside python")
+    online = tiny_options(logging={"wandb": {"project": "hpctrain-tests"}})
+    write_options(wandb_dir, online, "online.yaml")
+    env = wandb_env(wandb_dir, HOME=str(wandb_dir), WANDB_BASE_URL="http://127.0.0.1:9")
+    env.pop("WANDB_API_KEY", None)  # no login: W&B refuses before any connection
+    result = hpctrain("online.yaml", "-o", "run", cwd=wandb_dir, launcher="mpiexec", env=env)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.count("W&B could not start run") == 1, result.stderr[-3000:]
+    assert "'mode: offline'" in result.stderr
+    assert "training:" not in result.stdout and not (wandb_dir / "run" / "metrics.csv").exists()
+
+
 # -- without the wandb package -----------------------------------------------------------
 
 HIDE_WANDB = "import sys\nsys.modules['wandb'] = None  # import wandb fails, as if absent\n"
