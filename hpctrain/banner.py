@@ -1,8 +1,10 @@
 """The blocks a run prints on rank 0: the banner at its start (what trains, where, on
-what, the model's size and a check of its data) and the summary at its end."""
+what, the model's size and a check of its data) and the summary at its end; and where
+the run runs as plain data (:func:`system`), for the config of a W&B run."""
 
 from __future__ import annotations
 
+import platform
 import socket
 from pathlib import Path
 from typing import Any
@@ -38,10 +40,11 @@ def report_start(
     built: Built,
     run_dir: Path,
     resume: Path | None,
-) -> None:
+) -> dict[str, Any]:
     """The banner (rank 0), with the model's size and a check of the training data
     (:mod:`hpctrain.data.sanity`), a warning for each implausible figure, and where the
-    run continues from. Every rank calls it (the ranks' devices are gathered)."""
+    run continues from. Every rank calls it (the ranks' devices are gathered); each
+    gets where the run runs (:func:`system`)."""
     devices = launch.all_gather_object((socket.gethostname(), describe_device(launched.device)))
     log = get_logger()
     if env.is_main:
@@ -81,6 +84,7 @@ def report_start(
             "the model gained new targets (transfer learning): the optimizer and the epoch "
             "count start afresh"
         )
+    return system(env, backend, launched.threads, devices, dtype)
 
 
 def describe_device(device: torch.device) -> str:
@@ -109,10 +113,7 @@ def banner(
     :param model_rows: about the model and the data it sees (parameters, data check)
     """
     hosts = sorted({host for host, _ in devices})
-    counts: dict[str, int] = {}
-    for _, device in devices:
-        counts[device] = counts.get(device, 0) + 1
-    on = ", ".join(f"{n} x {d}" if n > 1 else d for d, n in counts.items())
+    on = ", ".join(f"{n} x {d}" if n > 1 else d for d, n in device_counts(devices).items())
     group = f", {backend}" if env.distributed else ""
     targets = ", ".join(
         display_name(f"{name} {GRADIENT_NAMES.get(g, g)}".strip())
@@ -137,6 +138,42 @@ def banner(
             ("resolved options", str(run_dir / "options.resolved.yaml")),
         ],
     )
+
+
+def device_counts(devices: list[tuple[str, str]]) -> dict[str, int]:
+    """How many ranks use each kind of device, from (host, device) of every rank."""
+    counts: dict[str, int] = {}
+    for _, device in devices:
+        counts[device] = counts.get(device, 0) + 1
+    return counts
+
+
+def system(
+    env: launch.LaunchEnv,
+    backend: str,
+    threads: Threads,
+    devices: list[tuple[str, str]],
+    dtype: torch.dtype,
+) -> dict[str, Any]:
+    """Where the run runs, as the banner says it, in plain data: rank 0's host, every
+    host, ranks, launcher (and SLURM job), devices, threads, dtype and versions.
+
+    :param devices: (host, device) of every rank
+    """
+    return {
+        "hostname": devices[0][0],
+        "hosts": sorted({host for host, _ in devices}),
+        "world_size": env.world_size,
+        "launcher": env.launcher,
+        "job_id": env.job_id,
+        "backend": backend if env.distributed else None,
+        "devices": device_counts(devices),
+        "threads_per_rank": threads.count,
+        "dtype": str(dtype).replace("torch.", ""),
+        "hpctrain": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def summary(

@@ -181,6 +181,19 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
         else:
             default = _MISSING
         rows.append((key, type_name(tp), default, f.metadata.get("doc", "")))
-        if dataclasses.is_dataclass(tp):
-            rows.extend(describe(tp, key))
+        section = section_type(tp)
+        if section is not None:
+            rows.extend(describe(section, key))
     return rows
+
+
+def section_type(tp: Any) -> type | None:
+    """The dataclass of a nested section typed ``tp``: ``tp`` itself, or the
+    dataclass of an optional section (``Section | None``); None for other types."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        kinds = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(kinds) == 1 and dataclasses.is_dataclass(kinds[0]):
+            return kinds[0]
+    return None

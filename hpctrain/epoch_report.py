@@ -1,6 +1,6 @@
 """What the engine reports of training, epoch by epoch: where it starts, the progress
 within each epoch (:mod:`hpctrain.progress`), each validated epoch's line, and its row
-of ``metrics.csv`` and TensorBoard (rank 0 writes; other ranks count only)."""
+of ``metrics.csv``, TensorBoard and W&B (rank 0 writes; other ranks count only)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,9 @@ class EpochReporter:
         self.meter = ProgressMeter(context.logging, context.is_main)
         self.metrics = None
         if context.is_main and context.run_dir:
-            self.metrics = MetricsLog(context.run_dir, context.logging.tensorboard, first_step)
+            self.metrics = MetricsLog(
+                context.run_dir, context.logging.tensorboard, first_step, context.wandb
+            )
 
     def started(self, epoch: int, step: int, batch: str, resumed_within: int) -> None:
         """Training begins at ``epoch`` (done so far) and ``step``, with global batches

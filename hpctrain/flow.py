@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 
-from . import banner, checkpoint, export, files, launch, progress, run, startup
+from . import banner, checkpoint, export, files, launch, progress, run, startup, wandb_run
 from .architecture import Architecture, DatasetInfo
 from .data import AtomisticDataset
 from .errors import HpctrainError, Preempted
 from .evaluation import evaluate_model
-from .options import Options, SlurmOptions, write_resolved
+from .options import Options, SlurmOptions, resolved_dict, write_resolved
 from .report import errors_text, get_logger
 from .signals import StopRequest
 
@@ -99,7 +99,8 @@ def run_training(
 
     Errors that ranks meet before training are agreed between them and reported once
     (:func:`launch.agree_on_errors`): rank 0 decides the run directory and the
-    checkpoint to continue from; every rank loads and checks its data and builds.
+    checkpoint to continue from, and starts the W&B run (``logging.wandb``); every
+    rank loads and checks its data and builds.
     """
     started = time.perf_counter()
     device_type, backend = launch_choice
@@ -114,8 +115,12 @@ def run_training(
             run_dir, resume = context.run_dir, context.resume_from
             if env.is_main:  # (a run that failed its checks leaves only train.log)
                 write_resolved(options, run_dir / "options.resolved.yaml")
-            banner.report_start(
+            system = banner.report_start(
                 architecture.name, env, backend, launched, dtype, options, built, run_dir, resume
+            )
+            config = {"options": resolved_dict(options), "system": system}
+            context.wandb = held.enter_context(
+                wandb_run.opened(options.logging.wandb, run_dir, env.is_main, config, source)
             )
         built.trainer.train(
             model=built.model,

@@ -190,6 +190,38 @@ class CheckpointOptions:
 
 
 @dataclasses.dataclass
+class WandbOptions:
+    """A Weights & Biases run that receives, from rank 0, the rows of ``metrics.csv``
+    at the same optimizer steps, with the resolved options and the run's system as
+    its config (``pip install hpctrain[wandb]``). Its id is kept in the run directory
+    (``wandb-run-id``): a run continued there continues the same W&B run."""
+
+    project: str = option(doc="W&B project of the run (a ``logging.wandb`` section needs it).")
+    entity: str | None = option(
+        None, doc="W&B entity (user or team) of the project; default: the account's."
+    )
+    name: str | None = option(
+        None, doc="Display name of the W&B run; default: the run directory's name."
+    )
+    tags: list[str] = option(factory=list, doc="Tags of the W&B run.")
+    mode: Literal["online", "offline", "disabled"] = option(
+        "online",
+        doc="``online`` sends as it trains; ``offline`` writes to ``wandb/`` in the run "
+        "directory only, for ``wandb sync`` later (nodes without network); ``disabled`` "
+        "logs nothing.",
+    )
+
+    def validate(self, path: str, source: str) -> None:
+        if not self.project.strip():
+            raise OptionsError(f"'{path}.project' in {source} must not be empty")
+        for i, tag in enumerate(self.tags):
+            if not tag.strip() or len(tag) > 64:
+                raise OptionsError(
+                    f"'{path}.tags[{i}]' in {source} must be 1 to 64 characters, got {tag!r}"
+                )
+
+
+@dataclasses.dataclass
 class LoggingOptions:
     """What the run reports while training."""
 
@@ -212,6 +244,11 @@ class LoggingOptions:
         doc="Also write the metrics of ``metrics.csv`` as TensorBoard scalars to "
         "``tensorboard/`` in the run directory, when the ``tensorboard`` package is "
         "installed (``pip install hpctrain[tensorboard]``); without it, a note is printed.",
+    )
+    wandb: WandbOptions | None = option(
+        None,
+        doc="Also log the metrics of ``metrics.csv`` to Weights & Biases (``null``: no "
+        "W&B). The run fails before training when the ``wandb`` package is missing.",
     )
 
     def validate(self, path: str, source: str) -> None:

@@ -4,7 +4,8 @@ Rank 0's console may carry a status line (the progress bar of
 :mod:`hpctrain.progress`) redrawn in place; every logged message wipes it first,
 so that messages and the bar never share a line. Validated epochs go to
 ``metrics.csv`` and, when the ``tensorboard`` package is installed, to TensorBoard
-event files, both behind :class:`MetricsLog`.
+event files, and to the run's W&B run when it has one (:mod:`hpctrain.wandb_run`),
+all behind :class:`MetricsLog`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 LOGGER_NAME = "hpctrain"
 
@@ -175,8 +176,9 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
         ]
 
 
-def tensorboard_tag(column: str) -> str:
-    """The TensorBoard tag of a ``metrics.csv`` column: validation errors grouped."""
+def scalar_tag(column: str) -> str:
+    """The TensorBoard tag and W&B key of a ``metrics.csv`` column: validation errors
+    grouped."""
     return "val/" + column[4:] if column.startswith("val ") else column
 
 
@@ -198,19 +200,33 @@ class TensorBoardScalars:
         step = int(row["step"])
         for column, value in row.items():
             if column != "step":
-                self.writer.add_scalar(tensorboard_tag(column), float(value), step)
+                self.writer.add_scalar(scalar_tag(column), float(value), step)
         self.writer.flush()  # an epoch's row is small; a killed run keeps it
 
     def close(self) -> None:
         self.writer.close()
 
 
-class MetricsLog:
-    """Where validated epochs are recorded (rank 0): ``metrics.csv`` and, when
-    ``tensorboard`` is set and the package is installed, ``tensorboard/``."""
+class RowWriter(Protocol):
+    """What records the rows of ``metrics.csv`` beside it (a W&B run)."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True, purge_step: int | None = None):
+    def write(self, row: dict[str, float]) -> None: ...
+
+
+class MetricsLog:
+    """Where validated epochs are recorded (rank 0): ``metrics.csv``; when
+    ``tensorboard`` is set and the package is installed, ``tensorboard/``; and
+    ``wandb``, the run's W&B run, which the flow opened and finishes (not :meth:`close`)."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        tensorboard: bool = True,
+        purge_step: int | None = None,
+        wandb: RowWriter | None = None,
+    ):
         self.csv = MetricsCSV(run_dir / "metrics.csv")
+        self.wandb = wandb
         self.tensorboard: TensorBoardScalars | None = None
         if tensorboard:
             try:
@@ -226,6 +242,8 @@ class MetricsLog:
         self.csv.write(row)
         if self.tensorboard is not None:
             self.tensorboard.write(row)
+        if self.wandb is not None:
+            self.wandb.write(row)
 
     def close(self) -> None:
         if self.tensorboard is not None:

@@ -14,9 +14,13 @@ import contextlib
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .options import CheckpointOptions, LoggingOptions
 from .signals import StopRequest
+
+if TYPE_CHECKING:
+    from .wandb_run import WandbRun
 
 
 @dataclasses.dataclass
@@ -29,6 +33,7 @@ class RunContext:
     logging: LoggingOptions = dataclasses.field(default_factory=LoggingOptions)
     stop: StopRequest | None = None  # set by the flow: signal handlers installed
     resume_from: Path | None = None  # the checkpoint this run continues, if any
+    wandb: WandbRun | None = None  # rank 0's W&B run (logging.wandb), opened by the flow
 
     @property
     def is_main(self) -> bool:

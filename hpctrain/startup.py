@@ -26,7 +26,7 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 
-from . import checkpoint, launch, run
+from . import checkpoint, launch, run, wandb_run
 from .architecture import Architecture, DatasetInfo, choose_device_type, choose_dtype, resolve
 from .data import AtomisticDataset, read_dataset, split_indices
 from .errors import CheckpointError, DataError, HpctrainError, OptionsError
@@ -42,9 +42,11 @@ def prepare(
     cuda_available: bool | None = None,
 ) -> tuple[Options, Architecture, torch.dtype, str]:
     """Everything that can be checked before launching: options, architecture and its
-    hypers, dtype and device type. Fails fast, with the key path, on every rank."""
+    hypers, dtype and device type, and that the packages the options ask for are
+    installed. Fails fast, with the key path, on every rank."""
     source = str(options_path)
     options = load_options(options_path)
+    wandb_run.check_installed(options.logging.wandb, source)
     if continue_from is not None:
         options.continue_from = continue_from
     if options.continue_from not in (None, "auto"):

@@ -227,6 +227,50 @@ MALFORMED = {
         "'checkpoint.keep_last'",
         "must be integer",
     ),
+    "wandb not a mapping": (
+        GOOD + "logging: {wandb: true}\n",
+        "'logging.wandb' in",
+        "must be a mapping",
+    ),
+    "wandb without project": (
+        GOOD + "logging: {wandb: {mode: offline}}\n",
+        "missing required key 'logging.wandb.project'",
+    ),
+    "wandb empty project": (
+        GOOD + "logging: {wandb: {project: ' '}}\n",
+        "'logging.wandb.project' in",
+        "must not be empty",
+    ),
+    "wandb project not a string": (
+        GOOD + "logging: {wandb: {project: 3}}\n",
+        "'logging.wandb.project' in",
+        "must be string",
+    ),
+    "wandb unknown mode": (
+        GOOD + "logging: {wandb: {project: p, mode: cloud}}\n",
+        "'logging.wandb.mode' in",
+        "'online', 'offline', 'disabled'",
+    ),
+    "wandb tags not a list": (
+        GOOD + "logging: {wandb: {project: p, tags: nice}}\n",
+        "'logging.wandb.tags' in",
+        "must be list of string",
+    ),
+    "wandb tag not a string": (
+        GOOD + "logging: {wandb: {project: p, tags: [ok, 1]}}\n",
+        "'logging.wandb.tags[1]' in",
+        "must be string",
+    ),
+    "wandb tag too long": (
+        GOOD + f"logging: {{wandb: {{project: p, tags: [{'t' * 65}]}}}}\n",
+        "'logging.wandb.tags[0]' in",
+        "1 to 64 characters",
+    ),
+    "wandb key typo": (
+        GOOD + "logging: {wandb: {project: p, entitty: me}}\n",
+        "unknown key 'logging.wandb.entitty'",
+        "did you mean 'entity'?",
+    ),
 }
 
 
@@ -270,3 +314,12 @@ def test_validation_and_test_sets_without_targets_inherit_the_training_targets(w
     assert options.test_set[0].targets is not trained  # a copy
     assert options.test_set[1].targets["energy"].key == "energy"  # given: kept
     assert options.test_set[1].targets["energy"].unit == "eV"
+
+
+def test_wandb_is_off_unless_given_and_its_defaults_fill_the_rest(write_yaml):
+    assert load_options(write_yaml(GOOD)).logging.wandb is None
+    assert load_options(write_yaml(GOOD + "logging: {wandb: null}\n")).logging.wandb is None
+    path = write_yaml(GOOD + "logging: {wandb: {project: mlip, tags: [ethanol]}}\n")
+    wandb = load_options(path).logging.wandb
+    assert (wandb.project, wandb.entity, wandb.name) == ("mlip", None, None)
+    assert (wandb.tags, wandb.mode) == (["ethanol"], "online")
