@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from data import load, log, machine, open_dataset, training_engine  # noqa: E402
+from data import load, log, machine, open_dataset, training_engine, write_results  # noqa: E402
 
 
 def mixed_dataset(workdir: Path, small: int, large: int, sizes: tuple[int, int]) -> Path:
@@ -197,8 +197,7 @@ def main() -> None:
             )
             log(f"most loaded rank / mean, {name}: {text}")
     results["load_end"] = load()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, results)
     log(f"wrote {args.out}")
 
 

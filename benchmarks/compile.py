@@ -13,7 +13,6 @@ once on energies alone. Each run reports the median of its steps after the first
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -28,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from data import load, log, machine, open_dataset, training_engine  # noqa: E402
+from data import load, log, machine, open_dataset, training_engine, write_results  # noqa: E402
 
 ETHANOL = ROOT / "examples" / "rmd17_ethanol_100.xyz"
 
@@ -71,8 +70,7 @@ def main() -> None:
                 what = row.get("error") or f"{1000 * row['step_s']:.1f} ms per step"
                 log(f"{row['backend']:<9} forces={forces!s:<5}: {what}")
     results["load_end"] = load()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, results)
     log(f"wrote {args.out}")
 
 

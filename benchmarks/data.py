@@ -102,6 +102,12 @@ def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def write_results(path: Path, results: dict) -> None:
+    """A benchmark's results as indented JSON at ``path`` (its folder made)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+
+
 def hpctrain_command() -> list[str]:
     script = Path(sys.executable).parent / "hpctrain"
     if script.exists():
@@ -851,8 +857,7 @@ def main() -> None:
     results["verdicts"] = verdicts(results)
     results["load_end"] = load()
     results["total_s"] = time.perf_counter() - started
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, results)
     print(table(results))
     log(f"wrote {args.out} in {results['total_s']:.0f} s; load average {results['load_end']}")
 

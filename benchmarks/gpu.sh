@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One short check of hpctrain on a CUDA node (about 7 minutes, at most 9):
+# One short check of hpctrain on a CUDA node (about 5 minutes before the GPU-target
+# checks were added; not yet timed with them, estimated 7-9):
 #  1. NCCL: training steps with as many ranks as the node has GPUs (torchrun), against
 #     one rank, for both reference architectures (benchmarks/scaling.py, weak scaling),
 #     EMT structures of 32 atoms at batches 16 and 64 (soap_bpnn: 64), and ethanol at

@@ -23,7 +23,6 @@ hypers: one full list at 5 Å).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from data import (  # noqa: E402
     machine,
     open_dataset,
     training_engine,
+    write_results,
 )
 
 TARGETS = {"structures_per_s": 20000.0, "data_share": 0.02}
@@ -229,8 +229,7 @@ def main() -> None:
     }
     results["load_end"] = load()
     results["total_s"] = time.perf_counter() - started
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, results)
     print(table(results))
     log(f"wrote {args.out} in {results['total_s']:.0f} s")
 

@@ -23,7 +23,6 @@ device), as ``hpctrain train`` runs it. After warm-up steps, ``torch.profiler`` 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from data import load, log, machine, open_dataset, training_engine  # noqa: E402
+from data import load, log, machine, open_dataset, training_engine, write_results  # noqa: E402
 
 LONG_GAP_US = 50.0
 
@@ -152,8 +151,7 @@ def main() -> None:
         results["top_device"] = top_operators(prof, "self_device_time_total", args.steps)
     if args.trace:
         prof.export_chrome_trace(str(args.trace))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, results)
     log(
         f"{args.architecture} on {device}, batch {args.batch_size}: "
         f"{1000 * results['step_s']:.1f} ms per step, {results['structures_per_s']:.0f} "
