@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import math
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 from metatomic.torch import ModelOutput, NeighborListOptions
 
-from . import checkpoint, launch, run, timing
+from . import checkpoint, finetune, launch, run, timing
 from .agreement import Agreed, StepAgreement
 from .architecture import DatasetInfo
 from .composition import CompositionFit, fit_composition
@@ -31,6 +30,7 @@ from .data.batch import Batch
 from .data.loader import BatchLoader, default_workers
 from .data.sampler import DistributedBatchSampler, StepIndices, work_estimates
 from .data.structures import AtomisticDataset, ConcatDataset
+from .ddp import wrap_ddp
 from .epoch_report import EpochReporter
 from .errors import CheckpointError, OptionsError, Preempted, TrainingDiverged
 from .evaluation import EnergyModule, evaluate, predict
@@ -112,7 +112,8 @@ class Engine:
                 "'architecture.training.mixed_precision' needs a CUDA device; this run "
                 f"trains on {device.type}"
             )
-        self.optimizer = make_adam(self.model.parameters(), hypers.learning_rate)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = make_adam(trainable, hypers.learning_rate)
         self.steps_per_epoch = len(self.sampler)
         self.lr = self.make_learning_rate()
         self.ema = (
@@ -242,13 +243,19 @@ class Engine:
         each energy target (``fits``) in the model."""
         if not self.hypers.fit_composition or not hasattr(self.model, "set_baseline"):
             return
+        tuned = self.hypers.finetune
+        pretrained = finetune.pretrained_targets(tuned) if tuned else set()
         for name, fit in fits.items():
-            self.model.set_baseline(name, fit.weights, fit.output_scale)
             unit = self.targets[name].unit
+            if name in pretrained and tuned.composition == "keep":
+                self.log.info(f"composition baseline of '{name}': the pretrained model's")
+                continue
+            scale = None if name in pretrained else fit.output_scale
+            self.model.set_baseline(name, fit.weights, scale)
             self.log.info(
                 f"composition baseline of '{name}': per-atom residual "
-                f"{fit.energy_scale:.4g} {unit}; network output scale {fit.output_scale:.4g} "
-                f"{unit}"
+                f"{fit.energy_scale:.4g} {unit}; network output scale "
+                + (f"{fit.output_scale:.4g} {unit}" if scale else "the pretrained model's")
             )
 
     def compute_loss(
@@ -571,25 +578,3 @@ class Engine:
             self.sampler.set_epoch(self.progress.epoch)
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
-
-
-def wrap_ddp(network: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """DistributedDataParallel without buffer syncs at each forward: the buffers
-    (baseline, type map) are identical on all ranks by construction."""
-    import inspect
-
-    ddp = torch.nn.parallel.DistributedDataParallel
-    no_sync = (
-        {"forward_sync_buffers": False}
-        if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
-        else {"broadcast_buffers": False}
-    )
-    # a [1, n] head (one target) gets a [1, 1]-strided gradient; DDP warns about the
-    # stride of a size-1 dimension, which changes no memory layout
-    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-    return ddp(
-        network,
-        device_ids=[device] if device.type == "cuda" else None,
-        gradient_as_bucket_view=True,
-        **no_sync,
-    )

@@ -10,6 +10,7 @@ from typing import Literal, Optional
 from .config import option
 from .early_stopping import EarlyStoppingOptions
 from .errors import OptionsError
+from .finetune import FinetuneOptions
 
 
 @dataclasses.dataclass
@@ -96,6 +97,12 @@ class TrainingHypers:
         factory=EarlyStoppingOptions,
         doc="End training when the validation loss stops improving, e.g. ``{patience: "
         "20, min_delta: 0.001}``; off unless ``patience`` is given.",
+    )
+    finetune: Optional[FinetuneOptions] = option(
+        None,
+        doc="Start from the model of another run's checkpoint (another dataset, other "
+        "targets) and train all of it, its heads, or LoRA adapters, e.g. ``{read_from: "
+        "pretrained/model.ckpt, method: lora}``; see :doc:`finetuning`.",
     )
     fit_composition: bool = option(
         True,

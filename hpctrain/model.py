@@ -99,14 +99,43 @@ class ReferenceModel(torch.nn.Module, ModelInterface):
         """
         raise NotImplementedError
 
+    @torch.jit.unused
+    def output_layers(self) -> List[str]:
+        """The linear layers whose outputs are the targets, one row per target."""
+        raise NotImplementedError
+
     # -- shared -----------------------------------------------------------------------
 
     @torch.jit.unused
-    def set_baseline(self, target: str, weights: torch.Tensor, scale: float) -> None:
-        """Per-element energies of ``target`` and the scale of the network's output."""
+    def head_modules(self) -> List[str]:
+        """The modules that map an atom's features to its outputs (what fine-tuning
+        with ``method: heads`` trains); by default the output layers."""
+        return self.output_layers()
+
+    @torch.jit.unused
+    def set_baseline(
+        self, target: str, weights: torch.Tensor, scale: Optional[float] = None
+    ) -> None:
+        """Per-element energies of ``target`` and the scale of the network's output
+        (None: kept)."""
         i = self.target_names.index(target)
         self.composition[i] = weights.to(self.composition)
-        self.scale[i] = scale
+        if scale is not None:
+            self.scale[i] = scale
+
+    @torch.jit.unused
+    @torch.no_grad()
+    def inherit_head(self, target: str, source: str) -> None:
+        """``target``'s head, composition baseline and scale become copies of
+        ``source``'s."""
+        i, j = self.target_names.index(target), self.target_names.index(source)
+        modules = dict(self.named_modules())
+        rows = [self.composition, self.scale]
+        for name in self.output_layers():
+            layer = modules[name]
+            rows += [layer.weight] + ([layer.bias] if layer.bias is not None else [])
+        for tensor in rows:
+            tensor[i] = tensor[j]
 
     def requested_neighbor_lists(self) -> List[NeighborListOptions]:
         return [self.neighbor_options]

@@ -19,6 +19,7 @@ import yaml
 
 from .config import option, parse, suggest, to_dict
 from .errors import OptionsError
+from .finetune import resolve_read_from
 
 
 @dataclasses.dataclass
@@ -463,6 +464,7 @@ def load_options(path: Union[str, Path], overrides: dict[str, Any] | None = None
     for key in ("validation_set", "test_set"):
         _inherit_targets(datasets.get(key), getattr(options, key), options.training_set)
     _check_sampling_weights(options, source)
+    resolve_read_from(options.architecture.training, base, source)
     fractions = [v for v in (options.validation_set, options.test_set) if isinstance(v, float)]
     if sum(fractions) >= 1.0:
         raise OptionsError(

@@ -26,7 +26,7 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 
-from . import checkpoint, launch, run, wandb_run
+from . import checkpoint, finetune, launch, run, wandb_run
 from .architecture import Architecture, DatasetInfo, choose_device_type, choose_dtype, resolve
 from .data import AtomisticDataset, read_dataset, split_indices
 from .errors import CheckpointError, DataError, HpctrainError, OptionsError
@@ -51,6 +51,9 @@ def prepare(
         options.continue_from = continue_from
     if options.continue_from not in (None, "auto"):
         check_checkpoint_path(options.continue_from)  # before a run directory is made
+    tuned = finetune.options_of(options.architecture.training, source)
+    if tuned is not None:  # the model is the pretrained one, with its hypers
+        options.architecture.model = finetune.pretrained_hypers(tuned, options.architecture.model)
     architecture = resolve(
         options.architecture.name, options.architecture.model, options.architecture.training, source
     )
@@ -379,8 +382,14 @@ def build(
     architecture: Architecture, info: DatasetInfo, continue_from: str | None
 ) -> tuple[Any, Any, bool]:
     """A new model and trainer, or both loaded from a checkpoint and restarted; and
-    whether the restarted model gained new targets (the trainer then starts afresh)."""
+    whether the restarted model gained new targets (the trainer then starts afresh).
+    A new fine-tuning run (``architecture.training.finetune``) starts from the
+    pretrained model with a new trainer."""
     Model, Trainer = architecture.model_class, architecture.trainer_class
+    tuned = finetune.options_of(architecture.training_hypers)
+    if continue_from is None and tuned is not None:
+        model = finetune.pretrained_model(Model, tuned, info)
+        return model, Trainer(architecture.training_hypers), False
     if continue_from is None:
         return Model(architecture.model_hypers, info), Trainer(architecture.training_hypers), False
     trainer = Trainer.load_checkpoint(continue_from, architecture.training_hypers)

@@ -13,7 +13,7 @@ from typing import Any, Union
 
 import torch
 
-from . import checkpoint, run
+from . import checkpoint, finetune, run
 from .architecture import TrainerInterface
 from .config import parse, to_dict
 from .engine import Engine, TrainingHypers
@@ -51,6 +51,8 @@ class EngineTrainer(TrainerInterface):
         """The engine that trains ``model``: :meth:`train` runs its loop, benchmarks
         time its steps (the same object either way)."""
         self.model = model
+        if self.hypers.finetune is not None:
+            finetune.prepare(model, self.hypers.finetune, self._state)
         self.engine = self.engine_class(
             self.hypers,
             model,
@@ -76,7 +78,9 @@ class EngineTrainer(TrainerInterface):
                 f"a rank trains on exactly one device, got {devices}; hpctrain gives "
                 "each rank its own device"
             )
-        self.make_engine(model, devices[0], train_datasets, val_datasets, checkpoint_dir).train()
+        engine = self.make_engine(model, devices[0], train_datasets, val_datasets, checkpoint_dir)
+        engine.train()
+        finetune.finish(model, engine)
 
     @property
     def stopped_early(self) -> str | None:
@@ -100,6 +104,12 @@ class EngineTrainer(TrainerInterface):
         payload = self.model.checkpoint_payload()
         payload["train_hypers"] = to_dict(self.hypers)
         payload["trainer_state"] = self.engine.state_dict()
+        if finetune.has_adapters(self.model):
+            # the model as the plain model it becomes; the adapters for a resumed run
+            plain = finetune.plain_state(self.model)
+            payload["model_state"] = {k: v.cpu() for k, v in plain.items()}
+            adapters = {k: v.cpu() for k, v in self.model.state_dict().items()}
+            payload["trainer_state"]["adapters"] = adapters
         payload["seed"] = run.current().seed
         checkpoint.save(payload, path)
 

@@ -153,6 +153,14 @@ class MessagePassingTransformer(ReferenceModel):
     def interaction_range(self) -> float:
         return self.cutoff * self.num_layers
 
+    @torch.jit.unused
+    def output_layers(self) -> List[str]:
+        return [f"readout.{len(self.readout) - 1}"]
+
+    @torch.jit.unused
+    def head_modules(self) -> List[str]:
+        return ["readout"]
+
     def atomic_outputs(
         self,
         type_index: torch.Tensor,

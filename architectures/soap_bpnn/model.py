@@ -363,6 +363,11 @@ class SoapBpnn(ReferenceModel):
     def interaction_range(self) -> float:
         return self.cutoff
 
+    @torch.jit.unused
+    def output_layers(self) -> List[str]:
+        """The last layer of every element's network."""
+        return [f"networks.{i}.{len(n) - 1}" for i, n in enumerate(self.networks)]
+
     def radial(self, distances: torch.Tensor) -> torch.Tensor:
         """``[pairs, l, n]``: the splined radial integral times cutoff and scaling."""
         x = distances / self.spline_step
