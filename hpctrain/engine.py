@@ -431,7 +431,7 @@ class Engine:
         report.step(len(step.global_), loss_sum)
         if self.agreed.stop:
             self.stop_for_signal()
-        epoch_done = self.sampler.consumed >= self.sampler.n_samples
+        epoch_done = self.sampler.consumed >= self.sampler.epoch_length
         checkpoints = self.checkpoints
         if checkpoints is not None and not epoch_done:  # (the epoch's end writes its own)
             if checkpoints.due_after_step(self.progress.step, self.agreed.due):

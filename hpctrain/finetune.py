@@ -24,8 +24,7 @@ import copy
 import dataclasses
 import fnmatch
 import math
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import torch
 from torch.nn.utils import parametrize
@@ -52,6 +51,30 @@ class LoraOptions:
             raise OptionsError(f"'{path}.rank' in {source} must be at least 1, got {self.rank}")
         if not (math.isfinite(self.alpha) and self.alpha > 0):
             raise OptionsError(f"'{path}.alpha' in {source} must be positive, got {self.alpha}")
+
+
+@dataclasses.dataclass
+class ReplayOptions:
+    """Some of the pretrained model's own training data in every epoch, so that it
+    forgets less of what it knew."""
+
+    training_set: Any = option(
+        doc="The data to replay, as a ``training_set`` entry (the pretrained run's "
+        "training set, or part of it); without ``targets``, those of the training set."
+    )
+    fraction: float = option(
+        0.2,
+        doc="Share of each epoch's structures drawn from it, fresh each epoch (without "
+        "repeats while it has enough); the epoch grows by them, so that the new data is "
+        "still seen once per epoch.",
+    )
+
+    def validate(self, path: str, source: str) -> None:
+        if not 0 < self.fraction < 1:
+            raise OptionsError(
+                f"'{path}.fraction' in {source} must be between 0 and 1 (exclusive), got "
+                f"{self.fraction}"
+            )
 
 
 @dataclasses.dataclass
@@ -90,6 +113,11 @@ class FinetuneOptions:
         "few compositions then fixes the per-element energies poorly).",
     )
     lora: LoraOptions = option(factory=LoraOptions, doc="Adapters of ``method: lora``.")
+    replay: Optional[ReplayOptions] = option(
+        None,
+        doc="Train on some of the pretrained model's data too, e.g. ``{training_set: "
+        "pretraining.xyz, fraction: 0.2}``.",
+    )
 
 
 def options_of(training_hypers: dict[str, Any], source: str = "") -> FinetuneOptions | None:
@@ -98,34 +126,31 @@ def options_of(training_hypers: dict[str, Any], source: str = "") -> FinetuneOpt
     return None if raw is None else parse(FinetuneOptions, raw, KEY, source)
 
 
-def resolve_read_from(training: dict[str, Any], base: Path, source: str) -> None:
-    """Make ``finetune.read_from`` absolute (relative to ``base``, the options file's
-    directory) and make sure that it exists, in the raw training hypers."""
-    section = training.get("finetune")
-    if not isinstance(section, dict) or not isinstance(section.get("read_from"), str):
-        return
-    path = Path(section["read_from"]).expanduser()
-    path = path if path.is_absolute() else base / path
-    if not path.exists():
-        raise OptionsError(
-            f"'{KEY}.read_from' in {source}: {str(path)!r} does not exist (relative "
-            "paths start at the options file's directory); give the pretrained run's "
-            "model.ckpt"
-        )
-    section["read_from"] = str(path.resolve())
+def replay_of(training_hypers: dict[str, Any], source: str = "") -> tuple[Any, float] | None:
+    """The replayed data's options (a ``DatasetOptions``, paths made absolute by the
+    options' loading) and its share of an epoch; None without replay."""
+    from .options import DatasetOptions
+
+    tuned = options_of(training_hypers, source)
+    if tuned is None or tuned.replay is None:
+        return None
+    path = f"{KEY}.replay.training_set"
+    return parse(DatasetOptions, tuned.replay.training_set, path, source), tuned.replay.fraction
 
 
 # -- the model: built by the flow --------------------------------------------------------
 
 
-def pretrained_hypers(options: FinetuneOptions, given: dict[str, Any]) -> dict[str, Any]:
+def pretrained_hypers(
+    options: FinetuneOptions, given: dict[str, Any], source: str = ""
+) -> dict[str, Any]:
     """The model hypers of the pretrained model, which replace those the options give
     (``given``, as written), with a warning where they differ."""
     try:
         with checkpoint.read_once():
             hypers = checkpoint.load(options.read_from)["model_hypers"]
     except CheckpointError as error:
-        raise CheckpointError(f"'{KEY}.read_from': {error}") from None
+        raise CheckpointError(f"'{KEY}.read_from' in {source}: {error}") from None
     differ = differences(given, hypers)
     if differ:
         get_logger().warning(

@@ -19,7 +19,6 @@ import yaml
 
 from .config import option, parse, suggest, to_dict
 from .errors import OptionsError
-from .finetune import resolve_read_from
 
 
 @dataclasses.dataclass
@@ -464,7 +463,7 @@ def load_options(path: Union[str, Path], overrides: dict[str, Any] | None = None
     for key in ("validation_set", "test_set"):
         _inherit_targets(datasets.get(key), getattr(options, key), options.training_set)
     _check_sampling_weights(options, source)
-    resolve_read_from(options.architecture.training, base, source)
+    _resolve_finetune(options.architecture.training, options.training_set, base, source)
     fractions = [v for v in (options.validation_set, options.test_set) if isinstance(v, float)]
     if sum(fractions) >= 1.0:
         raise OptionsError(
@@ -487,6 +486,34 @@ def _inherit_targets(raw: Any, parsed: Any, training: list[DatasetOptions]) -> N
     for value, dataset in zip(raw if isinstance(raw, list) else [raw], parsed):
         if isinstance(value, str) or (isinstance(value, dict) and "targets" not in value):
             dataset.targets = copy.deepcopy(first)
+
+
+def _resolve_finetune(
+    training: dict[str, Any], datasets: list[DatasetOptions], base: Path, source: str
+) -> None:
+    """In the raw training hypers, ``finetune.read_from`` and the replayed data become
+    absolute (relative to ``base``, the options file's directory); the replayed data
+    gets the training set's targets when it names none."""
+    section = training.get("finetune")
+    key = "architecture.training.finetune"
+    if not isinstance(section, dict):
+        return
+    if isinstance(section.get("read_from"), str):
+        path = Path(section["read_from"]).expanduser()
+        path = path if path.is_absolute() else base / path
+        if not path.exists():
+            raise OptionsError(
+                f"'{key}.read_from' in {source}: {str(path)!r} does not exist (relative "
+                "paths start at the options file's directory); give the pretrained run's "
+                "model.ckpt"
+            )
+        section["read_from"] = str(path.resolve())
+    replay = section.get("replay")
+    if isinstance(replay, dict) and "training_set" in replay:
+        raw = replay["training_set"]
+        dataset = _dataset(raw, f"{key}.replay.training_set", base, source)
+        _inherit_targets(raw, [dataset], datasets)
+        replay["training_set"] = to_dict(dataset)
 
 
 def resolved_dict(options: Options) -> dict[str, Any]:

@@ -53,7 +53,8 @@ def prepare(
         check_checkpoint_path(options.continue_from)  # before a run directory is made
     tuned = finetune.options_of(options.architecture.training, source)
     if tuned is not None:  # the model is the pretrained one, with its hypers
-        options.architecture.model = finetune.pretrained_hypers(tuned, options.architecture.model)
+        given = options.architecture.model
+        options.architecture.model = finetune.pretrained_hypers(tuned, given, source)
     architecture = resolve(
         options.architecture.name, options.architecture.model, options.architecture.training, source
     )
@@ -323,6 +324,10 @@ def load_datasets(
                     sets[key].append(dataset.subset(indices, f"{dataset.name} ({key})"))
             split_train.append(dataset.subset(rest))
         train = split_train
+    replay = finetune.replay_of(options.architecture.training, source)
+    if replay is not None:
+        train.append(read_dataset(replay[0], f"{finetune.KEY}.replay", source, dtype))
+        train[-1].replay_fraction = replay[1]
     if not sets["validation_set"]:
         raise OptionsError(
             f"the validation set is empty; give 'validation_set' a dataset or a fraction "

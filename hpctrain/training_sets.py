@@ -64,11 +64,23 @@ def check_budget(key: str, dataset: AtomisticDataset, max_atoms: int, world_size
     )
 
 
-def mixture_of(datasets: Sequence[AtomisticDataset]) -> tuple[list, list] | None:
-    """The sizes and sampling weights of the training sets, when they have weights."""
-    if all(d.sampling_weight is None for d in datasets):
-        return None
-    return [len(d) for d in datasets], [d.sampling_weight for d in datasets]
+def mixture_of(datasets: Sequence[AtomisticDataset]) -> tuple | None:
+    """The sizes and sampling weights of the training sets, when they have weights or
+    one is replayed data (fine-tuning); with replayed data, the structures of an epoch:
+    the other sets' structures and the replayed ones, ``replay_fraction`` of the whole."""
+    weighted = any(d.sampling_weight is not None for d in datasets)
+    fractions = [d.replay_fraction for d in datasets if d.replay_fraction is not None]
+    sizes = [len(d) for d in datasets]
+    if not fractions:
+        return (sizes, [d.sampling_weight for d in datasets]) if weighted else None
+    new = [d for d in datasets if d.replay_fraction is None]
+    shares = {id(d): d.sampling_weight if weighted else len(d) for d in new}
+    total_share, fraction = sum(shares.values()), fractions[0]
+    weights = [
+        fraction if d.replay_fraction is not None else (1 - fraction) * shares[id(d)] / total_share
+        for d in datasets
+    ]
+    return sizes, weights, round(sum(len(d) for d in new) / (1 - fraction))
 
 
 def mixture_in_words(datasets: Sequence[AtomisticDataset]) -> str | None:
@@ -77,7 +89,7 @@ def mixture_in_words(datasets: Sequence[AtomisticDataset]) -> str | None:
     mixture = mixture_of(datasets)
     if mixture is None:
         return None
-    counts = mixture_counts(*mixture)
+    counts = mixture_counts(mixture[0], mixture[1], mixture[2] if len(mixture) > 2 else None)
     total = int(counts.sum())
     return ", ".join(
         f"{d.name}: {int(k):,} from {len(d):,} ({100 * k / total:.1f} %)"

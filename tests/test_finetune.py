@@ -248,9 +248,13 @@ def test_lora_changes_the_body_by_low_rank_updates_and_exports_the_merged_model(
 
 
 @pytest.mark.slow
-def test_heads_and_freeze_train_only_what_they_say(pretrained):
-    heads = run(pretrained, "heads", finetuning("heads"))
+def test_heads_replay_and_freeze_train_only_what_they_say(pretrained):
+    # with a quarter of each epoch replayed from the pretraining data (70 structures)
+    replay = {"training_set": "ethanol.xyz", "fraction": 0.25}
+    heads = run(pretrained, "heads", finetuning("heads", replay=replay))
     assert "method heads): " in heads.stdout
+    assert "small.xyz: 27 from 27 (75.0 %), " in heads.stdout
+    assert "ethanol.xyz: 9 from 70 (25.0 %)" in heads.stdout
     before, after = state(pretrained / "pre"), state(pretrained / "heads")
     for key, old in before.items():
         if key.startswith("readout."):

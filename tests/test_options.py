@@ -65,6 +65,13 @@ def test_resolved_options_load_again(write_yaml, tmp_path):
     assert again.training_set[0].systems.read_from == options.training_set[0].systems.read_from
 
 
+GOOD_FINETUNE = """
+architecture:
+  name: mp_transformer
+  training: {{finetune: {}}}
+training_set: ethanol.xyz
+"""
+
 MALFORMED = {
     "not yaml": ("architecture: [mp_transformer\n", "is not valid YAML"),
     "not a mapping": ("- architecture\n- training_set\n", "must hold a mapping"),
@@ -169,6 +176,69 @@ MALFORMED = {
         "training_set: ethanol.xyz\n",
         "'architecture.training.early_stopping'",
         "mapping",
+    ),
+    "finetune unknown method": (
+        GOOD_FINETUNE.format("{read_from: ethanol.xyz, method: partial}"),
+        "'architecture.training.finetune.method'",
+        "full",
+    ),
+    "finetune lora rank zero": (
+        GOOD_FINETUNE.format("{read_from: ethanol.xyz, method: lora, lora: {rank: 0}}"),
+        "'architecture.training.finetune.lora.rank'",
+        "at least 1",
+    ),
+    "finetune lora alpha zero": (
+        GOOD_FINETUNE.format("{read_from: ethanol.xyz, method: lora, lora: {alpha: 0}}"),
+        "'architecture.training.finetune.lora.alpha'",
+        "positive",
+    ),
+    "finetune without read_from": (
+        GOOD_FINETUNE.format("{method: heads}"),
+        "'architecture.training.finetune.read_from'",
+    ),
+    "finetune missing checkpoint": (
+        GOOD_FINETUNE.format("{read_from: pretrained/model.ckpt}"),
+        "'architecture.training.finetune.read_from'",
+        "does not exist",
+    ),
+    "finetune not a checkpoint": (
+        GOOD_FINETUNE.format("{read_from: ethanol.xyz}"),
+        "'architecture.training.finetune.read_from'",
+        "is not a readable checkpoint",
+    ),
+    "finetune freeze not a list": (
+        GOOD_FINETUNE.format("{read_from: ethanol.xyz, freeze: layers.0}"),
+        "'architecture.training.finetune.freeze'",
+    ),
+    "finetune inherit_heads not a mapping": (
+        GOOD_FINETUNE.format("{read_from: ethanol.xyz, inherit_heads: [energy]}"),
+        "'architecture.training.finetune.inherit_heads'",
+    ),
+    "finetune typo": (
+        GOOD_FINETUNE.format("{read_from: ethanol.xyz, methd: lora}"),
+        "unknown key 'architecture.training.finetune.methd'",
+        "did you mean 'method'?",
+    ),
+    "finetune composition": (
+        GOOD_FINETUNE.format("{read_from: ethanol.xyz, composition: fit}"),
+        "'architecture.training.finetune.composition'",
+        "refit",
+    ),
+    "finetune replay fraction": (
+        GOOD_FINETUNE.format(
+            "{read_from: ethanol.xyz, replay: {training_set: ethanol.xyz, fraction: 1.5}}"
+        ),
+        "'architecture.training.finetune.replay.fraction'",
+        "between 0 and 1",
+    ),
+    "finetune replay missing data": (
+        GOOD_FINETUNE.format("{read_from: ethanol.xyz, replay: {training_set: old.xyz}}"),
+        "'architecture.training.finetune.replay.training_set.systems.read_from'",
+        "does not exist",
+    ),
+    "finetune replay without data": (
+        GOOD_FINETUNE.format("{read_from: ethanol.xyz, replay: {fraction: 0.1}}"),
+        "'architecture.training.finetune.replay.training_set'",
     ),
     "missing data file": (
         "architecture: mp_transformer\ntraining_set: missing.xyz\n",

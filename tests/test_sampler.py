@@ -331,3 +331,41 @@ def test_sampling_weights_resume_mid_epoch_and_refuse_other_weights():
     other = DistributedBatchSampler(1400, 32, 0, 1, seed=9, mixture=(SIZES, [0.4, 0.4, 0.2]))
     with pytest.raises(CheckpointError, match="mixture"):
         other.load_state_dict(state)
+
+
+def test_replayed_data_takes_its_fraction_of_an_epoch_that_grows_by_it():
+    """Fine-tuning's replay: the new sets (30 and 10 structures, no sampling weights)
+    are each seen once per epoch, the replayed set (500) gives a quarter of the epoch,
+    a fresh draw without repeats each epoch; the sampler resumes such an epoch."""
+    from hpctrain.training_sets import mixture_of
+
+    class Sized:
+        def __init__(self, n, replay_fraction=None):
+            self.n, self.sampling_weight, self.replay_fraction = n, None, replay_fraction
+
+        def __len__(self):
+            return self.n
+
+    sets = [Sized(30), Sized(10), Sized(500, replay_fraction=0.25)]
+    sizes, weights, total = mixture_of(sets)
+    assert sizes == [30, 10, 500] and total == 53  # 40 / 0.75, rounded
+    assert mixture_counts(sizes, weights, total).tolist() == [30, 10, 13]
+    draws = []
+    for epoch in range(2):
+        sampler = DistributedBatchSampler(540, 8, 0, 1, seed=4, mixture=(sizes, weights, total))
+        sampler.set_epoch(epoch)
+        drawn = np.concatenate([s.global_ for s in sampler])
+        assert len(drawn) == 53 == sampler.epoch_length
+        assert sorted(drawn[drawn < 40].tolist()) == list(range(40))  # the new data once
+        replayed = drawn[drawn >= 40]
+        assert len(replayed) == len(set(replayed.tolist())) == 13
+        draws.append(set(replayed.tolist()))
+    assert draws[0] != draws[1]
+    # resumed mid-epoch on another number of ranks: the same batches
+    first = DistributedBatchSampler(540, 8, 0, 1, seed=4, mixture=(sizes, weights, total))
+    expected = [s.global_.tolist() for s in first.plan()]
+    it = iter(first)
+    done = [next(it).global_.tolist() for _ in range(3)]
+    again = DistributedBatchSampler(540, 8, 1, 2, seed=4, mixture=(sizes, weights, total))
+    again.load_state_dict(first.state_dict())
+    assert done + [s.global_.tolist() for s in again.plan()] == expected

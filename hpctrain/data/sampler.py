@@ -72,10 +72,13 @@ def local_order(n_samples: int, seed: int, epoch: int, block: int, window: int) 
     return order
 
 
-def mixture_counts(sizes: Sequence[int], weights: Sequence[float]) -> np.ndarray:
-    """Structures each training set gives an epoch of ``sum(sizes)`` structures: shares
-    proportional to ``weights``, rounded so that they add up (largest remainders)."""
-    total = int(sum(sizes))
+def mixture_counts(
+    sizes: Sequence[int], weights: Sequence[float], total: int | None = None
+) -> np.ndarray:
+    """Structures each training set gives an epoch of ``total`` structures (by default
+    ``sum(sizes)``): shares proportional to ``weights``, rounded so that they add up
+    (largest remainders)."""
+    total = int(sum(sizes)) if total is None else int(total)
     exact = total * np.asarray(weights, dtype=np.float64) / float(sum(weights))
     counts = np.floor(exact).astype(np.int64)
     short = total - int(counts.sum())
@@ -84,7 +87,11 @@ def mixture_counts(sizes: Sequence[int], weights: Sequence[float]) -> np.ndarray
 
 
 def mixture_draw(
-    sizes: Sequence[int], weights: Sequence[float], seed: int, epoch: int
+    sizes: Sequence[int],
+    weights: Sequence[float],
+    seed: int,
+    epoch: int,
+    total: int | None = None,
 ) -> np.ndarray:
     """The structures of an epoch mixing training sets by ``weights``, as indices into
     their concatenation, sorted. A set asked for ``k`` of its ``n`` structures gives
@@ -92,7 +99,7 @@ def mixture_draw(
     times and ``k % n`` drawn at random once more: never one structure twice before
     every other has been seen as often."""
     parts, start = [], 0
-    for i, (n, k) in enumerate(zip(sizes, mixture_counts(sizes, weights))):
+    for i, (n, k) in enumerate(zip(sizes, mixture_counts(sizes, weights, total))):
         rng = _generator(seed, epoch, 1 + i)
         extra = rng.permutation(n)[: k % n]
         parts.append(start + np.concatenate([np.tile(np.arange(n), k // n), extra]))
@@ -151,7 +158,8 @@ class DistributedBatchSampler:
         get global batches' structures with equal summed costs, else every
         ``world_size``-th structure
     :param mixture: the sizes and sampling weights of the training sets concatenated
-        into ``n_samples`` structures: each epoch then draws every set's share
+        into ``n_samples`` structures, and optionally the structures of an epoch (by
+        default ``n_samples``): each epoch then draws every set's share
         (:func:`mixture_draw`) instead of taking every structure once
     :param max_atoms: batches by atom budget instead of ``batch_size``: each global
         batch takes the next structures of the order while their atoms fit in
@@ -172,15 +180,19 @@ class DistributedBatchSampler:
         costs: np.ndarray | None = None,
         max_atoms: int | None = None,
         n_atoms: np.ndarray | None = None,
-        mixture: tuple[Sequence[int], Sequence[float]] | None = None,
+        mixture: tuple | None = None,
     ):
         self.mixture = None
+        self.epoch_length = n_samples  # (structures of an epoch)
         if mixture is not None:
             if sum(mixture[0]) != n_samples:
                 raise ValueError(f"the mixture's sets hold {sum(mixture[0])}, not {n_samples}")
             self.mixture = ([int(n) for n in mixture[0]], [float(w) for w in mixture[1]])
+            if len(mixture) > 2:  # (an epoch of its own length; kept in the state)
+                self.mixture += (int(mixture[2]),)
+                self.epoch_length = int(mixture[2])
         if max_atoms is None:
-            self.check_fits(n_samples, batch_size, world_size)
+            self.check_fits(self.epoch_length, batch_size, world_size)
         elif n_atoms is None or len(n_atoms) != n_samples:
             raise ValueError(f"batches by atom budget need n_atoms for all {n_samples} structures")
         self.max_atoms = max_atoms
@@ -234,10 +246,11 @@ class DistributedBatchSampler:
         """The epoch's order of all structures, the same on every rank."""
         if not self.shuffle:
             return np.arange(self.n_samples)
-        order = local_order(self.n_samples, self.seed, self.epoch, self.block, self.window)
+        order = local_order(self.epoch_length, self.seed, self.epoch, self.block, self.window)
         if self.mixture is None:
             return order
-        return mixture_draw(*self.mixture, self.seed, self.epoch)[order]
+        sizes, weights = self.mixture[:2]
+        return mixture_draw(sizes, weights, self.seed, self.epoch, self.epoch_length)[order]
 
     def global_batches(self, start: int = 0) -> list[np.ndarray]:
         """The global batches of the epoch from structure ``start`` of its order on."""
@@ -256,7 +269,7 @@ class DistributedBatchSampler:
         return len(self.global_batches())
 
     def remaining_steps(self) -> int:
-        return len(self.global_batches(self.consumed)) if self.consumed < self.n_samples else 0
+        return len(self.global_batches(self.consumed)) if self.consumed < self.epoch_length else 0
 
     def plan(self) -> list[StepIndices]:
         """The steps left in the epoch, without handing them out: what a loader

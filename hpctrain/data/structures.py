@@ -52,6 +52,7 @@ class AtomisticDataset(torch.utils.data.Dataset):
     dtype: torch.dtype
     sampling_weight: float | None = None  # (a training set's share of each epoch)
     loss_weight: float = 1.0  # (a training set's weight in the loss)
+    replay_fraction: float | None = None  # (fine-tuning: replayed data's share of an epoch)
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -91,6 +92,7 @@ class Subset(AtomisticDataset):
         self.dtype = dataset.dtype
         self.sampling_weight = dataset.sampling_weight
         self.loss_weight = dataset.loss_weight
+        self.replay_fraction = dataset.replay_fraction
 
     def __len__(self) -> int:
         return len(self.indices)
