@@ -393,6 +393,29 @@ class ArchitectureTests:
             self.energies(model, data["crystals"]), rel=1e-12, abs=1e-12
         )
 
+    def test_heads_for_fine_tuning(self, datasets):
+        """A model on :class:`~hpctrain.model.ReferenceModel` names its output layers
+        (a row per target) and heads, which fine-tuning trains and copies."""
+        import dataclasses
+
+        from .architecture import TargetInfo
+
+        info = datasets["crystals"].info
+        extra = dataclasses.replace(
+            info, targets={**info.targets, "energy/other": TargetInfo(unit="eV", gradients=[])}
+        )
+        model = self.new_model(extra)
+        if not hasattr(model, "output_layers"):
+            pytest.skip("not a ReferenceModel: fine-tuning with heads or lora does not apply")
+        modules = dict(model.named_modules())
+        for name in model.output_layers():
+            layer = modules[name]
+            assert isinstance(layer, torch.nn.Linear) and layer.out_features == 2, name
+        assert all(name in modules for name in model.head_modules())
+        model.inherit_head("energy/other", "energy")
+        for name in model.output_layers():
+            assert torch.equal(modules[name].weight[1], modules[name].weight[0]), name
+
     def test_exported_model_in_a_fresh_process(self, datasets, data, tmp_path):
         import numpy as np
 

@@ -311,3 +311,17 @@ def test_a_new_element_in_the_finetuning_data_is_refused_before_training(pretrai
     message = "the pretrained model knows the elements H, C, O, the training set also has Cu, Au"
     assert message in result.stderr
     assert not (pretrained / "metal" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_lora_finetuning_on_two_ranks_trains_the_single_process_model(pretrained):
+    options = finetuning("lora", lora={"rank": 2})
+    run(pretrained, "one", options)
+    two = run(pretrained, "two", options, launcher="mpiexec")
+    assert "2 ranks via mpi" in two.stdout
+    single, ranks = state(pretrained / "one"), state(pretrained / "two")
+    for key, value in single.items():
+        torch.testing.assert_close(ranks[key], value, rtol=1e-7, atol=1e-10)
+    assert not torch.equal(
+        single["layers.0.query.weight"], state(pretrained / "pre")["layers.0.query.weight"]
+    )

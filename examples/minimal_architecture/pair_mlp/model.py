@@ -71,6 +71,10 @@ class PairMLP(ReferenceModel):
     def interaction_range(self) -> float:
         return self.cutoff
 
+    @torch.jit.unused
+    def output_layers(self) -> List[str]:
+        return ["mlp.4"]  # (one row per target; fine-tuning's heads)
+
     def atomic_outputs(
         self,
         type_index: torch.Tensor,

@@ -1,0 +1,190 @@
+"""Fine-tuning against training from scratch on a small dataset: test errors and time.
+
+    python benchmarks/finetune.py --out results/finetune.json
+
+A model is pretrained on one molecule (MD17 aspirin, C/H/O, 21 atoms) and fine-tuned
+on a small set of another (rMD17 ethanol, 9 atoms, another DFT code, so other
+reference energies), with each ``finetune.method``, and compared with the same
+architecture trained from scratch on the same small set with the same options. Every
+exported ``model.pt`` is scored in a fresh process by metatomic's ASE calculator on
+held-out ethanol structures (the new task) and on held-out aspirin structures (what
+the pretrained model knew: how much it forgot).
+
+Splits (seed 0): aspirin 100 test, 80 validation, the rest to pretrain; ethanol 40
+test, 10 validation and ``--n-small`` to fine-tune (or train from scratch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+from accuracy import SCORE
+from data import log, machine, write_results
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+# name: the finetune section (None: from scratch)
+RUNS = {
+    "scratch": None,
+    "full": {"method": "full"},
+    "full, composition refit": {"method": "full", "composition": "refit"},
+    "full, refit, replay 0.2": {
+        "method": "full",
+        "composition": "refit",
+        "replay": {"fraction": 0.2},
+    },
+    "heads, refit": {"method": "heads", "composition": "refit"},
+    "lora, refit": {"method": "lora", "composition": "refit"},
+}
+
+
+def write_splits(workdir: Path, n_small: int) -> dict[str, Path]:
+    import ase.io
+
+    rng = np.random.default_rng(0)
+    files = {}
+    for name, source, sizes in (
+        ("aspirin", "md17_aspirin_1000.xyz", {"test": 100, "val": 80}),
+        ("ethanol", "rmd17_ethanol_100.xyz", {"test": 40, "val": 10, "train": n_small}),
+    ):
+        frames = ase.io.read(DATA / source, ":")
+        order = rng.permutation(len(frames))
+        start = 0
+        for part in ("test", "val", "train"):
+            end = start + sizes.get(part, len(frames) - start)
+            files[f"{name}-{part}"] = workdir / f"{name}-{part}.xyz"
+            ase.io.write(files[f"{name}-{part}"], [frames[i] for i in order[start:end]])
+            start = end
+    return files
+
+
+def options(train: Path, val: Path, epochs: int, batch: int, args, finetune=None) -> dict:
+    dataset = {"targets": {"energy": {"unit": "eV", "forces": True}}}
+    training = {"num_epochs": epochs, "batch_size": batch, "learning_rate": args.learning_rate}
+    if finetune is not None:
+        training["finetune"] = finetune
+    return {
+        "seed": 0,
+        "base_precision": 32,
+        "device": "cpu",
+        "architecture": {"name": args.architecture, "training": training},
+        "training_set": {**dataset, "systems": str(train)},
+        "validation_set": {**dataset, "systems": str(val)},
+        "distributed": {"threads_per_rank": args.threads},
+        "checkpoint": {"every_n_epochs": 0, "every_minutes": None},
+    }
+
+
+def train(workdir: Path, options: dict, threads: int) -> float:
+    workdir.mkdir(parents=True)
+    (workdir / "options.yaml").write_text(yaml.safe_dump(options))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "hpctrain", "train", "options.yaml", "-o", "run"]
+    start = time.perf_counter()
+    out = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    (workdir / "train-output.log").write_text(out.stdout + out.stderr)
+    if out.returncode != 0:
+        raise SystemExit(f"training in {workdir} failed: see {workdir}/train-output.log")
+    return wall
+
+
+def score(run: Path, test: Path) -> dict:
+    out = run / f"scores-{test.stem}.json"
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            SCORE,
+            str(run / "model.pt"),
+            str(run / "extensions"),
+            str(test),
+            str(out),
+        ],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        check=True,
+    )
+    result = json.loads(out.read_text())
+    return {k: result[k] for k in ("energy_mae_mev_per_atom", "forces_rmse_ev_per_a")}
+
+
+def table(results: dict) -> str:
+    lines = [
+        f"{'run':<26}{'ethanol E MAE':>14}{'F RMSE':>9}{'aspirin E MAE':>15}{'F RMSE':>9}"
+        f"{'train s':>9}"
+    ]
+    for name, r in results.items():
+        e, a = r["ethanol"], r["aspirin"]
+        lines.append(
+            f"{name:<26}{e['energy_mae_mev_per_atom']:>14.1f}{e['forces_rmse_ev_per_a']:>9.3f}"
+            f"{a['energy_mae_mev_per_atom']:>15.1f}{a['forces_rmse_ev_per_a']:>9.3f}"
+            f"{r['train_wall_s']:>9.1f}"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--architecture", default="mp_transformer")
+    parser.add_argument("--pretrain-epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=60, help="fine-tuning and scratch")
+    parser.add_argument("--n-small", type=int, default=50)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    import tempfile
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="finetune-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    files = write_splits(workdir, args.n_small)
+    log(f"pretraining on {files['aspirin-train']} in {workdir / 'pretrain'}")
+    pre = options(files["aspirin-train"], files["aspirin-val"], args.pretrain_epochs, 16, args)
+    pretrain_s = train(workdir / "pretrain", pre, args.threads)
+    pretrained = workdir / "pretrain" / "run"
+    results = {
+        "pretrained, not fine-tuned": {
+            "train_wall_s": pretrain_s,
+            "ethanol": score(pretrained, files["ethanol-test"]),
+            "aspirin": score(pretrained, files["aspirin-test"]),
+        }
+    }
+    for name, finetune in RUNS.items():
+        if finetune is not None:
+            finetune = {**finetune, "read_from": str(pretrained / "model.ckpt")}
+            if "replay" in finetune:
+                replay = {**finetune["replay"], "training_set": str(files["aspirin-train"])}
+                finetune["replay"] = replay
+        log(f"{name} on {args.n_small} ethanol structures")
+        small = options(
+            files["ethanol-train"], files["ethanol-val"], args.epochs, 8, args, finetune
+        )
+        run_dir = workdir / name.replace(", ", "-").replace(" ", "_")
+        wall = train(run_dir, small, args.threads)
+        results[name] = {
+            "train_wall_s": wall,
+            "ethanol": score(run_dir / "run", files["ethanol-test"]),
+            "aspirin": score(run_dir / "run", files["aspirin-test"]),
+        }
+        log(json.dumps(results[name]))
+    print(table(results))
+    if args.out:
+        arguments = {k: v for k, v in vars(args).items() if k not in ("workdir", "out")}
+        write_results(
+            args.out,
+            {"machine": machine(), "arguments": arguments, "results": results},
+        )
+
+
+if __name__ == "__main__":
+    main()
