@@ -28,6 +28,16 @@ class CompositionFit:
     """RMS stress component over the structures with a stress, or None without any."""
     volume_per_atom: float | None = None
     """Mean cell volume per atom of the structures with a stress (Å³), or None."""
+    mean_fractions: torch.Tensor | None = None
+    """Mean fraction of each element in a structure (in the order of ``atomic_types``)."""
+
+    def offset(self, weights: torch.Tensor) -> float:
+        """How far another baseline (per-element ``weights``) is from this one, per atom,
+        on the training set's mean composition."""
+        if self.mean_fractions is None:
+            return 0.0
+        difference = weights.double().cpu() - self.weights.double()
+        return abs(float(self.mean_fractions @ difference))
 
     @property
     def output_scale(self) -> float:
@@ -53,16 +63,21 @@ def fit_composition(
     n_types = len(atomic_types)
     shares = shard_for_rank(len(dataset), ctx.rank, ctx.world_size)
     normal = torch.zeros(n_types + 1, n_types + 1, dtype=torch.float64)
+    fractions = torch.zeros(n_types + 1, dtype=torch.float64)  # (and the structures)
     counts_cache = []
     parts = []  # per structure: (force sum of squares, components, stress ..., ...)
     for i in shares:
         structure = dataset[int(i)]
+        energy = float(structure.targets[target][0])
+        if not math.isfinite(energy):
+            continue  # (a structure of a training set without this target)
         counts = torch.zeros(n_types, dtype=torch.float64)
         for z, c in zip(*np.unique(structure.numbers.numpy(), return_counts=True)):
             counts[index[int(z)]] = float(c)
-        energy = float(structure.targets[target][0])
         row = torch.cat([counts, torch.tensor([energy], dtype=torch.float64)])
         normal += torch.outer(row, row)
+        fractions[:n_types] += counts / counts.sum()
+        fractions[n_types] += 1
         counts_cache.append((counts, energy))
         stress = _sum_of_squares(structure.stress.get(target))
         volume = abs(float(torch.det(structure.cell.double()))) / len(structure.numbers)
@@ -72,6 +87,7 @@ def fit_composition(
             + ((volume, 1) if stress[1] else (0.0, 0))
         )
     launch.all_reduce_sum(normal)
+    launch.all_reduce_sum(fractions)
     xtx, xty = normal[:n_types, :n_types], normal[:n_types, n_types]
     weights = torch.linalg.pinv(xtx) @ xty
     residuals = [
@@ -91,6 +107,7 @@ def fit_composition(
         forces_scale=max(forces_scale, 1e-3) if forces_scale is not None else None,
         stress_scale=max(stress_scale, 1e-6) if stress_scale is not None else None,
         volume_per_atom=volume_per_atom,
+        mean_fractions=fractions[:n_types] / max(1.0, float(fractions[n_types])),
     )
 
 

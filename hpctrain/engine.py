@@ -249,6 +249,7 @@ class Engine:
             unit = self.targets[name].unit
             if name in pretrained and tuned.composition == "keep":
                 self.log.info(f"composition baseline of '{name}': the pretrained model's")
+                finetune.check_kept_baseline(name, fit, self.model, unit)
                 continue
             scale = None if name in pretrained else fit.output_scale
             self.model.set_baseline(name, fit.weights, scale)

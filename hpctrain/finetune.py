@@ -223,6 +223,21 @@ def pretrained_targets(options: FinetuneOptions) -> set[str]:
     return set(info["targets"]) | set(options.inherit_heads)
 
 
+def check_kept_baseline(target: str, fit: Any, model: Any, unit: str) -> None:
+    """Warn when the pretrained composition baseline that fine-tuning keeps is far
+    from the one the new training set has (``fit``): another reference energy."""
+    kept = model.composition[model.target_names.index(target)]
+    offset = fit.offset(kept)
+    if offset > max(10 * fit.energy_scale, 0.01):
+        get_logger().warning(
+            f"fine-tuning: the pretrained composition baseline of '{target}' is "
+            f"{offset:.4g} {unit} per atom away from the one fitted on this training set, "
+            f"which leaves {fit.energy_scale:.4g} {unit}/atom unexplained: its energies "
+            "likely have another reference (another DFT code, functional or settings). "
+            f"Set '{KEY}.composition: refit', or the network must learn the offset"
+        )
+
+
 # -- what trains: chosen by the trainer --------------------------------------------------
 
 

@@ -2,6 +2,7 @@
 model and trains all of it, its heads, or LoRA adapters merged at export; what does not
 train stays bit for bit as pretrained, and a stopped fine-tuning resumes bit for bit."""
 
+import re
 import signal
 
 import ase.io
@@ -219,6 +220,7 @@ def test_lora_changes_the_body_by_low_rank_updates_and_exports_the_merged_model(
     result = run(pretrained, "lora", finetuning("lora", lora={"rank": 2}))
     assert "method lora, rank 2): " in result.stdout
     assert "composition baseline of 'energy': the pretrained model's" in result.stdout
+    assert "per atom away from the one fitted" not in result.stdout  # (the same reference)
     before, after = state(pretrained / "pre"), state(pretrained / "lora")
     assert set(after) == set(before)  # a plain model: no adapters in the model's state
     adapted = 0
@@ -325,3 +327,19 @@ def test_lora_finetuning_on_two_ranks_trains_the_single_process_model(pretrained
     assert not torch.equal(
         single["layers.0.query.weight"], state(pretrained / "pre")["layers.0.query.weight"]
     )
+
+
+@pytest.mark.slow
+def test_a_kept_baseline_of_another_reference_energy_is_warned_about(pretrained):
+    frames = ase.io.read(pretrained / "small.xyz", ":")
+    for atoms in frames:  # another code's reference: 2 eV per atom lower
+        atoms.calc.results["energy"] -= 2.0 * len(atoms)
+    ase.io.write(pretrained / "shifted.xyz", frames)
+    options = finetuning("full")
+    options["training_set"]["systems"] = "shifted.xyz"
+    options["architecture"]["training"]["num_epochs"] = 1
+    result = run(pretrained, "shifted", options)
+    # (2 eV and the small difference between the pretraining and fine-tuning fits)
+    found = re.search(r"baseline of 'energy' is (\S+) eV per atom away", result.stdout)
+    assert found and float(found.group(1)) == pytest.approx(2.0, abs=0.05)
+    assert "Set 'architecture.training.finetune.composition: refit'" in result.stdout
