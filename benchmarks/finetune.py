@@ -11,7 +11,8 @@ held-out ethanol structures (the new task) and on held-out aspirin structures (w
 the pretrained model knew: how much it forgot).
 
 Splits (seed 0): aspirin 100 test, 80 validation, the rest to pretrain; ethanol 40
-test, 10 validation and ``--n-small`` to fine-tune (or train from scratch).
+test, 10 validation, and the first ``--n-small`` of the other 50 to fine-tune (or
+train from scratch), for each number given.
 """
 
 from __future__ import annotations
@@ -47,14 +48,14 @@ RUNS = {
 }
 
 
-def write_splits(workdir: Path, n_small: int) -> dict[str, Path]:
+def write_splits(workdir: Path, n_small: list[int]) -> dict[str, Path]:
     import ase.io
 
     rng = np.random.default_rng(0)
     files = {}
     for name, source, sizes in (
         ("aspirin", "md17_aspirin_1000.xyz", {"test": 100, "val": 80}),
-        ("ethanol", "rmd17_ethanol_100.xyz", {"test": 40, "val": 10, "train": n_small}),
+        ("ethanol", "rmd17_ethanol_100.xyz", {"test": 40, "val": 10}),
     ):
         frames = ase.io.read(DATA / source, ":")
         order = rng.permutation(len(frames))
@@ -64,6 +65,10 @@ def write_splits(workdir: Path, n_small: int) -> dict[str, Path]:
             files[f"{name}-{part}"] = workdir / f"{name}-{part}.xyz"
             ase.io.write(files[f"{name}-{part}"], [frames[i] for i in order[start:end]])
             start = end
+    rest = ase.io.read(files["ethanol-train"], ":")
+    for n in n_small:
+        files[f"ethanol-train-{n}"] = workdir / f"ethanol-train-{n}.xyz"
+        ase.io.write(files[f"ethanol-train-{n}"], rest[:n])
     return files
 
 
@@ -119,13 +124,13 @@ def score(run: Path, test: Path) -> dict:
 
 def table(results: dict) -> str:
     lines = [
-        f"{'run':<26}{'ethanol E MAE':>14}{'F RMSE':>9}{'aspirin E MAE':>15}{'F RMSE':>9}"
+        f"{'run':<36}{'ethanol E MAE':>14}{'F RMSE':>9}{'aspirin E MAE':>15}{'F RMSE':>9}"
         f"{'train s':>9}"
     ]
     for name, r in results.items():
         e, a = r["ethanol"], r["aspirin"]
         lines.append(
-            f"{name:<26}{e['energy_mae_mev_per_atom']:>14.1f}{e['forces_rmse_ev_per_a']:>9.3f}"
+            f"{name:<36}{e['energy_mae_mev_per_atom']:>14.1f}{e['forces_rmse_ev_per_a']:>9.3f}"
             f"{a['energy_mae_mev_per_atom']:>15.1f}{a['forces_rmse_ev_per_a']:>9.3f}"
             f"{r['train_wall_s']:>9.1f}"
         )
@@ -135,9 +140,9 @@ def table(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--architecture", default="mp_transformer")
-    parser.add_argument("--pretrain-epochs", type=int, default=20)
+    parser.add_argument("--pretrain-epochs", type=int, default=40)
     parser.add_argument("--epochs", type=int, default=60, help="fine-tuning and scratch")
-    parser.add_argument("--n-small", type=int, default=50)
+    parser.add_argument("--n-small", type=int, nargs="+", default=[20, 50])
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=None)
@@ -159,24 +164,24 @@ def main() -> None:
             "aspirin": score(pretrained, files["aspirin-test"]),
         }
     }
-    for name, finetune in RUNS.items():
-        if finetune is not None:
-            finetune = {**finetune, "read_from": str(pretrained / "model.ckpt")}
-            if "replay" in finetune:
-                replay = {**finetune["replay"], "training_set": str(files["aspirin-train"])}
-                finetune["replay"] = replay
-        log(f"{name} on {args.n_small} ethanol structures")
-        small = options(
-            files["ethanol-train"], files["ethanol-val"], args.epochs, 8, args, finetune
-        )
-        run_dir = workdir / name.replace(", ", "-").replace(" ", "_")
-        wall = train(run_dir, small, args.threads)
-        results[name] = {
-            "train_wall_s": wall,
-            "ethanol": score(run_dir / "run", files["ethanol-test"]),
-            "aspirin": score(run_dir / "run", files["aspirin-test"]),
-        }
-        log(json.dumps(results[name]))
+    for n in args.n_small:
+        for name, finetune in RUNS.items():
+            if finetune is not None:
+                finetune = {**finetune, "read_from": str(pretrained / "model.ckpt")}
+                if "replay" in finetune:
+                    replay = {**finetune["replay"], "training_set": str(files["aspirin-train"])}
+                    finetune["replay"] = replay
+            log(f"{name} on {n} ethanol structures")
+            train_file, val_file = files[f"ethanol-train-{n}"], files["ethanol-val"]
+            small = options(train_file, val_file, args.epochs, 8, args, finetune)
+            run_dir = workdir / f"{n}-{name.replace(', ', '-').replace(' ', '_')}"
+            wall = train(run_dir, small, args.threads)
+            results[f"{n} ethanol: {name}"] = {
+                "train_wall_s": wall,
+                "ethanol": score(run_dir / "run", files["ethanol-test"]),
+                "aspirin": score(run_dir / "run", files["aspirin-test"]),
+            }
+            log(json.dumps(results[f"{n} ethanol: {name}"]))
     print(table(results))
     if args.out:
         arguments = {k: v for k, v in vars(args).items() if k not in ("workdir", "out")}

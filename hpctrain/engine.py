@@ -33,7 +33,7 @@ from .data.structures import AtomisticDataset, ConcatDataset
 from .ddp import wrap_ddp
 from .epoch_report import EpochReporter
 from .errors import CheckpointError, OptionsError, Preempted, TrainingDiverged
-from .evaluation import EnergyModule, evaluate, predict
+from .evaluation import EnergyModule, evaluate, predict, split_key
 from .hypers import TrainingHypers
 from .loss import Loss
 from .optim import ExponentialMovingAverage, LearningRate, make_adam
@@ -88,8 +88,7 @@ class Engine:
         self.log = get_logger()
         check_datasets(hypers, self.context.world_size, train_datasets)
         self.train_set = ConcatDataset(train_datasets)
-        self.n_atoms = self.train_set.n_atoms  # (per structure: the counts of a step)
-        self.has_stress = self.train_set.has_stress
+        self.n_atoms = self.train_set.n_atoms  # (per structure: the batches by atoms)
         self.val_sets = list(val_datasets)
         self.targets = dict(model.dataset_info.targets)
         self.model = model.to(device=device, dtype=self.dtype)
@@ -104,6 +103,8 @@ class Engine:
         self.progress = Progress()
         self.best: dict[str, Any] | None = None  # the weights of the best validation
         self.loss = self.make_loss(state is None)
+        # per loss term and structure, its labelled values (the counts of a step)
+        self.labelled = {t: self.train_set.label_counts(*split_key(t)) for t in self.loss.scales}
         self.network: torch.nn.Module = self.energies
         if launch.is_distributed():
             self.network = wrap_ddp(self.network, device)
@@ -196,7 +197,7 @@ class Engine:
         measures its scales (one pass over the training set, which also fits the
         composition baseline: :meth:`prepare_model`); a resumed one loads them."""
         hp = self.hypers
-        terms = sorted(labels_of(self.train_set.datasets[0]))
+        terms = sorted(set().union(*map(labels_of, self.train_set.datasets)))
         weights = {"": hp.energy_weight, "forces": hp.forces_weight, "stress": hp.stress_weight}
         delta = hp.huber_delta if hp.loss == "huber" else None
         keys = [f"{name} {gradient}" if gradient else name for name, gradient in terms]
@@ -265,8 +266,9 @@ class Engine:
         """Loss of this rank's share of a global batch, scaled so that the average
         over ranks (what DDP computes) is the loss of the whole global batch.
 
-        :param counts: structures (``""``), atoms (``"forces"``) and structures with
-            a stress (``"stress"``) in the whole global batch
+        :param counts: per loss term, the labelled values behind it in the whole
+            global batch: structures with the energy, atoms with forces, structures
+            with a stress
         """
         predictions = self.predict(batch, self.network, create_graph=True)
         loss, parts = self.loss(predictions, batch, counts)
@@ -300,11 +302,7 @@ class Engine:
         last backward pass and overlaps it.
         """
         hp = self.hypers
-        counts = {
-            "": len(global_),
-            "forces": int(self.n_atoms[global_].sum()),
-            "stress": int(self.has_stress[global_].sum()),
-        }
+        counts = {term: int(labelled[global_].sum()) for term, labelled in self.labelled.items()}
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, batch in enumerate(batches):

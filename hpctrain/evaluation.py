@@ -114,12 +114,15 @@ class ErrorSums:
         """Errors of ``predictions`` (as :func:`predict` returns them) on ``batch``;
         nothing is read from the device."""
         for key, value in predictions.items():
-            error = value.detach() - reference_of(batch, key)
-            count: Any = error.numel()
-            if key.endswith(" stress"):  # only the structures with a stress
-                known = torch.isfinite(error).flatten(1).all(dim=1)
-                error = torch.where(known[:, None, None], error, 0.0)
-                count = known.sum() * 9
+            reference = reference_of(batch, key)
+            if reference is None:
+                continue  # (a target that these structures' set does not carry)
+            error = value.detach() - reference
+            # only the labelled values: a structure without a stress, or of a set
+            # without this target or its forces, has NaN in their place
+            known = torch.isfinite(error).reshape(len(error), -1).all(dim=1)
+            error = torch.where(known.reshape(-1, *[1] * (error.dim() - 1)), error, 0.0)
+            count: Any = known.sum() * (error[0].numel() if len(error) else 0)
             if key in self.targets:
                 if self.totals:
                     self._add(key, True, error, count)
@@ -292,11 +295,9 @@ def evaluate_exported_model(
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16}
 
 
-def reference_of(batch: Batch, key: str) -> torch.Tensor:
-    """The reference values in ``batch`` of a prediction key (``energy forces``, ...)."""
+def reference_of(batch: Batch, key: str) -> torch.Tensor | None:
+    """The reference values in ``batch`` of a prediction key (``energy forces``, ...),
+    or None when the batch has none."""
     name, gradient = split_key(key)
-    if gradient == "forces":
-        return batch.forces[name]
-    if gradient == "stress":
-        return batch.stress[name]
-    return batch.targets[name]
+    references = {"forces": batch.forces, "stress": batch.stress}.get(gradient, batch.targets)
+    return references.get(name)

@@ -24,7 +24,11 @@ def capabilities(
 ) -> ModelCapabilities:
     """What the exported model computes, for which elements, in which units."""
     outputs = {
-        name: ModelOutput(unit=target.unit, sample_kind="atom" if target.per_atom else "system")
+        name: ModelOutput(
+            unit=target.unit,
+            sample_kind="atom" if target.per_atom else "system",
+            description=describe_output(name, target.unit),
+        )
         for name, target in dataset_info.targets.items()
     }
     return ModelCapabilities(
@@ -35,6 +39,14 @@ def capabilities(
         supported_devices=list(supported_devices),
         dtype=_DTYPE_NAMES[dtype],
     )
+
+
+def describe_output(name: str, unit: str) -> str:
+    """What an output is, in words (metatomic shows it to users choosing a variant)."""
+    base, _, variant = name.partition("/")
+    if variant:
+        return f"{base} of the '{variant}' level of theory (variant of '{base}'), in {unit}"
+    return f"{name}, in {unit}"
 
 
 def export(

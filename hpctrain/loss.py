@@ -126,32 +126,31 @@ class Loss:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of this rank's share of a global batch, and its terms.
 
-        :param counts: the number of values behind each kind of term in the whole
-            global batch: ``""`` structures, ``"forces"`` atoms, ``"stress"``
-            structures with a stress; each term is a sum divided by it
+        :param counts: the number of labelled values behind each term (by its key) in
+            the whole global batch: structures with the energy, atoms with forces,
+            structures with a stress; each term is a sum divided by it. A value
+            without a label (NaN: a structure of a set without it) counts nothing.
         """
         parts = {}
         for term, scale in self.scales.items():
             target, gradient = split_key(term)
-            if gradient == "forces":
-                if target not in batch.forces:
-                    continue
-                error = predictions[term] - batch.forces[target]
-            elif gradient == "stress":
-                if target not in batch.stress:
-                    continue
-                reference = batch.stress[target]
-                known = torch.isfinite(reference)  # (NaN: a structure without stress)
-                error = torch.where(known, predictions[term] - reference.nan_to_num(), 0.0)
-            else:
-                error = (predictions[term] - batch.targets[target]) / batch.n_atoms
+            references = {"forces": batch.forces, "stress": batch.stress}.get(
+                gradient, batch.targets
+            )
+            if target not in references:
+                continue
+            reference = references[target]
+            known = torch.isfinite(reference)
+            error = torch.where(known, predictions[term] - reference.nan_to_num(), 0.0)
+            if not gradient:
+                error = error / batch.n_atoms
             penalty = self.penalty(error / scale)
             if batch.loss_weights is not None:  # (per structure; per atom for forces)
                 weights = batch.loss_weights
                 weights = weights[batch.system] if gradient == "forces" else weights
                 penalty = penalty * weights.reshape(-1, *[1] * (penalty.dim() - 1))
             total = penalty.sum()
-            divisor = COMPONENTS[gradient] * max(1, counts.get(gradient, 0))
+            divisor = COMPONENTS[gradient] * max(1, counts.get(term, counts.get(gradient, 0)))
             parts[term] = self.weights.get(gradient, 1.0) * total / divisor
         return torch.stack(list(parts.values())).sum(), parts
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from .data.sampler import DistributedBatchSampler, mixture_counts
 from .data.structures import AtomisticDataset
-from .errors import DataError, OptionsError
+from .errors import OptionsError
 from .evaluation import GRADIENT_NAMES
 from .hypers import TrainingHypers
 
@@ -23,24 +23,11 @@ def labels_of(dataset: AtomisticDataset) -> set[tuple[str, str]]:
 
 def check_datasets(hypers: TrainingHypers, world_size: int, train_datasets: Sequence) -> None:
     """What the engine cannot train, found before training (the flow asks through
-    :meth:`~hpctrain.trainer.EngineTrainer.check_datasets`, before its banner): training
-    sets with different labels (but the stress: a set without one is left out of the
-    stress loss), and fewer structures or a smaller batch than ranks."""
+    :meth:`~hpctrain.trainer.EngineTrainer.check_datasets`, before its banner): fewer
+    structures or a smaller batch than ranks, a structure larger than a rank's share of
+    the atom budget. Training sets may carry different labels (other targets, forces
+    or stress on some only): a label is learned from the structures that have it."""
     keys = [f"training_set[{i}]" for i in range(len(train_datasets))]
-    labels = [{(t, g) for t, g in labels_of(d) if g != "stress"} for d in train_datasets]
-    for i in range(1, len(train_datasets)):
-        if labels[i] != labels[0]:
-            target, gradient = sorted(labels[i] ^ labels[0])[0]
-            has, lacks = (0, i) if (target, gradient) in labels[0] else (i, 0)
-            what = f"'{target}' {gradient}" if gradient else f"target '{target}'"
-            setting = f"targets.{target}.{gradient}" if gradient else f"targets.{target}"
-            raise DataError(
-                f"the training sets carry different labels: {keys[has]} "
-                f"({train_datasets[has].name}) has {what}, {keys[lacks]} "
-                f"({train_datasets[lacks].name}) has not. Training sets need the same "
-                f"labels but the stress for now: give {keys[lacks]} {what} too, or leave "
-                f"{setting} out of {keys[has]}"
-            )
     if hypers.max_atoms_per_batch is None:
         n_samples = sum(len(d) for d in train_datasets)
         DistributedBatchSampler.check_fits(n_samples, hypers.batch_size, world_size)

@@ -60,33 +60,19 @@ def test_a_rank_that_fails_alone_ends_every_rank_with_its_message(workdir):
     assert not (workdir / "run").exists()
 
 
-def test_training_sets_with_different_labels_are_refused_before_the_banner(workdir):
-    """Named with their keys and the label; once; the run directory keeps train.log
-    only, so the same --output-dir takes the corrected run."""
-    different = tiny_options(**TWO_SETS)
-    different["training_set"][1]["targets"]["energy"]["forces"] = False
-    write_options(workdir, different)
-    result = hpctrain("options.yaml", "-o", "run", cwd=workdir, launcher="mpiexec")
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.count("hpctrain: error:") == 1, result.stderr
-    message = result.stderr.split("hpctrain: error: ")[1]
-    assert message.startswith("the training sets carry different labels: training_set[0]")
-    assert "has 'energy' forces, training_set[1]" in message
-    assert "targets.energy.forces" in message
-    assert "architecture mp_transformer" not in result.stdout  # (the banner)
-    assert sorted(p.name for p in (workdir / "run").iterdir()) == ["train.log"]
-    assert "different labels" in (workdir / "run" / "train.log").read_text()
-
-    write_options(workdir, TWO_SETS)
-    again = hpctrain("options.yaml", "-o", "run", cwd=workdir, launcher="mpiexec")
-    assert again.returncode == 0, again.stderr
-    assert (workdir / "run" / "model.pt").is_file()
-
-
 def test_a_batch_smaller_than_the_ranks_is_refused_before_the_banner(workdir):
+    """A check of the trainer, named once; the run directory keeps train.log only, so
+    the same --output-dir takes the corrected run."""
     write_options(workdir, tiny_options(architecture={"training": {"batch_size": 1}}))
     result = hpctrain("options.yaml", "-o", "run", cwd=workdir, launcher="mpiexec")
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("hpctrain: error:") == 1, result.stderr
     assert "'architecture.training.batch_size' 1 is smaller than the 2 ranks" in result.stderr
     assert "architecture mp_transformer" not in result.stdout
+    assert sorted(p.name for p in (workdir / "run").iterdir()) == ["train.log"]
+    assert "is smaller than the 2 ranks" in (workdir / "run" / "train.log").read_text()
+
+    write_options(workdir, TWO_SETS)
+    again = hpctrain("options.yaml", "-o", "run", cwd=workdir, launcher="mpiexec")
+    assert again.returncode == 0, again.stderr
+    assert (workdir / "run" / "model.pt").is_file()

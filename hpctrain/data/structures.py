@@ -183,6 +183,9 @@ class StructureDataset(AtomisticDataset):
         )
 
 
+LABELS = ("", "forces", "stress")  # (the kinds of label of a target)
+
+
 def cell_volumes(cells: np.ndarray, pbcs: np.ndarray) -> np.ndarray:
     """``|det(cell)|`` of ``[n, 3, 3]`` cells; NaN where ``[n, 3]`` pbc is not all true."""
     volumes = np.abs(np.linalg.det(np.asarray(cells, dtype=np.float64).reshape(-1, 3, 3)))
@@ -202,16 +205,27 @@ def stress_known(stress: dict[str, np.ndarray], n: int) -> np.ndarray:
     return np.all([np.isfinite(v).all(axis=(1, 2)) for v in stress.values()], axis=0)
 
 
+def labels(dataset: AtomisticDataset) -> dict[str, set[str]]:
+    """The targets of which ``dataset`` gives energies (``""``), forces and stress."""
+    targets = dataset.info.targets
+    return {
+        "": set(targets),
+        "forces": {name for name, t in targets.items() if "positions" in t.gradients},
+        "stress": stress_targets(dataset),
+    }
+
+
 class ConcatDataset:
-    """Several datasets with the same targets, indexed as one."""
+    """Several datasets indexed as one. A label that one set has and another has not
+    (another target, such as another level of theory; forces; a stress) is NaN in the
+    structures of the set without it: left out of the loss and the metrics."""
 
     def __init__(self, datasets: Sequence[AtomisticDataset]):
         self.datasets = list(datasets)
         self.starts = np.cumsum([0] + [len(d) for d in self.datasets])
-        # a set without the stress that another set has gives NaN: left out of the loss
-        with_stress = [stress_targets(d) for d in self.datasets]
-        every = set().union(*with_stress)
-        self.missing_stress = [sorted(every - mine) for mine in with_stress]
+        self.labels = [labels(d) for d in self.datasets]
+        every = {kind: set().union(*(mine[kind] for mine in self.labels)) for kind in LABELS}
+        self.missing = [{k: sorted(every[k] - mine[k]) for k in LABELS} for mine in self.labels]
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -219,11 +233,36 @@ class ConcatDataset:
     def __getitem__(self, index: int):
         which = int(np.searchsorted(self.starts, index, side="right") - 1)
         structure = self.datasets[which][index - int(self.starts[which])]
-        if not self.missing_stress[which]:
+        missing = self.missing[which]
+        if not any(missing.values()):
             return structure
-        unknown = torch.full((3, 3), math.nan, dtype=structure.positions.dtype)
-        stress = {**structure.stress, **dict.fromkeys(self.missing_stress[which], unknown)}
-        return dataclasses.replace(structure, stress=stress)
+        dtype, n = structure.positions.dtype, len(structure.numbers)
+
+        def unknown(names: list[str], *shape: int) -> dict[str, torch.Tensor]:
+            return dict.fromkeys(names, torch.full(shape, math.nan, dtype=dtype))
+
+        return dataclasses.replace(
+            structure,
+            targets={**structure.targets, **unknown(missing[""], 1)},
+            forces={**structure.forces, **unknown(missing["forces"], n, 3)},
+            stress={**structure.stress, **unknown(missing["stress"], 3, 3)},
+        )
+
+    def label_counts(self, target: str, kind: str) -> np.ndarray:
+        """Per structure, how many values of a label it has: 1 for an energy of
+        ``target`` (``kind`` ``""``), its atoms for forces, 1 for a stress it has;
+        0 in the sets without the label."""
+        parts = []
+        for dataset, mine in zip(self.datasets, self.labels):
+            if target not in mine[kind]:
+                parts.append(np.zeros(len(dataset), dtype=np.int64))
+            elif kind == "forces":
+                parts.append(np.asarray(dataset.n_atoms, dtype=np.int64))
+            elif kind == "stress":
+                parts.append(np.asarray(dataset.has_stress, dtype=np.int64))
+            else:
+                parts.append(np.ones(len(dataset), dtype=np.int64))
+        return np.concatenate(parts)
 
     @property
     def n_atoms(self) -> np.ndarray:
