@@ -145,6 +145,9 @@ def main() -> None:
     parser.add_argument("--n-small", type=int, nargs="+", default=[20, 50])
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--runs", nargs="+", choices=list(RUNS), default=list(RUNS), help="which runs"
+    )
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -165,7 +168,8 @@ def main() -> None:
         }
     }
     for n in args.n_small:
-        for name, finetune in RUNS.items():
+        for name in args.runs:
+            finetune = RUNS[name]
             if finetune is not None:
                 finetune = {**finetune, "read_from": str(pretrained / "model.ckpt")}
                 if "replay" in finetune:

@@ -304,3 +304,26 @@ def test_atom_budget_benchmark_quick(tmp_path):
         for world in ("2", "4", "8"):
             ratio = data["rank_imbalance"][batching][world]
             assert 1.0 <= ratio["mean"] <= ratio["worst"]
+
+
+@pytest.mark.slow
+def test_finetune_benchmark_quick(tmp_path):
+    """A pretraining, then one run from scratch and one LoRA fine-tuning, each scored
+    on both test sets; the fine-tuned model starts from the pretrained one."""
+    out = tmp_path / "finetune.json"
+    run_benchmark(
+        "finetune.py",
+        *("--pretrain-epochs", "1", "--epochs", "1", "--n-small", "20", "--threads", "1"),
+        *("--runs", "scratch", "lora, refit", "--workdir", str(tmp_path / "w"), "--out", str(out)),
+    )
+    results = json.loads(out.read_text())["results"]
+    assert list(results) == [
+        "pretrained, not fine-tuned",
+        "20 ethanol: scratch",
+        "20 ethanol: lora, refit",
+    ]
+    for row in results.values():
+        for data in ("ethanol", "aspirin"):
+            assert row[data]["forces_rmse_ev_per_a"] > 0
+    log = (tmp_path / "w" / "20-lora-refit" / "run" / "train.log").read_text()
+    assert "(method lora, rank 4): 9,088 parameters train" in log
