@@ -269,6 +269,10 @@ def test_atom_budget_batches_resume_mid_epoch_exactly():
     # another budget is another data order: refused, as a changed batch size is
     with pytest.raises(CheckpointError, match="max_atoms=800, this run has 900"):
         budget_sampler(MIXED, 900).load_state_dict(state)
+    # batch_size makes no budget batch: another one changes nothing and is accepted
+    other_size = DistributedBatchSampler(len(MIXED), 16, 0, 1, 5, max_atoms=800, n_atoms=MIXED)
+    other_size.load_state_dict(state)
+    assert [s.global_.tolist() for s in other_size] == [s.global_.tolist() for s in rest]
 
 
 def test_a_structure_larger_than_a_ranks_share_of_the_budget_is_found():

@@ -306,7 +306,9 @@ class DistributedBatchSampler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue where ``state`` stopped; the world size may differ."""
-        keys = ("seed", "n_samples", "batch_size", "block", "window", "max_atoms", "mixture")
+        keys = ["seed", "n_samples", "block", "window", "max_atoms", "mixture"]
+        if self.max_atoms is None:  # (batch_size makes no batch by atom budget)
+            keys.append("batch_size")
         for key in keys:
             if _plain(state.get(key)) != _plain(getattr(self, key)):
                 raise CheckpointError(
