@@ -210,13 +210,15 @@ class Engine:
         return loss
 
     def measure_targets(self) -> dict[str, CompositionFit]:
-        """One pass over the training set per energy target: its composition fit and
-        the scales of its energies, forces and stress."""
+        """One pass over the training set per energy target it labels (a fine-tuned
+        model may have others): its composition fit and the scales of its energies,
+        forces and stress."""
         types = getattr(self.model, "atomic_types", self.model.dataset_info.atomic_types)
+        labelled = {name for d in self.train_set.datasets for name in d.info.targets}
         return {
             name: fit_composition(self.train_set, name, list(types), self.context)
             for name, target in self.targets.items()
-            if target.quantity == "energy" and not target.per_atom
+            if target.quantity == "energy" and not target.per_atom and name in labelled
         }
 
     def load_loss_state(self, state: dict[str, Any] | None) -> None:

@@ -343,3 +343,23 @@ def test_a_kept_baseline_of_another_reference_energy_is_warned_about(pretrained)
     found = re.search(r"baseline of 'energy' is (\S+) eV per atom away", result.stdout)
     assert found and float(found.group(1)) == pytest.approx(2.0, abs=0.05)
     assert "Set 'architecture.training.finetune.composition: refit'" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_new_variant_inherits_a_head_and_the_old_target_is_kept(pretrained):
+    """Fine-tuning data labelled only with a new level of theory: its head and
+    baseline start as the old target's; the old target, which no structure labels
+    now, stays in the model with its own output row and baseline untouched."""
+    options = finetuning("heads", inherit_heads={"energy/r2scan": "energy"})
+    options["training_set"]["targets"] = {"energy/r2scan": {"key": "energy"}}
+    options["architecture"]["training"]["num_epochs"] = 1
+    result = run(pretrained, "variant", options)
+    assert "composition baseline of 'energy/r2scan': the pretrained model's" in result.stdout
+    before, after = state(pretrained / "pre"), state(pretrained / "variant")
+    assert torch.equal(after["composition"][1], before["composition"][0])
+    assert torch.equal(after["composition"][0], before["composition"][0])
+    head = "readout.3.weight"
+    assert torch.equal(after[head][0], before[head][0])  # the old head: not trained
+    assert not torch.equal(after[head][1], before[head][0])  # the new one trained
+    model = MpTransformer.load_checkpoint(pretrained / "variant" / "model.ckpt")
+    assert model.target_names == ["energy", "energy/r2scan"]
