@@ -80,6 +80,12 @@ def test_two_levels_of_theory_train_one_body_and_ase_picks_a_variant(workdir):
             assert math.isfinite(float(row[f"val energy/{variant} forces RMSE [eV/A]"]))
     # a composition baseline each, fitted on its own set's structures: 1 eV per atom apart
     state = torch.load(run_dir / "model.ckpt", weights_only=False)["model_state"]
+    # on two ranks, each term counts the labelled values of the whole global batch
+    two = hpctrain("train", "options.yaml", "-o", "two", cwd=workdir, launcher="mpiexec")
+    assert two.returncode == 0, two.stderr
+    ranks = torch.load(workdir / "two" / "model.ckpt", weights_only=False)["model_state"]
+    for key, value in state.items():
+        torch.testing.assert_close(ranks[key], value, rtol=1e-7, atol=1e-10)
     pbe, r2scan = state["composition"].numpy()
     assert (r2scan - pbe) @ ETHANOL / ETHANOL.sum() == pytest.approx(1.0, abs=0.02)
     # the exported model carries both variants; ASE picks each in a fresh process
