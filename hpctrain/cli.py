@@ -275,6 +275,7 @@ EVAL_EXAMPLE = """example:
   hpctrain eval outputs/ethanol/model.pt test.xyz -o predictions.xyz --plot parity.png
   hpctrain eval model.pt shards/ --batch-size 64           # an HDF5 shard directory
   hpctrain eval model.pt data.extxyz --energy E_dft --forces F --stress none
+  hpctrain eval model.pt r2scan.xyz --variant r2scan   # the energy/r2scan output
   mpiexec -n 4 hpctrain eval model.pt shards/ -o predictions.xyz   # or srun, torchrun
 
 prints MAE and RMSE of the energy per atom and per structure, the forces and the
@@ -355,6 +356,12 @@ def add_eval(commands: argparse._SubParsersAction) -> None:
         default="angstrom",
         metavar="U",
         help="length unit of the data (default: angstrom)",
+    )
+    evaluate.add_argument(
+        "--variant",
+        metavar="NAME",
+        help="the level of theory to evaluate, for a model with several energy outputs "
+        "(energy/NAME; default: the plain energy output)",
     )
     evaluate.add_argument("--format", metavar="ASE_FORMAT", help="ASE format of the data")
     evaluate.add_argument(

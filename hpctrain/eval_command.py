@@ -27,7 +27,6 @@ from .evaluation import GRADIENT_NAMES, evaluate_exported_model, split_key
 from .options import DatasetOptions, SystemsOptions, TargetOptions
 from .report import plural
 
-TARGET = "energy"
 SOURCE = "the command line of hpctrain eval"
 
 
@@ -87,6 +86,26 @@ def _is_checkpoint(path: Path) -> bool:
     return True
 
 
+def energy_output(capabilities: Any, variant: str | None, model_path: Path) -> str:
+    """The model's energy output to evaluate: ``energy``, or ``energy/<variant>``
+    (a level of theory of a model that has several)."""
+    outputs = list(capabilities.outputs)
+    energies = [name for name in outputs if name.partition("/")[0] == "energy"]
+    wanted = "energy" if variant is None else f"energy/{variant}"
+    if wanted in outputs:
+        return wanted
+    variants = [name.partition("/")[2] for name in energies if "/" in name]
+    if variant is None and variants:
+        raise ModelError(
+            f"{model_path} has no plain 'energy' output but the levels of theory "
+            f"{', '.join(variants)}: choose one with --variant {variants[0]}"
+        )
+    raise ModelError(
+        f"{model_path} has no '{wanted}' output (it has {', '.join(outputs)})"
+        + (f"; its levels of theory (--variant): {', '.join(variants)}" if variants else "")
+    )
+
+
 def dataset_options(
     data: str | Path,
     energy: str = "energy",
@@ -95,8 +114,10 @@ def dataset_options(
     reader: str | None = None,
     energy_unit: str = "eV",
     length_unit: str = "angstrom",
+    output: str = "energy",
 ) -> DatasetOptions:
-    """What to read from ``data`` (a file ASE reads, or a shard directory).
+    """What to read from ``data`` (a file ASE reads, or a shard directory), as the
+    target ``output`` (the model's energy output it is compared with).
 
     ``forces`` and ``stress`` are a key, ``"none"``, or ``"auto"``: used when the
     first structure has them (``forces``, and ``stress`` for a periodic structure);
@@ -109,7 +130,7 @@ def dataset_options(
         from .data.shards import read_manifest
 
         stored = read_manifest(path)["targets"]
-        chosen = next((name for name in (energy, TARGET) if name in stored), None)
+        chosen = next((name for name in (energy, output) if name in stored), None)
         if chosen is None:
             raise DataError(
                 f"{path} has no target '{energy}' (--energy); it holds {', '.join(sorted(stored))}"
@@ -136,17 +157,13 @@ def dataset_options(
         )
     return DatasetOptions(
         systems=SystemsOptions(read_from=str(path), reader=reader, length_unit=length_unit),
-        targets={TARGET: target},
+        targets={output: target},
     )
 
 
 def check_compatible(model: Any, dataset: AtomisticDataset, model_path: Path) -> None:
-    """The model predicts the energy of every element of the data."""
+    """The model knows every element of the data."""
     capabilities = model.capabilities()
-    if TARGET not in capabilities.outputs:
-        raise ModelError(
-            f"{model_path} has no '{TARGET}' output (it has {', '.join(capabilities.outputs)})"
-        )
     unknown = sorted(set(dataset.info.atomic_types) - set(capabilities.atomic_types))
     if unknown:
         raise ModelError(
@@ -167,9 +184,11 @@ class Prediction:
 
 
 class Collector:
-    """The predictions of this rank's structures, by their index in the data."""
+    """The predictions of this rank's structures, by their index in the data, of the
+    energy output ``target`` and its gradients."""
 
-    def __init__(self) -> None:
+    def __init__(self, target: str = "energy") -> None:
+        self.target = target
         self.records: dict[int, Prediction] = {}
 
     def __call__(
@@ -185,9 +204,10 @@ class Collector:
         values = {split_key(key)[1]: numpy(value) for key, value in predictions.items()}
         counts = batch.n_atoms.tolist()
         offsets = np.concatenate([[0], np.cumsum(counts)])
-        energies = numpy(batch.targets[TARGET])
-        forces = numpy(batch.forces[TARGET]) if TARGET in batch.forces else None
-        stress = numpy(batch.stress[TARGET]) if TARGET in batch.stress else None
+        target = self.target
+        energies = numpy(batch.targets[target])
+        forces = numpy(batch.forces[target]) if target in batch.forces else None
+        stress = numpy(batch.stress[target]) if target in batch.stress else None
         for k, index in enumerate(indices):
             atoms = slice(offsets[k], offsets[k + 1])
             self.records[int(index)] = Prediction(
@@ -287,6 +307,7 @@ def evaluate_file(args: argparse.Namespace) -> dict[str, float]:
     """The whole ``hpctrain eval`` on every rank; returns the metrics."""
     model_path = Path(args.model)
     model = load_exported(model_path, args.extensions_directory)
+    output = energy_output(model.capabilities(), args.variant, model_path)
     options = dataset_options(
         args.data,
         energy=args.energy,
@@ -295,6 +316,7 @@ def evaluate_file(args: argparse.Namespace) -> dict[str, float]:
         reader=args.format,
         energy_unit=args.energy_unit,
         length_unit=args.length_unit,
+        output=output,
     )
     if args.batch_size < 1:
         raise DataError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -313,7 +335,7 @@ def evaluate_file(args: argparse.Namespace) -> dict[str, float]:
         dataset = read_dataset(options, "data", SOURCE, torch.float64)
         check_compatible(model, dataset, model_path)
         keep = args.output is not None or args.plot is not None
-        collector = Collector() if keep else None
+        collector = Collector(output) if keep else None
         metrics = evaluate_exported_model(
             model,
             dataset.info.targets,
@@ -325,7 +347,7 @@ def evaluate_file(args: argparse.Namespace) -> dict[str, float]:
         predictions = collector.gather(len(dataset)) if collector is not None else None
         if env.is_main:
             gradients = ", ".join(
-                ["energy", *(GRADIENT_NAMES[g] for g in dataset.info.targets[TARGET].gradients)]
+                [output, *(GRADIENT_NAMES[g] for g in dataset.info.targets[output].gradients)]
             )
             print(
                 f"{model_path} on {dataset.name}: {len(dataset)} structures ({gradients}), "

@@ -108,6 +108,16 @@ def test_two_levels_of_theory_train_one_body_and_ase_picks_a_variant(workdir):
         assert picked[variant] == pytest.approx(expected, rel=1e-12, abs=1e-9), variant
     # 9 eV apart by their baselines, give or take what the two heads learned in 2 epochs
     assert picked["r2scan"] - picked["pbe"] == pytest.approx(9.0, abs=2.0)
+    # hpctrain eval evaluates the level of theory it is asked for
+    evaluated = hpctrain(
+        "eval", run_dir / "model.pt", "r2scan.xyz", "--variant", "r2scan", cwd=workdir
+    )
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "50 structures (energy/r2scan, forces)" in evaluated.stdout
+    assert "energy/r2scan forces [eV/A]" in evaluated.stdout
+    unnamed = hpctrain("eval", run_dir / "model.pt", "r2scan.xyz", cwd=workdir)
+    assert unnamed.returncode == 2
+    assert "no plain 'energy' output but the levels of theory pbe, r2scan" in unnamed.stderr
 
 
 def energy_of(model, atoms, target):
