@@ -120,8 +120,10 @@ def options(framework: str, architecture: str, files: dict, args) -> dict:
         return {"systems": {"read_from": str(path)}, "targets": {"energy": energy}}
 
     training = {"num_epochs": args.epochs, "batch_size": args.batch_size}
+    model = {}
     if framework == "hpctrain":
         training.update(json.loads(args.hpctrain_training))
+        model = json.loads(args.hpctrain_model)
     result = {
         "seed": 0,
         "base_precision": 32,
@@ -132,6 +134,7 @@ def options(framework: str, architecture: str, files: dict, args) -> dict:
         "test_set": dataset(files["test"]),
     }
     if framework == "hpctrain":
+        result["architecture"]["model"] = model
         result["distributed"] = {"threads_per_rank": 1}
         result["checkpoint"] = {"every_n_epochs": 0, "every_minutes": None}
     else:
@@ -205,12 +208,21 @@ def main() -> None:
         metavar="JSON",
         help='more training hypers for hpctrain, e.g. \'{"loss_scales": "none"}\'',
     )
+    parser.add_argument(
+        "--hpctrain-model",
+        default="{}",
+        metavar="JSON",
+        help="model hypers for hpctrain, e.g. '{\"d_model\": 128}' (with --models)",
+    )
+    parser.add_argument(
+        "--models", nargs="+", choices=MODELS, default=None, help="default: all three"
+    )
     parser.add_argument("--venv", type=Path, default=Path(tempfile.gettempdir()) / "peer-mtt")
     parser.add_argument("--keep", type=Path, default=None, help="keep the runs in this folder")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     datasets = args.data or [DATA / name for name in DATASETS]
-    models = [m for m in MODELS if args.only is None or m.startswith(args.only)]
+    models = [m for m in args.models or MODELS if args.only is None or m.startswith(args.only)]
     if any(m.startswith("metatrain") for m in models):
         install_peer(args.venv, None)
     workroot = args.keep or Path(tempfile.mkdtemp(prefix="hpctrain-accuracy-"))
@@ -232,6 +244,7 @@ def main() -> None:
             "batch_size": args.batch_size,
             "precision": 32,
             "hpctrain_training": json.loads(args.hpctrain_training),
+            "hpctrain_model": json.loads(args.hpctrain_model),
             "only_with_stress": args.only_with_stress,
         },
         "peer": peer_info(args.venv) if "metatrain/soap_bpnn" in models else None,
