@@ -269,10 +269,15 @@ def prepare(model: torch.nn.Module, options: FinetuneOptions, state: dict | None
 
 
 def freeze(model: torch.nn.Module, patterns: list[str]) -> None:
+    """Freeze what each of ``patterns`` names: a parameter, a module (all its
+    parameters), or a glob pattern of either; one that matches nothing is an error."""
     names = [name for name, _ in model.named_parameters()]
     for pattern in patterns:
-        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern) or n.startswith(f"{pattern}.")]
-        hits += [n for n in names if fnmatch.fnmatchcase(n, f"{pattern}.*")]
+        hits = [
+            n
+            for n in names
+            if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n, f"{pattern}.*")
+        ]
         if not hits:
             modules = sorted({n.split(".parametrizations")[0].rsplit(".", 1)[0] for n in names})
             raise OptionsError(

@@ -7,7 +7,8 @@ A subclass declares ``__hypers__`` (a dataclass of its model hypers), its
 once to one raw per-atom value per target. Training calls the core through
 ``forward_batch`` on a batch's tensors; MD engines and metatomic call ``forward``
 on metatomic ``System`` objects, which gathers the same tensors from them and calls the same core.
-Everything else lives here, once.
+It also names its ``output_layers`` (one row per target), which fine-tuning trains,
+copies and leaves without adapters. Everything else lives here, once.
 """
 
 from pathlib import Path
