@@ -134,7 +134,7 @@ def energy_of(model, atoms, target):
     )
     NeighborLists(model.requested_neighbor_lists()).add([system])
     outputs = model([system], {target: ModelOutput(unit="eV", sample_kind="system")}, None)
-    return float(outputs[target].block().values.sum())
+    return float(outputs[target].block().values.sum().detach())
 
 
 def test_a_structure_without_a_label_adds_nothing_to_the_loss():
