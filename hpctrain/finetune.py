@@ -178,6 +178,14 @@ def pretrained_model(model_class: Any, options: FinetuneOptions, info: Any) -> A
         )
     old = list(model.dataset_info.targets)
     check_inherit_heads(options.inherit_heads, old, list(info.targets), path)
+    headless = [t for t in info.targets if t not in old and t not in options.inherit_heads]
+    if options.method == "lora" and headless:
+        raise OptionsError(
+            f"'{KEY}.method: lora' trains adapters of the model's body only, so the new "
+            f"target '{headless[0]}' would keep an untrained head: start it from a "
+            f"pretrained one with 'inherit_heads: {{{headless[0]}: {old[0]}}}', or use "
+            "method full or heads"
+        )
     model = model.restart(info)
     for new, source in options.inherit_heads.items():
         model.inherit_head(new, source)

@@ -160,6 +160,12 @@ def test_what_does_not_fit_the_pretrained_model_is_named(tmp_path):
         build(inherit_heads={"energy/pbe": "energy"})
     with pytest.raises(OptionsError, match="has a head for 'energy' already"):
         build(inherit_heads={"energy": "energy"})
+    with pytest.raises(OptionsError, match=r"new target 'energy/pbe' would keep an untrained head"):
+        build(data=info("energy", "energy/pbe"), method="lora")
+    inherited = build(
+        data=info("energy", "energy/pbe"), method="lora", inherit_heads={"energy/pbe": "energy"}
+    )
+    assert inherited.target_names == ["energy", "energy/pbe"]
     model = MpTransformer({"d_model": 16, "num_heads": 2}, info("energy"))
     with pytest.raises(
         OptionsError,
