@@ -14,7 +14,8 @@ import torch
 from . import __version__, checkpoint, launch, progress
 from .architecture import DatasetInfo
 from .data.sanity import check_data
-from .evaluation import GRADIENT_NAMES, display_name
+from .data.structures import GRADIENT_NAMES, labels_of
+from .evaluation import display_name
 from .options import Options
 from .report import (
     best_and_final,
@@ -27,7 +28,7 @@ from .report import (
 )
 from .startup import Built, Launched
 from .threads import Threads
-from .training_sets import labels_in_words, labels_of, mixture_in_words
+from .training_sets import labels_in_words, mixture_in_words
 
 
 def report_start(

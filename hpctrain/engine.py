@@ -29,7 +29,7 @@ from .composition import CompositionFit, fit_composition
 from .data.batch import Batch
 from .data.loader import BatchLoader, default_workers
 from .data.sampler import DistributedBatchSampler, StepIndices, work_estimates
-from .data.structures import AtomisticDataset, ConcatDataset
+from .data.structures import AtomisticDataset, ConcatDataset, labels_of
 from .ddp import wrap_ddp
 from .epoch_report import EpochReporter
 from .errors import CheckpointError, OptionsError, Preempted, TrainingDiverged
@@ -38,7 +38,7 @@ from .hypers import TrainingHypers
 from .loss import Loss
 from .optim import ExponentialMovingAverage, LearningRate, make_adam
 from .report import get_logger
-from .training_sets import batch_in_words, check_datasets, labels_of, mixture_of
+from .training_sets import batch_in_words, check_datasets, mixture_of
 
 
 class EngineModel(Protocol):

@@ -22,8 +22,9 @@ import torch
 from . import checkpoint, files, launch, run
 from .data import AtomisticDataset, read_dataset
 from .data.batch import Batch
+from .data.structures import GRADIENT_NAMES
 from .errors import CheckpointError, DataError, HpctrainError
-from .evaluation import GRADIENT_NAMES, evaluate_exported_model, split_key
+from .evaluation import evaluate_exported_model, split_key
 from .options import DatasetOptions, SystemsOptions, TargetOptions
 from .report import plural
 

@@ -197,9 +197,6 @@ def evaluate(
     return metrics
 
 
-GRADIENT_NAMES = {"positions": "forces", "strain": "stress"}  # (TargetInfo.gradients)
-
-
 def split_key(key: str) -> tuple[str, str]:
     """``"energy/pbe forces"`` -> ``("energy/pbe", "forces")``; ``"energy"`` -> ``("energy", "")``.
 

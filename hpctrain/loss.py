@@ -150,7 +150,7 @@ class Loss:
                 weights = weights[batch.system] if gradient == "forces" else weights
                 penalty = penalty * weights.reshape(-1, *[1] * (penalty.dim() - 1))
             total = penalty.sum()
-            divisor = COMPONENTS[gradient] * max(1, counts.get(term, counts.get(gradient, 0)))
+            divisor = COMPONENTS[gradient] * max(1, counts.get(term, 0))
             parts[term] = self.weights.get(gradient, 1.0) * total / divisor
         return torch.stack(list(parts.values())).sum(), parts
 

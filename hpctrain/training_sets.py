@@ -6,19 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .data.sampler import DistributedBatchSampler, mixture_counts
-from .data.structures import AtomisticDataset
+from .data.structures import AtomisticDataset, labels_of
 from .errors import OptionsError
-from .evaluation import GRADIENT_NAMES
 from .hypers import TrainingHypers
-
-
-def labels_of(dataset: AtomisticDataset) -> set[tuple[str, str]]:
-    """``{("energy", ""), ("energy", "forces")}``: each target, and its gradients."""
-    return {
-        (name, GRADIENT_NAMES.get(g, g))
-        for name, target in dataset.info.targets.items()
-        for g in ["", *target.gradients]
-    }
 
 
 def check_datasets(hypers: TrainingHypers, world_size: int, train_datasets: Sequence) -> None:

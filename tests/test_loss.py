@@ -145,7 +145,7 @@ def test_structures_without_a_stress_are_left_out_of_the_loss_and_the_metrics(tm
         "energy stress": predicted,
     }
     loss = Loss({"energy stress": 0.5}, {"stress": 2.0})
-    total, parts = loss(predictions, batch, {"": 4, "forces": 0, "stress": 2})
+    total, parts = loss(predictions, batch, {"energy stress": 2})
     known = reference[[0, 2]]
     expected = 2.0 * ((known / 0.5) ** 2).sum() / (9 * 2)
     torch.testing.assert_close(total, expected)
@@ -251,7 +251,7 @@ def test_loss_weights_multiply_each_structures_terms(tmp_path):
         "energy stress": batch.stress["energy"] - 0.01,
     }
     loss = Loss({"energy": 0.2, "energy forces": 0.5, "energy stress": 0.02}, {})
-    counts = {"": 3, "forces": int(batch.n_atoms.sum()), "stress": 3}
+    counts = {"energy": 3, "energy forces": int(batch.n_atoms.sum()), "energy stress": 3}
     _, plain = loss(predictions, batch, counts)
     weights = torch.tensor([2.0, 0.0, 1.0], dtype=torch.float64)
     weighted = dataclasses.replace(batch, loss_weights=weights)
@@ -264,9 +264,11 @@ def test_loss_weights_multiply_each_structures_terms(tmp_path):
         0, batch.system, force_terms.sum(dim=1)
     )
     torch.testing.assert_close(
-        parts["energy forces"], (weights * by_structure).sum() / (3 * counts["forces"])
+        parts["energy forces"], (weights * by_structure).sum() / (3 * counts["energy forces"])
     )
-    torch.testing.assert_close(plain["energy forces"], by_structure.sum() / (3 * counts["forces"]))
+    torch.testing.assert_close(
+        plain["energy forces"], by_structure.sum() / (3 * counts["energy forces"])
+    )
     stress_terms = (((predictions["energy stress"] - batch.stress["energy"]) / 0.02) ** 2).sum(
         dim=(1, 2)
     )

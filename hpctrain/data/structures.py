@@ -183,18 +183,13 @@ class StructureDataset(AtomisticDataset):
         )
 
 
-LABELS = ("", "forces", "stress")  # (the kinds of label of a target)
+GRADIENT_NAMES = {"positions": "forces", "strain": "stress"}  # (TargetInfo.gradients)
 
 
 def cell_volumes(cells: np.ndarray, pbcs: np.ndarray) -> np.ndarray:
     """``|det(cell)|`` of ``[n, 3, 3]`` cells; NaN where ``[n, 3]`` pbc is not all true."""
     volumes = np.abs(np.linalg.det(np.asarray(cells, dtype=np.float64).reshape(-1, 3, 3)))
     return np.where(np.asarray(pbcs).reshape(-1, 3).all(axis=1), volumes, np.nan)
-
-
-def stress_targets(dataset: AtomisticDataset) -> set[str]:
-    """The targets of which ``dataset`` gives a stress."""
-    return {name for name, t in dataset.info.targets.items() if "strain" in t.gradients}
 
 
 def stress_known(stress: dict[str, np.ndarray], n: int) -> np.ndarray:
@@ -205,13 +200,12 @@ def stress_known(stress: dict[str, np.ndarray], n: int) -> np.ndarray:
     return np.all([np.isfinite(v).all(axis=(1, 2)) for v in stress.values()], axis=0)
 
 
-def labels(dataset: AtomisticDataset) -> dict[str, set[str]]:
-    """The targets of which ``dataset`` gives energies (``""``), forces and stress."""
-    targets = dataset.info.targets
+def labels_of(dataset: AtomisticDataset) -> set[tuple[str, str]]:
+    """``{("energy", ""), ("energy", "forces")}``: each target, and its gradients."""
     return {
-        "": set(targets),
-        "forces": {name for name, t in targets.items() if "positions" in t.gradients},
-        "stress": stress_targets(dataset),
+        (name, GRADIENT_NAMES.get(g, g))
+        for name, target in dataset.info.targets.items()
+        for g in ["", *target.gradients]
     }
 
 
@@ -223,9 +217,9 @@ class ConcatDataset:
     def __init__(self, datasets: Sequence[AtomisticDataset]):
         self.datasets = list(datasets)
         self.starts = np.cumsum([0] + [len(d) for d in self.datasets])
-        self.labels = [labels(d) for d in self.datasets]
-        every = {kind: set().union(*(mine[kind] for mine in self.labels)) for kind in LABELS}
-        self.missing = [{k: sorted(every[k] - mine[k]) for k in LABELS} for mine in self.labels]
+        self.labels = [labels_of(d) for d in self.datasets]
+        every = set().union(*self.labels)
+        self.missing = [sorted(every - mine) for mine in self.labels]
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -233,20 +227,19 @@ class ConcatDataset:
     def __getitem__(self, index: int):
         which = int(np.searchsorted(self.starts, index, side="right") - 1)
         structure = self.datasets[which][index - int(self.starts[which])]
-        missing = self.missing[which]
-        if not any(missing.values()):
+        if not self.missing[which]:
             return structure
-        dtype, n = structure.positions.dtype, len(structure.numbers)
-
-        def unknown(names: list[str], *shape: int) -> dict[str, torch.Tensor]:
-            return dict.fromkeys(names, torch.full(shape, math.nan, dtype=dtype))
-
-        return dataclasses.replace(
-            structure,
-            targets={**structure.targets, **unknown(missing[""], 1)},
-            forces={**structure.forces, **unknown(missing["forces"], n, 3)},
-            stress={**structure.stress, **unknown(missing["stress"], 3, 3)},
+        targets, forces, stress = (
+            dict(structure.targets),
+            dict(structure.forces),
+            dict(structure.stress),
         )
+        n = len(structure.numbers)
+        places = {"": (targets, (1,)), "forces": (forces, (n, 3)), "stress": (stress, (3, 3))}
+        for name, kind in self.missing[which]:
+            values, shape = places[kind]
+            values[name] = torch.full(shape, math.nan, dtype=structure.positions.dtype)
+        return dataclasses.replace(structure, targets=targets, forces=forces, stress=stress)
 
     def label_counts(self, target: str, kind: str) -> np.ndarray:
         """Per structure, how many values of a label it has: 1 for an energy of
@@ -254,7 +247,7 @@ class ConcatDataset:
         0 in the sets without the label."""
         parts = []
         for dataset, mine in zip(self.datasets, self.labels):
-            if target not in mine[kind]:
+            if (target, kind) not in mine:
                 parts.append(np.zeros(len(dataset), dtype=np.int64))
             elif kind == "forces":
                 parts.append(np.asarray(dataset.n_atoms, dtype=np.int64))
