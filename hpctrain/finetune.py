@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import fnmatch
+import functools
 import math
 from typing import Any, Literal, Optional
 
@@ -147,8 +148,7 @@ def pretrained_hypers(
     """The model hypers of the pretrained model, which replace those the options give
     (``given``, as written), with a warning where they differ."""
     try:
-        with checkpoint.read_once():
-            hypers = checkpoint.load(options.read_from)["model_hypers"]
+        hypers = copy.deepcopy(pretrained_summary(options.read_from)[0])
     except CheckpointError as error:
         raise CheckpointError(f"'{KEY}.read_from' in {source}: {error}") from None
     differ = differences(given, hypers)
@@ -226,9 +226,15 @@ def check_inherit_heads(inherit: dict[str, str], old: list[str], new: list[str],
 def pretrained_targets(options: FinetuneOptions) -> set[str]:
     """The targets whose heads come from the pretrained model: its own, and the new
     ones that inherit a head."""
-    with checkpoint.read_once():
-        info = checkpoint.load(options.read_from)["dataset_info"]
-    return set(info["targets"]) | set(options.inherit_heads)
+    return set(pretrained_summary(options.read_from)[1]) | set(options.inherit_heads)
+
+
+@functools.lru_cache(maxsize=4)
+def pretrained_summary(path: str) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """The model hypers and targets of the checkpoint at ``path``, read once per
+    process (the options' check and the engine ask; the model is loaded apart)."""
+    data = checkpoint.load(path)
+    return data["model_hypers"], tuple(data["dataset_info"]["targets"])
 
 
 def check_kept_baseline(target: str, fit: Any, model: Any, unit: str) -> None:
