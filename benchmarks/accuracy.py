@@ -142,6 +142,31 @@ def options(framework: str, architecture: str, files: dict, args) -> dict:
     return result
 
 
+def timed_run(command: list[str], workdir: Path, env: dict[str, str], what: str) -> float:
+    """Run a training ``command`` in ``workdir``; its wall time. Its output goes to
+    ``train-output.log`` there; a failure ends the benchmark naming that file."""
+    start = time.perf_counter()
+    out = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    (workdir / "train-output.log").write_text(out.stdout + out.stderr)
+    if out.returncode != 0:
+        raise SystemExit(f"{what} failed (exit {out.returncode}): see {workdir}/train-output.log")
+    return wall
+
+
+def score_exported(
+    python: Path, exported: Path, extensions: Path, test: Path, out: Path, env: dict[str, str]
+) -> dict:
+    """The test errors of an exported model, in a fresh process of ``python`` (see
+    :data:`SCORE`), also written to ``out``."""
+    subprocess.run(
+        [str(python), "-c", SCORE, str(exported), str(extensions), str(test), str(out)],
+        env=env,
+        check=True,
+    )
+    return json.loads(out.read_text())
+
+
 def train_and_score(model: str, files: dict, workdir: Path, args) -> dict:
     framework, architecture = model.split("/")
     workdir.mkdir(parents=True)
@@ -158,19 +183,10 @@ def train_and_score(model: str, files: dict, workdir: Path, args) -> dict:
         python = peer_python(args.venv)
         command = [str(args.venv / "bin" / "mtt"), "train", "options.yaml", "-o", "model.pt"]
         exported, extensions = workdir / "model.pt", workdir / "extensions"
-    start = time.perf_counter()
-    out = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    (workdir / "train-output.log").write_text(out.stdout + out.stderr)
-    if out.returncode != 0:
-        raise SystemExit(f"{model} failed (exit {out.returncode}): see {workdir}/train-output.log")
+    wall = timed_run(command, workdir, env, model)
     scores = workdir / "scores.json"
-    subprocess.run(
-        [str(python), "-c", SCORE, str(exported), str(extensions), str(files["test"]), str(scores)],
-        env=env,
-        check=True,
-    )
-    return {"train_wall_s": wall, **json.loads(scores.read_text())}
+    test = Path(files["test"])
+    return {"train_wall_s": wall, **score_exported(python, exported, extensions, test, scores, env)}
 
 
 def table(results: dict) -> str:

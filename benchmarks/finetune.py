@@ -20,14 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import yaml
-from accuracy import SCORE
+from accuracy import score_exported, timed_run
 from data import log, machine, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,31 +92,15 @@ def train(workdir: Path, options: dict, threads: int) -> float:
     (workdir / "options.yaml").write_text(yaml.safe_dump(options))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "hpctrain", "train", "options.yaml", "-o", "run"]
-    start = time.perf_counter()
-    out = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    (workdir / "train-output.log").write_text(out.stdout + out.stderr)
-    if out.returncode != 0:
-        raise SystemExit(f"training in {workdir} failed: see {workdir}/train-output.log")
-    return wall
+    return timed_run(command, workdir, env, f"training in {workdir}")
 
 
 def score(run: Path, test: Path) -> dict:
     out = run / f"scores-{test.stem}.json"
-    subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            SCORE,
-            str(run / "model.pt"),
-            str(run / "extensions"),
-            str(test),
-            str(out),
-        ],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        check=True,
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = score_exported(
+        Path(sys.executable), run / "model.pt", run / "extensions", test, out, env
     )
-    result = json.loads(out.read_text())
     return {k: result[k] for k in ("energy_mae_mev_per_atom", "forces_rmse_ev_per_a")}
 
 
