@@ -28,7 +28,7 @@ from .report import (
 )
 from .startup import Built, Launched
 from .threads import Threads
-from .training_sets import labels_in_words, mixture_in_words
+from .training_sets import labels_in_words, mixture_in_words, pairs_in_words
 
 
 def report_start(
@@ -56,6 +56,9 @@ def report_start(
         mixture = mixture_in_words(built.train_sets)
         if mixture:
             rows.append(("per epoch", mixture))
+        pairs = pairs_in_words(built.train_sets, cutoff_of(built.model))
+        if pairs:
+            rows.append(("neighbour pairs", pairs))
         labels = [sorted(labels_of(d)) for d in built.train_sets]
         if any(mine != labels[0] for mine in labels):
             rows.append(("labels", labels_in_words(built.train_sets)))

@@ -85,6 +85,8 @@ CONVERT_EXAMPLE = """example:
       --energy E_total --forces F --target dispersion:E_d3
   # several input files spread over 8 MPI ranks (same bytes as one rank)
   mpiexec -n 8 hpctrain convert part-*.xyz -o shards/ --compression gzip:4
+  # with the neighbour pairs within 5 A, read by training instead of searched
+  hpctrain convert md-*.xyz -o shards/ --neighbors 5.0
 
 then point the options at the directory:
   training_set:
@@ -166,6 +168,14 @@ def add_convert(commands: argparse._SubParsersAction) -> None:
     )
     convert.add_argument("--format", metavar="ASE_FORMAT", help="ASE format of the inputs")
     convert.add_argument(
+        "--neighbors",
+        type=float,
+        metavar="CUTOFF",
+        help="also store each structure's neighbour pairs within CUTOFF (angstrom), so "
+        "that training reads them instead of searching them every epoch; use the "
+        "model's cutoff (or more)",
+    )
+    convert.add_argument(
         "--overwrite", action="store_true", help="replace the shards of a non-empty DIR"
     )
 
@@ -213,6 +223,7 @@ def run_convert(args: argparse.Namespace) -> None:
         compression=None if args.compression == "none" else args.compression,
         reader=args.format,
         overwrite=args.overwrite,
+        pair_cutoff=args.neighbors,
     )
 
 

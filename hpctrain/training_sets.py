@@ -86,6 +86,30 @@ def labels_in_words(datasets: Sequence[AtomisticDataset]) -> str:
     return "; ".join(parts)
 
 
+def pairs_in_words(datasets: Sequence[AtomisticDataset], cutoff: float | None) -> str | None:
+    """Where the training batches' neighbour pairs within ``cutoff`` (the model's
+    largest) come from: each set's shards, or a search by the loader, with the
+    command that stores them."""
+    if cutoff is None:
+        return None
+
+    def source(d: AtomisticDataset) -> str:
+        if d.pair_cutoff is not None and d.pair_cutoff >= cutoff:
+            return f"read from the shards (stored within {d.pair_cutoff:g} A)"
+        if d.pair_cutoff is not None:
+            return f"searched: the shards' pairs stop at {d.pair_cutoff:g} A"
+        return "searched by the loader"
+
+    sources = [source(d) for d in datasets]
+    if len(set(sources)) == 1:
+        words = sources[0]
+    else:
+        words = "; ".join(f"{d.name}: {w}" for d, w in zip(datasets, sources))
+    if any(w.startswith("searched") for w in sources):
+        words += f" (hpctrain convert --neighbors {cutoff:g} stores them)"
+    return words
+
+
 def batch_in_words(hypers: TrainingHypers) -> str:
     """``16`` or ``of up to 2,000 atoms``: the global batch, as the log says it."""
     if hypers.max_atoms_per_batch is None:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .pairs import batch_pairs
 from .structures import Structure
 
 
@@ -119,26 +120,14 @@ def neighbor_pairs(
     full_list: bool,
     dtype: torch.dtype,
 ) -> Pairs:
-    """The pairs within ``cutoff`` of every structure (one thread, on the CPU)."""
-    from vesin import NeighborList
-
-    calculator = NeighborList(cutoff=cutoff, full_list=full_list, n_threads=1)
-    centers, neighbors, shifts, counts = [], [], [], []
-    for s, offset in zip(structures, offsets):
-        pbc = s.pbc.numpy()
-        cell = s.cell.numpy().astype(np.float64) if pbc.any() else np.zeros((3, 3))
-        i, j, shift = calculator.compute(
-            s.positions.numpy().astype(np.float64), cell, pbc, quantities="ijS", copy=True
-        )
-        centers.append(i.astype(np.int64) + offset)
-        neighbors.append(j.astype(np.int64) + offset)
-        shifts.append(shift)
-        counts.append(len(i))
+    """The pairs within ``cutoff`` of every structure: those stored with it, else
+    searched (one thread, on the CPU; :func:`hpctrain.data.pairs.batch_pairs`)."""
+    centers, neighbors, shifts, system = batch_pairs(structures, offsets, cutoff, full_list)
     return Pairs(
-        centers=torch.from_numpy(np.concatenate(centers)),
-        neighbors=torch.from_numpy(np.concatenate(neighbors)),
-        shifts=torch.from_numpy(np.concatenate(shifts).reshape(-1, 3)).to(dtype),
-        system=torch.from_numpy(np.repeat(np.arange(len(structures)), counts)),
+        centers=torch.from_numpy(centers),
+        neighbors=torch.from_numpy(neighbors),
+        shifts=torch.from_numpy(shifts).to(dtype),
+        system=torch.from_numpy(system),
     )
 
 

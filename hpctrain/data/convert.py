@@ -26,6 +26,7 @@ import numpy as np
 from .. import __version__, launch
 from ..errors import DataError, LaunchError
 from .ase_reader import FrameBuffer, FrameSpec, TargetSpec, iter_frames, unit_factor
+from .pairs import GROUP, shard_columns
 from .shards import FORMAT, FORMAT_VERSION, MANIFEST, shard_name, write_shard
 from .structures import ENERGY_UNIT, LENGTH_UNIT
 
@@ -115,10 +116,12 @@ def _convert_file(
     compression: str | None,
     reader: str | None,
     progress: Progress,
+    pair_cutoff: float | None = None,
 ) -> tuple[list[dict], int, int, dict[str, int]]:
-    """Shards of one input file; returns their records, structures, atoms and, per
-    target with a stress, the structures that have one. On an error, the shards of
-    this file written so far are removed."""
+    """Shards of one input file, with their neighbour pairs within ``pair_cutoff``;
+    returns their records, structures, atoms and, per target with a stress, the
+    structures that have one. On an error, the shards of this file written so far
+    are removed."""
     buffer = FrameBuffer(spec)
     records: list[dict] = []
     stressed: dict[str, int] = {}
@@ -126,6 +129,8 @@ def _convert_file(
     def flush() -> None:
         path_out = output / shard_name(file_index, len(records))
         columns = buffer.columns()
+        if pair_cutoff is not None:
+            columns[GROUP] = {"cutoff": pair_cutoff, **shard_columns(columns, pair_cutoff)}
         record = write_shard(path_out, columns, compression)
         records.append({**record, "source": file_index})
         for name, stress in columns["stress"].items():
@@ -262,16 +267,20 @@ def convert(
     reader: str | None = None,
     overwrite: bool = False,
     progress_every: float | None = None,
+    pair_cutoff: float | None = None,
 ) -> dict | None:
     """Convert ``inputs`` into shards in ``output`` on every rank of this launch.
 
     ``units`` are those of the inputs (``length_unit``, ``energy_unit``), already folded
-    into ``spec``'s factors; they are recorded in the manifest. Returns the manifest
+    into ``spec``'s factors; they are recorded in the manifest. With ``pair_cutoff``,
+    each structure's neighbour pairs within it are stored too. Returns the manifest
     on rank 0 (None elsewhere). On an error no manifest is written and the shards
     written so far are removed.
     """
     if shard_size < 1:
         raise DataError(f"--shard-size must be at least 1, got {shard_size}")
+    if pair_cutoff is not None and not pair_cutoff > 0:
+        raise DataError(f"--neighbors must be a cutoff above 0 (angstrom), got {pair_cutoff}")
     output = Path(output)
     group = ranks()
     started = time.monotonic()
@@ -284,7 +293,15 @@ def convert(
     for index in assign(sizes, group.size)[group.rank]:
         try:
             records, n, n_atoms, stressed = _convert_file(
-                index, inputs[index], spec, output, shard_size, compression, reader, progress
+                index,
+                inputs[index],
+                spec,
+                output,
+                shard_size,
+                compression,
+                reader,
+                progress,
+                pair_cutoff,
             )
         except Exception as error:  # reported by rank 0, so that no rank waits forever
             result["error"] = (index, *_describe(error))
@@ -305,6 +322,8 @@ def convert(
         _abandon(group, output, result["records"], existed)
         _raise(*first_error[1:])
     conversion = {"reader": reader, "shard_size": shard_size, "compression": compression or "none"}
+    if pair_cutoff is not None:
+        conversion[GROUP] = {"cutoff": pair_cutoff, "list": "half"}
     _on_rank_0(
         group,
         lambda: result.update(

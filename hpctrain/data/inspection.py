@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from .pairs import GROUP, pair_cutoff_of, read_stored
 from .shards import (
     ATOM_CHUNK,
     MANIFEST,
@@ -126,6 +127,13 @@ def summarize(directory: str | Path) -> str:
         f"units: length angstrom, energy eV (converted from {units.get('length_unit', '?')} "
         f"and {units.get('energy_unit', '?')})",
     ]
+    cutoff = pair_cutoff_of(manifest, directory / MANIFEST, REMEDY)
+    if cutoff is not None:
+        pairs = sum(_n_pairs(directory / s["file"]) for s in manifest["shards"])
+        lines.append(
+            f"neighbour pairs: stored within {cutoff:g} angstrom, "
+            f"{pairs / manifest['n_structures']:.1f} per structure (each pair once)"
+        )
     for name, target in stored.items():
         keys = ", ".join(f"{k} <- '{v}'" for k, v in target.get("keys", {}).items())
         kind = "per atom" if target["per_atom"] else "per structure"
@@ -161,6 +169,13 @@ def summarize(directory: str | Path) -> str:
     return "\n".join(lines)
 
 
+def _n_pairs(path: Path) -> int:
+    import h5py
+
+    with h5py.File(path, "r") as file, damage_named(path):
+        return int(file[f"{GROUP}/pairs"].shape[0])
+
+
 def verify(directory: str | Path) -> int:
     """Check every shard completely; returns the number of structures checked.
 
@@ -172,6 +187,7 @@ def verify(directory: str | Path) -> int:
     manifest = read_manifest(directory)
     stored = manifest["targets"]
     selections = all_selections(manifest)
+    cutoff = pair_cutoff_of(manifest, directory / MANIFEST, REMEDY)
     for record in manifest["shards"]:
         path = directory / record["file"]
         if not path.is_file():
@@ -182,9 +198,11 @@ def verify(directory: str | Path) -> int:
                 f"shard {path}: sha256 {digest} differs from {record['sha256']} in "
                 f"{MANIFEST}; the file was damaged or changed: {REMEDY}"
             )
-        offsets = check_shard(directory, record, stored, selections)
+        offsets = check_shard(directory, record, stored, selections, cutoff)
         with h5py.File(path, "r") as file, damage_named(path):
             _verify_contents(file, path, offsets, record, stored)
+            if cutoff is not None:
+                read_stored(file, 0, len(offsets) - 1, offsets, REMEDY)
     return int(manifest["n_structures"])
 
 

@@ -19,7 +19,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,7 @@ import torch
 
 from ..architecture import DatasetInfo, TargetInfo
 from ..errors import DataError
-from ..options import DatasetOptions, TargetOptions
-from .ase_reader import unit_factor as _unit_factor
+from .pairs import GROUP, check_stored, pair_cutoff_of, read_stored
 from .sampler import BLOCK, WINDOW
 from .structures import (
     ENERGY_UNIT,
@@ -110,6 +109,11 @@ def write_shard(path: Path, columns: dict[str, Any], compression: str | None = N
             put(file, f"forces/{name}", values, "float64", per_atom=True)
         for name, values in sorted(columns["stress"].items()):
             put(file, f"stress/{name}", values, "float64", per_atom=False)
+        if "neighbors" in columns:  # (pairs.shard_columns, with their cutoff)
+            stored = columns["neighbors"]
+            file.create_group(GROUP).attrs["cutoff"] = np.float64(stored["cutoff"])
+            for name in ("offsets", "pairs", "shifts"):
+                put(file, f"{GROUP}/{name}", stored[name], stored[name].dtype, name != "offsets")
     os.replace(tmp, path)
     return {
         "file": path.name,
@@ -179,11 +183,16 @@ class Selection:
 
 
 def check_shard(
-    directory: Path, record: dict, stored: dict[str, dict], selections: dict[str, Selection]
+    directory: Path,
+    record: dict,
+    stored: dict[str, dict],
+    selections: dict[str, Selection],
+    pair_cutoff: float | None = None,
 ) -> np.ndarray:
     """Cheap checks of one shard against its manifest record; returns its ``offsets``.
 
-    ``stored`` is the manifest's ``targets``; ``selections`` say which are read.
+    ``stored`` is the manifest's ``targets``; ``selections`` say which are read;
+    ``pair_cutoff``: the cutoff of the neighbour pairs it holds, if any.
 
     Catches missing, truncated and mismatched files, and offsets that do not cut the
     atoms into non-empty structures, without reading per-atom data.
@@ -206,6 +215,8 @@ def check_shard(
         raise DataError(f"shard {path} is not a readable HDF5 file ({error}); {REMEDY}") from None
     with file, damage_named(path):
         offsets = _check_layout(file, path, n, n_atoms, stored, selections)
+        if pair_cutoff is not None:
+            check_stored(file, path, n, pair_cutoff, REMEDY)
     check_offsets(offsets, n_atoms, str(path))
     return offsets
 
@@ -334,7 +345,11 @@ class ShardDataset(AtomisticDataset):
                         f"(forces or stress) of target '{s.stored}'"
                     )
         records = self.manifest["shards"]
-        self._offsets = [check_shard(self.directory, r, stored, self.selections) for r in records]
+        self.pair_cutoff = pair_cutoff_of(self.manifest, self.directory / MANIFEST, REMEDY)
+        self._offsets = [
+            check_shard(self.directory, r, stored, self.selections, self.pair_cutoff)
+            for r in records
+        ]
         self._starts = np.cumsum([0] + [int(r["n_structures"]) for r in records])
         self.info = DatasetInfo(
             length_unit=LENGTH_UNIT,
@@ -482,6 +497,9 @@ class ShardDataset(AtomisticDataset):
                 info=self.info,
                 name=self.name,
                 dtype=self.dtype,
+                neighbors=read_stored(file, lo, hi, offsets[lo : hi + 1] - a, REMEDY)
+                if self.pair_cutoff is not None
+                else None,
             )
         except OSError as error:
             raise DataError(
@@ -492,98 +510,3 @@ class ShardDataset(AtomisticDataset):
         while len(self._blocks) > self.cache_blocks:
             self._blocks.popitem(last=False)
         return data
-
-
-def _same_unit(unit: str, candidates: Sequence[str], where: str) -> bool:
-    return any(abs(_unit_factor(unit, c, where) - 1.0) < 1e-12 for c in candidates)
-
-
-def open_shards(
-    options: DatasetOptions, path_in_options: str, source: str, dtype: torch.dtype
-) -> ShardDataset:
-    """The shard directory at ``options.systems.read_from``, with the options' targets.
-
-    Each target of the options must be stored (under its name, or its ``key``), with
-    the gradients the options ask for. Units in the options describe the original
-    data: they must be eV/angstrom or the units the shards were converted from.
-    """
-    directory = Path(options.systems.read_from)
-    manifest = read_manifest(directory)
-    where = f"{directory / MANIFEST}"
-    stored = manifest["targets"]
-    converted_from = manifest.get("converted_from", {})
-    at = f"'{path_in_options}.systems.length_unit' in {source}"
-    if not _same_unit(
-        options.systems.length_unit, [LENGTH_UNIT, converted_from.get("length_unit", "")], at
-    ):
-        raise DataError(
-            f"{at} is {options.systems.length_unit!r}, but {where} holds lengths in "
-            f"{LENGTH_UNIT} converted from {converted_from.get('length_unit')!r}; drop the "
-            "setting or make it match"
-        )
-    selections = {
-        name: _select(
-            name, target, stored, converted_from, f"{path_in_options}.targets.{name}", source, where
-        )
-        for name, target in options.targets.items()
-    }
-    return ShardDataset(directory, selections, dtype=dtype, name=str(directory))
-
-
-def _select(
-    name: str,
-    target: TargetOptions,
-    stored: dict[str, Any],
-    converted_from: dict[str, str],
-    key: str,
-    source: str,
-    where: str,
-) -> Selection:
-    """The stored target that the options' target ``name`` (at ``key``) reads, checked
-    for its quantity, unit and gradients."""
-    candidates = [c for c in (target.key, name) if c in stored]
-    if not candidates:
-        raise DataError(
-            f"'{key}' in {source}: {where} has no target '{target.key or name}'; it "
-            f"holds {', '.join(sorted(stored))} (re-run hpctrain convert with --target "
-            "to add one)"
-        )
-    chosen = candidates[0]
-    info = stored[chosen]
-    read_from = info.get("keys", {}).get("value")
-    if target.key not in (None, chosen, read_from):
-        raise DataError(
-            f"'{key}.key' in {source} is '{target.key}', but {where} has no target of "
-            f"that name, and its target '{chosen}' was read from key '{read_from}'; "
-            "name a stored target, or re-run hpctrain convert with that key"
-        )
-    if info["quantity"] != target.quantity or bool(info["per_atom"]) != target.per_atom:
-        raise DataError(
-            f"'{key}' in {source} asks for a {target.quantity} target "
-            f"{'per atom' if target.per_atom else 'per structure'}, but '{chosen}' in "
-            f"{where} is a {info['quantity']} "
-            f"{'per atom' if info['per_atom'] else 'per structure'}"
-        )
-    unit_at = f"'{key}.unit' in {source}"
-    if not _same_unit(target.unit, [ENERGY_UNIT, converted_from.get("energy_unit", "")], unit_at):
-        raise DataError(
-            f"{unit_at} is {target.unit!r}, but {where} holds energies in {ENERGY_UNIT} "
-            f"converted from {converted_from.get('energy_unit')!r}; make them match"
-        )
-    wants = {
-        "forces": (target.gradient_key("forces"), "positions", "--forces KEY"),
-        "stress": (
-            target.gradient_key("stress") or target.gradient_key("virial"),
-            "strain",
-            "--stress KEY or --virial KEY",
-        ),
-    }
-    for gradient, (asked, stored_as, flag) in wants.items():
-        if asked and stored_as not in info["gradients"]:
-            option = "stress/virial" if gradient == "stress" else gradient
-            raise DataError(
-                f"'{key}.{option}' in {source} asks for {gradient}, but {where} holds "
-                f"none for target '{chosen}'; set it to false, or re-run hpctrain "
-                f"convert with {flag}"
-            )
-    return Selection(chosen, bool(wants["forces"][0]), bool(wants["stress"][0]))

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..architecture import DatasetInfo
+from .pairs import HalfList
 
 LENGTH_UNIT = "angstrom"
 ENERGY_UNIT = "eV"
@@ -27,6 +28,8 @@ class Structure:
 
     ``targets`` maps a target name to its value (shape ``[1]``, or ``[n_atoms]``
     per atom); ``forces`` and ``stress`` map target names to their gradients.
+    ``neighbors``: its neighbour pairs when they were stored with it (else the loader
+    searches them).
     """
 
     numbers: torch.Tensor  # [n_atoms] int32
@@ -36,6 +39,7 @@ class Structure:
     targets: dict[str, torch.Tensor]
     forces: dict[str, torch.Tensor]
     stress: dict[str, torch.Tensor]
+    neighbors: HalfList | None = None
 
 
 class AtomisticDataset(torch.utils.data.Dataset):
@@ -53,6 +57,7 @@ class AtomisticDataset(torch.utils.data.Dataset):
     sampling_weight: float | None = None  # (a training set's share of each epoch)
     loss_weight: float = 1.0  # (a training set's weight in the loss)
     replay_fraction: float | None = None  # (fine-tuning: replayed data's share of an epoch)
+    pair_cutoff: float | None = None  # (the cutoff of neighbour pairs stored with it)
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -93,6 +98,7 @@ class Subset(AtomisticDataset):
         self.sampling_weight = dataset.sampling_weight
         self.loss_weight = dataset.loss_weight
         self.replay_fraction = dataset.replay_fraction
+        self.pair_cutoff = dataset.pair_cutoff
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -116,7 +122,12 @@ class Subset(AtomisticDataset):
 
 
 class StructureDataset(AtomisticDataset):
-    """Structures held in memory as columnar arrays (ragged per-atom data by offsets)."""
+    """Structures held in memory as columnar arrays (ragged per-atom data by offsets),
+    with their neighbour pairs when they were stored (``neighbors``, one per structure).
+
+    Positions, cells, forces and stress are held in ``dtype`` (converted once, not
+    per structure); energies keep their precision until a structure is taken.
+    """
 
     def __init__(
         self,
@@ -131,15 +142,19 @@ class StructureDataset(AtomisticDataset):
         info: DatasetInfo,
         name: str,
         dtype: torch.dtype = torch.float64,
+        neighbors: list[HalfList] | None = None,
     ):
-        self.numbers = numbers
-        self.positions = positions
+        floats = torch.empty(0, dtype=dtype).numpy().dtype
+        self.numbers = np.asarray(numbers, dtype=np.int32)
+        self.positions = np.asarray(positions, dtype=floats)
         self.offsets = offsets
-        self.cells = cells
+        self.cells = np.asarray(cells, dtype=floats)
         self.pbcs = pbcs
         self.targets = targets
-        self.forces = forces
-        self.stress = stress
+        self.forces = {k: np.asarray(v, dtype=floats) for k, v in forces.items()}
+        self.stress = {k: np.asarray(v, dtype=floats) for k, v in stress.items()}
+        self.neighbors = neighbors
+        self._typed_targets = {k: np.asarray(v, dtype=floats) for k, v in targets.items()}
         self.info = info
         self.name = name
         self.dtype = dtype
@@ -163,23 +178,20 @@ class StructureDataset(AtomisticDataset):
         if not 0 <= index < len(self):
             raise IndexError(f"structure {index} of a dataset of {len(self)}")
         start, stop = self.offsets[index], self.offsets[index + 1]
-        dtype = self.dtype
-
-        def tensor(array: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
-
+        tensor = torch.from_numpy  # (rows of arrays in the dataset's dtype: views)
         targets = {}
-        for name, values in self.targets.items():
+        for name, values in self._typed_targets.items():
             per_atom = self.info.targets[name].per_atom
             targets[name] = tensor(values[start:stop] if per_atom else values[index : index + 1])
         return Structure(
-            numbers=torch.from_numpy(self.numbers[start:stop].astype(np.int32)),
+            numbers=tensor(self.numbers[start:stop]),
             positions=tensor(self.positions[start:stop]),
             cell=tensor(self.cells[index]),
-            pbc=torch.from_numpy(self.pbcs[index].copy()),
+            pbc=tensor(self.pbcs[index]),
             targets=targets,
             forces={k: tensor(v[start:stop]) for k, v in self.forces.items()},
             stress={k: tensor(v[index]) for k, v in self.stress.items()},
+            neighbors=None if self.neighbors is None else self.neighbors[index],
         )
 
 

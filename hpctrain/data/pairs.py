@@ -1,0 +1,169 @@
+"""Neighbour pairs of structures: searched once and kept in shards, or searched when
+a batch is made, and turned into the pairs of a batch (:func:`batch_pairs`).
+
+Every structure's pairs are a half list within a cutoff (each pair once, as vesin
+gives it): ``hpctrain convert --neighbors CUTOFF`` stores them in the shards, so
+that the loader reads them with the positions instead of searching. A batch's pairs
+for a model's request come from those: the pairs within the request's cutoff
+(distances in float64, as the search computes them) when it is shorter than the
+stored one, and both directions of each pair for a full list. A structure whose
+stored cutoff is shorter than the request, or without stored pairs, is searched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import DataError
+
+GROUP = "neighbors"  # the shard's HDF5 group of stored pairs
+
+
+@dataclasses.dataclass
+class HalfList:
+    """The pairs of one structure within ``cutoff``: ``pairs[p] = (i, j)`` (indices of
+    its atoms) with cell shift ``shifts[p]``, each pair once."""
+
+    cutoff: float
+    pairs: np.ndarray  # [n_pairs, 2] integers
+    shifts: np.ndarray  # [n_pairs, 3] integers
+
+
+def search(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float) -> HalfList:
+    """The half list of one structure (vesin, one thread, in float64)."""
+    from vesin import NeighborList
+
+    pbc = np.asarray(pbc, dtype=bool)
+    cell = np.asarray(cell, dtype=np.float64) if pbc.any() else np.zeros((3, 3))
+    i, j, shifts = NeighborList(cutoff=cutoff, full_list=False, n_threads=1).compute(
+        np.asarray(positions, dtype=np.float64), cell, pbc, quantities="ijS", copy=True
+    )
+    return HalfList(cutoff, np.stack([i, j], axis=1), np.asarray(shifts).reshape(-1, 3))
+
+
+def narrowest(array: np.ndarray) -> np.ndarray:
+    """``array`` in the narrowest signed integer type that holds its values."""
+    for dtype in (np.int8, np.int16, np.int32):
+        info = np.iinfo(dtype)
+        if len(array) == 0 or (array.min() >= info.min and array.max() <= info.max):
+            return array.astype(dtype)
+    return array.astype(np.int64)
+
+
+def shard_columns(columns: dict[str, Any], cutoff: float) -> dict[str, np.ndarray]:
+    """The stored pairs of a shard's structures (columns as ``write_shard`` takes
+    them): ``offsets`` ``[n + 1]`` into ``pairs`` ``[P, 2]`` and ``shifts`` ``[P, 3]``."""
+    offsets = columns["offsets"]
+    lists = [
+        search(columns["positions"][a:b], cell, pbc, cutoff)
+        for a, b, cell, pbc in zip(offsets[:-1], offsets[1:], columns["cells"], columns["pbcs"])
+    ]
+    counts = [len(h.pairs) for h in lists]
+    return {
+        "offsets": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        "pairs": narrowest(np.concatenate([h.pairs for h in lists]).reshape(-1, 2)),
+        "shifts": narrowest(np.concatenate([h.shifts for h in lists]).reshape(-1, 3)),
+    }
+
+
+def check_stored(file: Any, path: Path, n: int, cutoff: float, remedy: str) -> None:
+    """The stored pairs of an open shard have the manifest's cutoff and fitting shapes."""
+    group = file.get(GROUP)
+    if group is None or float(group.attrs.get("cutoff", -1.0)) != cutoff:
+        raise DataError(
+            f"shard {path}: the manifest lists neighbour pairs within {cutoff} A, but the "
+            f"shard has {'none' if group is None else 'another cutoff'}; {remedy}"
+        )
+    n_pairs = group["pairs"].shape[0]
+    expected = {"offsets": (n + 1,), "pairs": (n_pairs, 2), "shifts": (n_pairs, 3)}
+    for name, shape in expected.items():
+        if group[name].shape != shape:
+            raise DataError(
+                f"shard {path}: dataset '{GROUP}/{name}' has shape {group[name].shape}, "
+                f"expected {shape}; {remedy}"
+            )
+
+
+def read_stored(
+    file: Any, lo: int, hi: int, atom_offsets: np.ndarray, remedy: str
+) -> list[HalfList]:
+    """The stored half lists of structures ``lo`` to ``hi - 1`` of an open shard;
+    ``atom_offsets`` cut those structures' atoms (from 0). An index outside its
+    structure is an error naming the shard and structure."""
+    group = file[GROUP]
+    cutoff = float(group.attrs["cutoff"])
+    offsets = group["offsets"][lo : hi + 1]
+    pairs = group["pairs"][offsets[0] : offsets[-1]]
+    shifts = group["shifts"][offsets[0] : offsets[-1]]
+    counts = np.diff(offsets)
+    local = offsets - offsets[0]
+    outside = (pairs < 0) | (pairs >= np.repeat(np.diff(atom_offsets), counts)[:, None])
+    if outside.any():
+        bad = np.flatnonzero(outside.any(axis=1))
+        structure = lo + int(np.searchsorted(local, bad[0], side="right")) - 1
+        raise DataError(
+            f"shard {file.filename}, structure {structure}: a stored neighbour pair "
+            f"{pairs[bad[0]].tolist()} names an atom it does not have; {remedy}"
+        )
+    return [HalfList(cutoff, pairs[a:b], shifts[a:b]) for a, b in zip(local[:-1], local[1:])]
+
+
+def batch_pairs(
+    structures: Sequence[Any],
+    atom_offsets: np.ndarray,
+    cutoff: float,
+    full_list: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The pairs of ``structures`` (each with ``positions``, ``cell``, ``pbc`` tensors
+    and ``neighbors``, a :class:`HalfList` or None) strictly within ``cutoff``:
+    ``centers``, ``neighbors`` (indices into the batch's atoms from ``atom_offsets``),
+    integer ``shifts`` ``[pairs, 3]`` and each pair's ``system``."""
+    lists = []
+    for s in structures:
+        stored = s.neighbors
+        if stored is None or stored.cutoff < cutoff:
+            stored = search(s.positions.numpy(), s.cell.numpy(), s.pbc.numpy(), cutoff)
+        lists.append(stored)
+    counts = np.array([len(h.pairs) for h in lists])
+    system = np.repeat(np.arange(len(lists)), counts)
+    ij = np.concatenate([h.pairs for h in lists]).reshape(-1, 2).astype(np.int64)
+    ij += atom_offsets[:-1][system][:, None]
+    shifts = np.concatenate([h.shifts for h in lists]).reshape(-1, 3).astype(np.int64)
+    if any(h.cutoff > cutoff for h in lists):
+        within = _distances(structures, ij, shifts, system) < cutoff
+        ij, shifts, system = ij[within], shifts[within], system[within]
+    if full_list:
+        ij = np.concatenate([ij, ij[:, ::-1]])
+        shifts = np.concatenate([shifts, -shifts])
+        system = np.concatenate([system, system])
+    return ij[:, 0].copy(), ij[:, 1].copy(), shifts, system
+
+
+def _distances(
+    structures: Sequence[Any], ij: np.ndarray, shifts: np.ndarray, system: np.ndarray
+) -> np.ndarray:
+    """Pair distances in float64, from the positions and cells the batch holds."""
+    positions = np.concatenate([s.positions.numpy() for s in structures]).astype(np.float64)
+    cells = np.stack([s.cell.numpy() for s in structures]).astype(np.float64)
+    vectors = positions[ij[:, 1]] - positions[ij[:, 0]]
+    vectors += np.einsum("pk,pkl->pl", shifts.astype(np.float64), cells[system])
+    return np.sqrt((vectors**2).sum(axis=1))
+
+
+def pair_cutoff_of(manifest: dict, path: Path, remedy: str) -> float | None:
+    """The cutoff of the neighbour pairs a shard manifest says its shards hold
+    (``conversion.neighbors.cutoff``), or None."""
+    stored = (manifest.get("conversion") or {}).get(GROUP)
+    if stored is None:
+        return None
+    cutoff = stored.get("cutoff") if isinstance(stored, dict) else None
+    if not isinstance(cutoff, (int, float)) or not cutoff > 0:
+        raise DataError(
+            f"{path}: 'conversion.{GROUP}' needs a positive 'cutoff', got {stored!r}; {remedy}"
+        )
+    return float(cutoff)
