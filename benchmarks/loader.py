@@ -4,9 +4,11 @@
     python benchmarks/loader.py --quick --out /tmp/loader-quick.json          # smoke test
 
 Data: EMT structures of 32 atoms (periodic fcc alloys, ``make_emt_dataset.py``),
-converted to shards with ``hpctrain convert`` and opened as training opens them
-(float32). Neighbour lists: the model's own requests (``mp_transformer``, default
-hypers: one full list at 5 Å).
+converted to shards with ``hpctrain convert``, once without neighbour pairs
+(*searched*: the loader searches them per batch) and once with ``--neighbors 5``
+(*stored*: read with the positions), and opened as training opens them (float32).
+Neighbour lists: the model's own requests (``mp_transformer``, default hypers: one
+full list at 5 Å). Every measurement below is made for both.
 
 1. **Loader rate**: epochs of ``BatchLoader.batches`` over the sampler's plan
    (``DistributedBatchSampler``, rank 0 of 1), for 0, 1, 2... loader threads, each
@@ -14,7 +16,8 @@ hypers: one full list at 5 Å).
    batch is made and used). Structures/s is the median of steady epochs (the first,
    opening files, is reported apart).
 2. **Where a batch's time goes** (no threads): reading the structures from the
-   shards, their neighbour lists (vesin, one thread), the rest of ``collate``.
+   shards, their neighbour pairs (searched by vesin, one thread, or made from the
+   stored ones), the rest of ``collate``.
 3. **Data waiting in training**: ``mp_transformer`` steps (``Engine.train_step``) fed
    by the loader as ``Engine.run_steps`` feeds them; the share of the wall time
    spent in ``next()`` of the loader, by loader threads.
@@ -50,13 +53,18 @@ from data import (  # noqa: E402
 TARGETS = {"structures_per_s": 20000.0, "data_share": 0.02}
 
 
-def make_shards(workdir: Path, n: int) -> Path:
-    xyz, shards = workdir / "emt.xyz", workdir / "emt-shards"
+def make_shards(workdir: Path, n: int, cutoff: float) -> dict[str, Path]:
+    """The same EMT structures as shards without (``searched``) and with (``stored``)
+    their neighbour pairs within ``cutoff``."""
+    xyz = workdir / "emt.xyz"
     make = [sys.executable, str(ROOT / "benchmarks" / "make_emt_dataset.py")]
     subprocess.run([*make, "-n", str(n), "--atoms", "32", "-o", str(xyz)], check=True)
-    convert = [*hpctrain_command(), "convert", str(xyz), "-o", str(shards)]
-    subprocess.run(convert, check=True, capture_output=True)
-    return shards
+    out = {"searched": workdir / "emt-shards", "stored": workdir / "emt-pairs"}
+    for pairs, shards in out.items():
+        extra = ["--neighbors", str(cutoff)] if pairs == "stored" else []
+        convert = [*hpctrain_command(), "convert", str(xyz), "-o", str(shards), *extra]
+        subprocess.run(convert, check=True, capture_output=True)
+    return out
 
 
 def model_requests() -> list:
@@ -165,23 +173,24 @@ def _first_step(engine) -> tuple:
 def table(results: dict) -> str:
     lines = [
         "Loader rate (EMT 32 atoms, shards, 5 A full list, trivial model)",
-        f"  {'threads':>7} {'first epoch/s':>14} {'steady/s':>10}",
+        f"  {'pairs':>8} {'threads':>7} {'first epoch/s':>14} {'steady/s':>10}",
     ]
     for r in results["rate"]:
         lines.append(
-            f"  {r['workers']:>7} {r['first_epoch_structures_per_s']:>14.0f} "
+            f"  {r['pairs']:>8} {r['workers']:>7} {r['first_epoch_structures_per_s']:>14.0f} "
             f"{r['structures_per_s']:>10.0f}"
         )
-    b = results["breakdown"]
-    lines.append(
-        f"Per structure (no threads): read {b['read_us']:.0f} us, neighbour lists "
-        f"{b['neighbor_lists_us']:.0f} us, rest of collate "
-        f"{b['collate_without_neighbor_lists_us']:.0f} us"
-    )
+    lines.append("Per structure (no threads)")
+    for pairs, b in results["breakdown"].items():
+        lines.append(
+            f"  {pairs}: read {b['read_us']:.0f} us, neighbour lists "
+            f"{b['neighbor_lists_us']:.0f} us, rest of collate "
+            f"{b['collate_without_neighbor_lists_us']:.0f} us"
+        )
     lines.append("Waiting for data in mp_transformer steps (share of wall time)")
     for r in results["training"]:
         lines.append(
-            f"  {r['workers']} thread(s): step {r['step_s']:.3f} s, waiting "
+            f"  {r['pairs']}, {r['workers']} thread(s): step {r['step_s']:.3f} s, waiting "
             f"{1000 * r['data_wait_s']:.1f} ms ({100 * r['data_share']:.2f}%)"
         )
     return "\n".join(lines)
@@ -204,23 +213,26 @@ def main() -> None:
     results["settings"] = {"structures": n, "batch_size": args.batch_size, "steps": steps}
     with tempfile.TemporaryDirectory(prefix="hpctrain-loader-bench-") as scratch:
         workdir = Path(scratch)
-        log(f"generating {n} EMT structures and their shards")
-        shards = make_shards(workdir, n)
         requests = model_requests()
+        cutoff = max(r.cutoff for r in requests)
+        log(f"generating {n} EMT structures and their shards")
+        directories = make_shards(workdir, n, cutoff)
         results["requests"] = [{"cutoff": r.cutoff, "full_list": r.full_list} for r in requests]
-        results["rate"] = []
-        for workers in args.workers:
-            row = loader_rate(shards, requests, workers, args.batch_size, min_s)
-            results["rate"].append(row)
-            log(f"  {workers} thread(s): {row['structures_per_s']:.0f} structures/s")
-        results["breakdown"] = batch_breakdown(shards, requests, args.batch_size)
-        results["training"] = []
-        for workers in sorted({0, max(args.workers)}):
-            row = data_share(shards, workers, args.batch_size, steps, workdir)
-            results["training"].append(row)
-            log(f"  training, {workers} thread(s): {100 * row['data_share']:.2f}% waiting")
+        results["rate"], results["breakdown"], results["training"] = [], {}, []
+        for pairs, shards in directories.items():
+            for workers in args.workers:
+                row = loader_rate(shards, requests, workers, args.batch_size, min_s)
+                results["rate"].append({"pairs": pairs, **row})
+                log(f"  {pairs}, {workers} thread(s): {row['structures_per_s']:.0f} structures/s")
+            results["breakdown"][pairs] = batch_breakdown(shards, requests, args.batch_size)
+            for workers in sorted({0, max(args.workers)}):
+                row = data_share(shards, workers, args.batch_size, steps, workdir)
+                results["training"].append({"pairs": pairs, **row})
+                log(f"  training, {pairs}, {workers} thread(s): {100 * row['data_share']:.2f}%")
     best = max(r["structures_per_s"] for r in results["rate"])
-    default_share = next(r["data_share"] for r in results["training"] if r["workers"] == 0)
+    default_share = next(
+        r["data_share"] for r in results["training"] if r["workers"] == 0 and r["pairs"] == "stored"
+    )
     results["verdicts"] = {
         "best_structures_per_s": best,
         "rate_met": best >= TARGETS["structures_per_s"],

@@ -252,17 +252,31 @@ def test_loader_benchmark_quick(tmp_path):
     out = tmp_path / "loader.json"
     run_benchmark("loader.py", "--quick", "--workers", "0", "2", "--out", str(out))
     data = json.loads(out.read_text())
-    assert [r["workers"] for r in data["rate"]] == [0, 2]
+    assert [(r["pairs"], r["workers"]) for r in data["rate"]] == [
+        ("searched", 0),
+        ("searched", 2),
+        ("stored", 0),
+        ("stored", 2),
+    ]
     assert data["requests"] == [{"cutoff": 5.0, "full_list": True}]
     for row in data["rate"]:
         assert row["n_structures"] == 64 and row["structures_per_s"] > 0
         assert row["pairs_per_structure"] > 100  # 32 atoms within 5 Å of each other
-    parts = data["breakdown"]
-    assert parts["neighbor_lists_us"] > 0 and parts["read_us"] > 0
-    assert parts["total_us"] == pytest.approx(
-        parts["read_us"] + parts["neighbor_lists_us"] + parts["collate_without_neighbor_lists_us"]
-    )
-    assert [r["workers"] for r in data["training"]] == [0, 2]
+    # the same pairs, searched or read
+    assert len({r["pairs_per_structure"] for r in data["rate"]}) == 1
+    for parts in data["breakdown"].values():
+        assert parts["neighbor_lists_us"] > 0 and parts["read_us"] > 0
+        assert parts["total_us"] == pytest.approx(
+            parts["read_us"]
+            + parts["neighbor_lists_us"]
+            + parts["collate_without_neighbor_lists_us"]
+        )
+    assert [(r["pairs"], r["workers"]) for r in data["training"]] == [
+        ("searched", 0),
+        ("searched", 2),
+        ("stored", 0),
+        ("stored", 2),
+    ]
     for row in data["training"]:
         assert 0 <= row["data_share"] < 1 and row["step_s"] > 0
     assert data["verdicts"]["best_structures_per_s"] == max(
