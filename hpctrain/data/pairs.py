@@ -95,11 +95,10 @@ def read_stored(
     """The stored half lists of structures ``lo`` to ``hi - 1`` of an open shard;
     ``atom_offsets`` cut those structures' atoms (from 0). An index outside its
     structure is an error naming the shard and structure."""
-    group = file[GROUP]
-    cutoff = float(group.attrs["cutoff"])
-    offsets = group["offsets"][lo : hi + 1]
-    pairs = group["pairs"][offsets[0] : offsets[-1]]
-    shifts = group["shifts"][offsets[0] : offsets[-1]]
+    cutoff = float(file[GROUP].attrs["cutoff"])
+    offsets = file[f"{GROUP}/offsets"][lo : hi + 1]
+    pairs = file[f"{GROUP}/pairs"][offsets[0] : offsets[-1]]
+    shifts = file[f"{GROUP}/shifts"][offsets[0] : offsets[-1]]
     counts = np.diff(offsets)
     local = offsets - offsets[0]
     outside = (pairs < 0) | (pairs >= np.repeat(np.diff(atom_offsets), counts)[:, None])

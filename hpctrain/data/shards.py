@@ -298,6 +298,25 @@ def all_selections(manifest: dict) -> dict[str, Selection]:
     }
 
 
+class OpenShard:
+    """An open shard file whose datasets are looked up once: finding a dataset by
+    name costs h5py several times what reading a block of it does."""
+
+    def __init__(self, file: Any):
+        self.file = file
+        self.filename = file.filename
+        self._found: dict[str, Any] = {}
+
+    def __getitem__(self, name: str) -> Any:
+        found = self._found.get(name)
+        if found is None:
+            found = self._found[name] = self.file[name]
+        return found
+
+    def close(self) -> None:
+        self.file.close()
+
+
 class ShardDataset(AtomisticDataset):
     """Structures of a shard directory, read lazily in blocks.
 
@@ -455,7 +474,7 @@ class ShardDataset(AtomisticDataset):
         if file is None:
             path = self.directory / self.manifest["shards"][shard]["file"]
             try:
-                file = h5py.File(path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES)
+                file = OpenShard(h5py.File(path, "r", rdcc_nbytes=CHUNK_CACHE_BYTES))
             except OSError as error:
                 raise DataError(f"cannot open shard {path} ({error}); {REMEDY}") from None
             self._files[shard] = file
