@@ -121,29 +121,7 @@ def add_convert(commands: argparse._SubParsersAction) -> None:
         metavar="N",
         help="structures per shard (default: 10000)",
     )
-    convert.add_argument(
-        "--energy", default="energy", metavar="KEY", help="key of the energy (default: energy)"
-    )
-    convert.add_argument(
-        "--forces",
-        default="auto",
-        metavar="KEY|none|auto",
-        help="key of the forces; auto: 'forces' when the first structure has it (default)",
-    )
-    convert.add_argument(
-        "--stress",
-        default="auto",
-        metavar="KEY|none|auto",
-        help="key of the stress; auto: 'stress' when the first structure is periodic and "
-        "has it (default)",
-    )
-    convert.add_argument(
-        "--virial",
-        default="auto",
-        metavar="KEY|none|auto",
-        help="key of the virial (energy), stored as stress; auto: 'virial' when no stress "
-        "is stored and the first structure is periodic and has it (default)",
-    )
+    add_label_flags(convert)
     convert.add_argument(
         "--energy-unit", default="eV", metavar="U", help="energy unit of the input (default: eV)"
     )
@@ -177,6 +155,33 @@ def add_convert(commands: argparse._SubParsersAction) -> None:
     )
     convert.add_argument(
         "--overwrite", action="store_true", help="replace the shards of a non-empty DIR"
+    )
+
+
+def add_label_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``hpctrain convert`` naming the keys of the energy and its gradients."""
+    parser.add_argument(
+        "--energy", default="energy", metavar="KEY", help="key of the energy (default: energy)"
+    )
+    parser.add_argument(
+        "--forces",
+        default="auto",
+        metavar="KEY|none|auto",
+        help="key of the forces; auto: 'forces' when the first structure has it (default)",
+    )
+    parser.add_argument(
+        "--stress",
+        default="auto",
+        metavar="KEY|none|auto",
+        help="key of the stress; auto: 'stress' when the first structure is periodic and "
+        "has it (default)",
+    )
+    parser.add_argument(
+        "--virial",
+        default="auto",
+        metavar="KEY|none|auto",
+        help="key of the virial (energy), stored as stress; auto: 'virial' when no stress "
+        "is stored and the first structure is periodic and has it (default)",
     )
 
 

@@ -277,10 +277,7 @@ def convert(
     on rank 0 (None elsewhere). On an error no manifest is written and the shards
     written so far are removed.
     """
-    if shard_size < 1:
-        raise DataError(f"--shard-size must be at least 1, got {shard_size}")
-    if pair_cutoff is not None and not pair_cutoff > 0:
-        raise DataError(f"--neighbors must be a cutoff above 0 (angstrom), got {pair_cutoff}")
+    conversion = _settings(reader, shard_size, compression, pair_cutoff)
     output = Path(output)
     group = ranks()
     started = time.monotonic()
@@ -321,9 +318,6 @@ def convert(
     if first_error:
         _abandon(group, output, result["records"], existed)
         _raise(*first_error[1:])
-    conversion = {"reader": reader, "shard_size": shard_size, "compression": compression or "none"}
-    if pair_cutoff is not None:
-        conversion[GROUP] = {"cutoff": pair_cutoff, "list": "half"}
     _on_rank_0(
         group,
         lambda: result.update(
@@ -331,6 +325,20 @@ def convert(
         ),
     )
     return result.get("manifest")
+
+
+def _settings(
+    reader: str | None, shard_size: int, compression: str | None, pair_cutoff: float | None
+) -> dict[str, Any]:
+    """The manifest's ``conversion`` record of these settings, checked."""
+    if shard_size < 1:
+        raise DataError(f"--shard-size must be at least 1, got {shard_size}")
+    if pair_cutoff is not None and not pair_cutoff > 0:
+        raise DataError(f"--neighbors must be a cutoff above 0 (angstrom), got {pair_cutoff}")
+    conversion = {"reader": reader, "shard_size": shard_size, "compression": compression or "none"}
+    if pair_cutoff is not None:
+        conversion[GROUP] = {"cutoff": pair_cutoff, "list": "half"}
+    return conversion
 
 
 def _no_stress(spec: FrameSpec, gathered: list[dict[str, Any]]) -> tuple | None:
