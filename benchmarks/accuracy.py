@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -243,14 +244,18 @@ def main() -> None:
         install_peer(args.venv, None)
     workroot = args.keep or Path(tempfile.mkdtemp(prefix="hpctrain-accuracy-"))
     results: dict[str, dict] = {}
-    for data in datasets:
-        files = split(data, workroot / data.stem, seed=0, with_stress=args.only_with_stress)
-        results[data.name] = {}
-        for model in models:
-            print(f"{data.name}: {model} ...", flush=True)
-            workdir = workroot / data.stem / model.replace("/", "-")
-            results[data.name][model] = train_and_score(model, files, workdir, args)
-            print(f"  {json.dumps(results[data.name][model])}", flush=True)
+    try:
+        for data in datasets:
+            files = split(data, workroot / data.stem, seed=0, with_stress=args.only_with_stress)
+            results[data.name] = {}
+            for model in models:
+                print(f"{data.name}: {model} ...", flush=True)
+                workdir = workroot / data.stem / model.replace("/", "-")
+                results[data.name][model] = train_and_score(model, files, workdir, args)
+                print(f"  {json.dumps(results[data.name][model])}", flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(workroot, ignore_errors=True)
     report = {
         "machine": {"node": platform.node(), "cpu_count": os.cpu_count()},
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -133,10 +133,20 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    import shutil
     import tempfile
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="finetune-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        run(args, workdir)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, workdir: Path) -> None:
+    """Every run of ``args`` in ``workdir``; the table, and the results to ``args.out``."""
     files = write_splits(workdir, args.n_small)
     log(f"pretraining on {files['aspirin-train']} in {workdir / 'pretrain'}")
     pre = options(files["aspirin-train"], files["aspirin-val"], args.pretrain_epochs, 16, args)
