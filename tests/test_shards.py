@@ -252,7 +252,7 @@ def test_two_mpi_ranks_write_the_same_bytes_as_one(tmp_path, emt_xyz):
     for i, part in enumerate((frames[:5], frames[5:20], frames[20:])):
         ase.io.write(tmp_path / f"part{i}.xyz", part, format="extxyz")
     args = ["convert", "part0.xyz", "part1.xyz", "part2.xyz", "--stress", "stress"]
-    args += ["--shard-size", "4"]
+    args += ["--shard-size", "4", "--neighbors", "4.0"]  # (pairs: the same bytes too)
     single = hpctrain(*args, "-o", "one", cwd=tmp_path, timeout=120)
     assert single.returncode == 0, single.stderr
     mpi = hpctrain(*args, "-o", "two", cwd=tmp_path, launcher="mpiexec", timeout=120)
