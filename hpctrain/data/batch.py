@@ -139,7 +139,7 @@ def collate(
     """Concatenate ``structures`` into a batch, with the neighbour pairs of each
     request (metatomic ``NeighborListOptions``: cutoff and full or half list; the
     pairs are those strictly within the cutoff), on ``device``."""
-    sizes = [len(s.numbers) for s in structures]
+    sizes = [s.numbers.shape[0] for s in structures]
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     numbers = np.concatenate([s.numbers.numpy() for s in structures])
     elements, counts = np.unique(numbers, return_counts=True)

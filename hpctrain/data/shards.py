@@ -453,7 +453,7 @@ class ShardDataset(AtomisticDataset):
     def __getitem__(self, index: int) -> Structure:
         if not 0 <= index < len(self):
             raise IndexError(f"structure {index} of a dataset of {len(self)}")
-        shard = int(np.searchsorted(self._starts, index, side="right")) - 1
+        shard = int(self._starts.searchsorted(index, side="right")) - 1
         block = index // self.block_size
         piece = self._piece(shard, block)
         return piece[index - max(block * self.block_size, int(self._starts[shard]))]
