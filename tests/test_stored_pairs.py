@@ -213,3 +213,22 @@ def test_a_cutoff_that_is_not_positive_is_refused(tmp_path, capsys):
     assert convert_cli(EXAMPLE_XYZ, "-o", tmp_path / "out", "--neighbors", 0) == 2
     assert "--neighbors must be a cutoff above 0 (angstrom), got 0.0" in capsys.readouterr().err
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_the_banner_says_where_each_sets_pairs_come_from(awkward):
+    from hpctrain.training_sets import pairs_in_words
+
+    stored, plain = ShardDataset(awkward / "stored"), ShardDataset(awkward / "plain")
+    assert pairs_in_words([stored], 5.0) == "read from the shards (stored within 5 A)"
+    assert (
+        pairs_in_words([stored.subset([0, 1])], 4.0) == "read from the shards (stored within 5 A)"
+    )
+    assert pairs_in_words([stored], 6.0) == (
+        "searched: the shards' pairs stop at 5 A (hpctrain convert --neighbors 6 stores them)"
+    )
+    mixed = pairs_in_words([stored, plain], 5.0)
+    assert mixed == (
+        f"{stored.name}: read from the shards (stored within 5 A); {plain.name}: searched by "
+        "the loader (hpctrain convert --neighbors 5 stores them)"
+    )
+    assert pairs_in_words([stored], None) is None  # a model without neighbour lists
