@@ -122,11 +122,12 @@ def neighbor_pairs(
 ) -> Pairs:
     """The pairs within ``cutoff`` of every structure: those stored with it, else
     searched (one thread, on the CPU; :func:`hpctrain.data.pairs.batch_pairs`)."""
-    centers, neighbors, shifts, system = batch_pairs(structures, offsets, cutoff, full_list)
+    floats = torch.empty(0, dtype=dtype).numpy().dtype
+    centers, neighbors, shifts, system = batch_pairs(structures, offsets, cutoff, full_list, floats)
     return Pairs(
         centers=torch.from_numpy(centers),
         neighbors=torch.from_numpy(neighbors),
-        shifts=torch.from_numpy(shifts).to(dtype),
+        shifts=torch.from_numpy(shifts),
         system=torch.from_numpy(system),
     )
 

@@ -43,7 +43,8 @@ def search(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: flo
     i, j, shifts = NeighborList(cutoff=cutoff, full_list=False, n_threads=1).compute(
         np.asarray(positions, dtype=np.float64), cell, pbc, quantities="ijS", copy=True
     )
-    return HalfList(cutoff, np.stack([i, j], axis=1), np.asarray(shifts).reshape(-1, 3))
+    pairs = np.stack([i, j], axis=1).astype(np.int64)
+    return HalfList(cutoff, pairs, np.asarray(shifts, dtype=np.int64).reshape(-1, 3))
 
 
 def narrowest(array: np.ndarray) -> np.ndarray:
@@ -117,39 +118,55 @@ def batch_pairs(
     atom_offsets: np.ndarray,
     cutoff: float,
     full_list: bool,
+    float_dtype: Any = np.float64,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The pairs of ``structures`` (each with ``positions``, ``cell``, ``pbc`` tensors
     and ``neighbors``, a :class:`HalfList` or None) strictly within ``cutoff``:
     ``centers``, ``neighbors`` (indices into the batch's atoms from ``atom_offsets``),
-    integer ``shifts`` ``[pairs, 3]`` and each pair's ``system``."""
+    whole cell ``shifts`` ``[pairs, 3]`` in ``float_dtype`` and each pair's ``system``.
+    A full list is the half list followed by its mirror image."""
     lists = []
     for s in structures:
         stored = s.neighbors
         if stored is None or stored.cutoff < cutoff:
             stored = search(s.positions.numpy(), s.cell.numpy(), s.pbc.numpy(), cutoff)
         lists.append(stored)
-    counts = np.array([len(h.pairs) for h in lists])
+    counts = [len(h.pairs) for h in lists]
     system = np.repeat(np.arange(len(lists)), counts)
-    ij = np.concatenate([h.pairs for h in lists]).reshape(-1, 2).astype(np.int64)
-    ij += atom_offsets[:-1][system][:, None]
-    shifts = np.concatenate([h.shifts for h in lists]).reshape(-1, 3).astype(np.int64)
+    ij = np.concatenate([h.pairs for h in lists]).reshape(-1, 2)
+    shifts = np.concatenate([h.shifts for h in lists]).reshape(-1, 3)
     if any(h.cutoff > cutoff for h in lists):
-        within = _distances(structures, ij, shifts, system) < cutoff
+        within = _distances(structures, ij, shifts, system, atom_offsets) < cutoff
         ij, shifts, system = ij[within], shifts[within], system[within]
+    offsets = atom_offsets[system]
+    n = len(system)
+    copies = 2 if full_list else 1
+    centers = np.empty(copies * n, dtype=np.int64)
+    neighbors = np.empty(copies * n, dtype=np.int64)
+    np.add(ij[:, 0], offsets, out=centers[:n])
+    np.add(ij[:, 1], offsets, out=neighbors[:n])
+    whole = np.empty((copies * n, 3), dtype=float_dtype)
+    whole[:n] = shifts
     if full_list:
-        ij = np.concatenate([ij, ij[:, ::-1]])
-        shifts = np.concatenate([shifts, -shifts])
+        centers[n:], neighbors[n:] = neighbors[:n], centers[:n]
+        np.negative(whole[:n], out=whole[n:])
         system = np.concatenate([system, system])
-    return ij[:, 0].copy(), ij[:, 1].copy(), shifts, system
+    return centers, neighbors, whole, system
 
 
 def _distances(
-    structures: Sequence[Any], ij: np.ndarray, shifts: np.ndarray, system: np.ndarray
+    structures: Sequence[Any],
+    ij: np.ndarray,
+    shifts: np.ndarray,
+    system: np.ndarray,
+    atom_offsets: np.ndarray,
 ) -> np.ndarray:
-    """Pair distances in float64, from the positions and cells the batch holds."""
+    """Pair distances in float64 (``ij`` within each structure), from the positions
+    and cells the batch holds."""
     positions = np.concatenate([s.positions.numpy() for s in structures]).astype(np.float64)
     cells = np.stack([s.cell.numpy() for s in structures]).astype(np.float64)
-    vectors = positions[ij[:, 1]] - positions[ij[:, 0]]
+    first = atom_offsets[system]
+    vectors = positions[ij[:, 1] + first] - positions[ij[:, 0] + first]
     vectors += np.einsum("pk,pkl->pl", shifts.astype(np.float64), cells[system])
     return np.sqrt((vectors**2).sum(axis=1))
 
