@@ -76,12 +76,17 @@ cat "$OUT/machine.json"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 $PY benchmarks/make_emt_dataset.py -n "$N" --atoms "$ATOMS" -o "$work/emt.xyz" || exit 1
+# training reads shards with their neighbour pairs (5 A, both architectures' cutoff), so
+# that loader threads do not search them for every batch
+$PY -m hpctrain convert "$work/emt.xyz" -o "$work/emt" --neighbors 5.0 > /dev/null || exit 1
+$PY -m hpctrain convert examples/rmd17_ethanol_100.xyz -o "$work/ethanol" --neighbors 5.0 \
+  > /dev/null || exit 1
 
 scaling() {  # scaling NAME ARCHITECTURE BATCH [more scaling.py options]
   local name=$1 arch=$2 batch=$3; shift 3
   check "$name" $PY benchmarks/scaling.py --launcher torchrun --device "$DEVICE" \
     --ranks $RANK_LIST --mode weak --threads-per-rank "$THREADS" --architectures $arch \
-    --data "$work/emt.xyz" --batch-size "$batch" --steps "$STEPS" --warmup "$WARMUP" \
+    --data "$work/emt" --batch-size "$batch" --steps "$STEPS" --warmup "$WARMUP" \
     --timeout 150 $QUICKFLAG --out "$OUT/$name.json" "$@"
 }
 if [ -n "${QUICK:-}" ]; then
@@ -90,13 +95,13 @@ else
   for b in $MP_BATCH; do scaling "scaling-mp_transformer-b$b" mp_transformer "$b"; done
   for b in $SOAP_BATCH; do scaling "scaling-soap_bpnn-b$b" soap_bpnn "$b"; done
   RANK_LIST=1 scaling scaling-ethanol-mp_transformer-b64 mp_transformer 64 \
-    --data "$PWD/examples/rmd17_ethanol_100.xyz" --no-stress
+    --data "$work/ethanol" --no-stress
 fi
 
 if [ "$DEVICE" = cuda ] && [ -z "${QUICK:-}" ]; then
   check cpu-mp_transformer-b64 $PY benchmarks/scaling.py --launcher torchrun --device cpu \
     --ranks "$CORES" --mode weak --threads-per-rank 1 --architectures mp_transformer \
-    --data "$work/emt.xyz" --batch-size $(( 64 / CORES > 0 ? 64 / CORES : 1 )) \
+    --data "$work/emt" --batch-size $(( 64 / CORES > 0 ? 64 / CORES : 1 )) \
     --steps "$STEPS" --warmup "$WARMUP" --timeout 300 --out "$OUT/cpu-mp_transformer-b64.json"
   check profile-emt-b64 $PY benchmarks/step_profile.py --device cuda --data "$work/emt.xyz" \
     --stress --batch-size 64 --out "$OUT/profile-emt-b64.json" --trace "$OUT/trace-emt-b64.json"

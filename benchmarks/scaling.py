@@ -771,9 +771,13 @@ def main(argv: list[str] | None = None) -> int:
             }
         else:
             dataset = {"path": str(args.data)}
-        import ase.io
+        if args.data.is_dir():  # shards (with neighbour pairs, for the loader's rate)
+            manifest = json.loads((args.data / "manifest.json").read_text())
+            args.n_structures = int(manifest["n_structures"])
+        else:
+            import ase.io
 
-        args.n_structures = sum(1 for _ in ase.io.iread(str(args.data), ":"))
+            args.n_structures = sum(1 for _ in ase.io.iread(str(args.data), ":"))
         dataset["n_structures"] = args.n_structures
         cases = []  # (architecture, mode, ranks, global batch)
         for architecture in args.architectures:
