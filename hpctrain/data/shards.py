@@ -3,7 +3,8 @@
 A shard directory holds ``manifest.json`` and files ``shard-FFFF-NNNNN.h5`` (input
 file ``FFFF``, ``NNNNN``-th shard of that input). Each shard stores its structures
 as columnar ragged arrays: per-atom data concatenated, cut into structures by
-``offsets``. Values are in eV and angstrom (stress in eV/angstrom^3, ASE's sign).
+``offsets``. A shard may also hold its structures' neighbour pairs
+(:mod:`hpctrain.data.pairs`). Values are in eV and angstrom (stress in eV/angstrom^3, ASE's sign).
 ``docs/shards.rst`` specifies the format for other writers.
 
 :class:`ShardDataset` opens files lazily in each process (after a fork too) and
@@ -109,7 +110,7 @@ def write_shard(path: Path, columns: dict[str, Any], compression: str | None = N
             put(file, f"forces/{name}", values, "float64", per_atom=True)
         for name, values in sorted(columns["stress"].items()):
             put(file, f"stress/{name}", values, "float64", per_atom=False)
-        if "neighbors" in columns:  # (pairs.shard_columns, with their cutoff)
+        if GROUP in columns:  # neighbour pairs (pairs.shard_columns, with their cutoff)
             stored = columns["neighbors"]
             file.create_group(GROUP).attrs["cutoff"] = np.float64(stored["cutoff"])
             for name in ("offsets", "pairs", "shifts"):
