@@ -45,7 +45,7 @@ class EnergyModule(torch.nn.Module):
         self, batch: Batch, positions: torch.Tensor, strain: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
         if self.batched:
-            vectors = [pair_vectors(p, positions, batch.cells, strain) for p in batch.pairs]
+            vectors = [pair_vectors(p, positions, strain) for p in batch.pairs]
             energies = self.model.forward_batch(batch, vectors)
             return {name: energies[name] for name in self.outputs}
         systems = make_systems(batch, positions, strain, self.neighbors)

@@ -26,13 +26,14 @@ class Pairs:
     """The neighbour pairs of one requested neighbour list, over a whole batch.
 
     The vector of pair ``p`` is ``positions[neighbors[p]] - positions[centers[p]]
-    + shifts[p] @ cells[system[p]]`` (:func:`pair_vectors`); the indices are
-    positions in the batch's atoms.
+    + cell_shifts[p]`` (:func:`pair_vectors`), where ``cell_shifts[p]`` is its whole
+    cell shift times its structure's cell (made with the batch: cells are data, not
+    trained); the indices are positions in the batch's atoms.
     """
 
     centers: torch.Tensor  # [pairs] int64
     neighbors: torch.Tensor  # [pairs] int64
-    shifts: torch.Tensor  # [pairs, 3] whole cell shifts, in the positions' dtype
+    cell_shifts: torch.Tensor  # [pairs, 3] in the positions' dtype and unit
     system: torch.Tensor  # [pairs] int64: the structure of each pair
 
     def __len__(self) -> int:
@@ -123,11 +124,13 @@ def neighbor_pairs(
     """The pairs within ``cutoff`` of every structure: those stored with it, else
     searched (one thread, on the CPU; :func:`hpctrain.data.pairs.batch_pairs`)."""
     floats = torch.empty(0, dtype=dtype).numpy().dtype
-    centers, neighbors, shifts, system = batch_pairs(structures, offsets, cutoff, full_list, floats)
+    centers, neighbors, shifted, system = batch_pairs(
+        structures, offsets, cutoff, full_list, floats
+    )
     return Pairs(
         centers=torch.from_numpy(centers),
         neighbors=torch.from_numpy(neighbors),
-        shifts=torch.from_numpy(shifts),
+        cell_shifts=torch.from_numpy(shifted),
         system=torch.from_numpy(system),
     )
 
@@ -171,10 +174,7 @@ def collate(
 
 
 def pair_vectors(
-    pairs: Pairs,
-    positions: torch.Tensor,
-    cells: torch.Tensor,
-    strain: torch.Tensor | None = None,
+    pairs: Pairs, positions: torch.Tensor, strain: torch.Tensor | None = None
 ) -> torch.Tensor:
     """``[pairs, 3]`` vectors from each centre to its neighbour, differentiable in
     ``positions`` and, with ``strain`` (``[n_structures, 3, 3]``), in the strain that
@@ -184,11 +184,10 @@ def pair_vectors(
     would compute these products in bfloat16: three significant digits).
     """
     with torch.autocast(positions.device.type, enabled=False):
-        shift = torch.bmm(pairs.shifts.unsqueeze(1), cells.index_select(0, pairs.system))
         vectors = (
             positions.index_select(0, pairs.neighbors)
             - positions.index_select(0, pairs.centers)
-            + shift.squeeze(1)
+            + pairs.cell_shifts
         )
         if strain is not None:
             deform = torch.bmm(vectors.unsqueeze(1), strain.index_select(0, pairs.system))

@@ -123,7 +123,8 @@ def batch_pairs(
     """The pairs of ``structures`` (each with ``positions``, ``cell``, ``pbc`` tensors
     and ``neighbors``, a :class:`HalfList` or None) strictly within ``cutoff``:
     ``centers``, ``neighbors`` (indices into the batch's atoms from ``atom_offsets``),
-    whole cell ``shifts`` ``[pairs, 3]`` in ``float_dtype`` and each pair's ``system``.
+    ``cell_shifts`` ``[pairs, 3]`` (each pair's whole cell shift times its structure's
+    cell, computed in float64, given in ``float_dtype``) and each pair's ``system``.
     A full list is the half list followed by its mirror image."""
     lists = []
     for s in structures:
@@ -134,10 +135,12 @@ def batch_pairs(
     counts = [len(h.pairs) for h in lists]
     system = np.repeat(np.arange(len(lists)), counts)
     ij = np.concatenate([h.pairs for h in lists]).reshape(-1, 2)
-    shifts = np.concatenate([h.shifts for h in lists]).reshape(-1, 3)
+    shifted = np.concatenate(
+        [h.shifts @ s.cell.numpy().astype(np.float64) for h, s in zip(lists, structures)]
+    ).reshape(-1, 3)
     if any(h.cutoff > cutoff for h in lists):
-        within = _distances(structures, ij, shifts, system, atom_offsets) < cutoff
-        ij, shifts, system = ij[within], shifts[within], system[within]
+        within = _distances(structures, ij, shifted, system, atom_offsets) < cutoff
+        ij, shifted, system = ij[within], shifted[within], system[within]
     offsets = atom_offsets[system]
     n = len(system)
     copies = 2 if full_list else 1
@@ -145,29 +148,27 @@ def batch_pairs(
     neighbors = np.empty(copies * n, dtype=np.int64)
     np.add(ij[:, 0], offsets, out=centers[:n])
     np.add(ij[:, 1], offsets, out=neighbors[:n])
-    whole = np.empty((copies * n, 3), dtype=float_dtype)
-    whole[:n] = shifts
+    cell_shifts = np.empty((copies * n, 3), dtype=float_dtype)
+    cell_shifts[:n] = shifted
     if full_list:
         centers[n:], neighbors[n:] = neighbors[:n], centers[:n]
-        np.negative(whole[:n], out=whole[n:])
+        np.negative(cell_shifts[:n], out=cell_shifts[n:])
         system = np.concatenate([system, system])
-    return centers, neighbors, whole, system
+    return centers, neighbors, cell_shifts, system
 
 
 def _distances(
     structures: Sequence[Any],
     ij: np.ndarray,
-    shifts: np.ndarray,
+    shifted: np.ndarray,
     system: np.ndarray,
     atom_offsets: np.ndarray,
 ) -> np.ndarray:
-    """Pair distances in float64 (``ij`` within each structure), from the positions
-    and cells the batch holds."""
+    """Pair distances in float64 (``ij`` within each structure, ``shifted`` their cell
+    shifts in angstrom), from the positions the batch holds."""
     positions = np.concatenate([s.positions.numpy() for s in structures]).astype(np.float64)
-    cells = np.stack([s.cell.numpy() for s in structures]).astype(np.float64)
     first = atom_offsets[system]
-    vectors = positions[ij[:, 1] + first] - positions[ij[:, 0] + first]
-    vectors += np.einsum("pk,pkl->pl", shifts.astype(np.float64), cells[system])
+    vectors = positions[ij[:, 1] + first] - positions[ij[:, 0] + first] + shifted
     return np.sqrt((vectors**2).sum(axis=1))
 
 
