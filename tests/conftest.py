@@ -210,3 +210,17 @@ def wait_until_paused(
 def release(pause_dir: Path, point: int | str) -> None:
     """Let the ranks paused at ``point`` go on."""
     (pause_dir / f"release-{point}").touch()
+
+
+@pytest.fixture
+def copy_of(tmp_path):
+    """A fresh copy of a shard directory, to damage."""
+
+    def copy(directory: Path) -> Path:
+        target = tmp_path / f"copy-{directory.name}"
+        target.mkdir()
+        for path in sorted(directory.iterdir()):
+            (target / path.name).write_bytes(path.read_bytes())
+        return target
+
+    return copy

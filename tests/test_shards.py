@@ -81,20 +81,6 @@ def emt_xyz(tmp_path_factory):
     return path
 
 
-@pytest.fixture
-def copy_of(tmp_path):
-    """A fresh copy of a shard directory, to damage."""
-
-    def copy(directory):
-        target = tmp_path / f"copy-{directory.name}"
-        target.mkdir()
-        for name, data in files_of(directory).items():
-            (target / name).write_bytes(data)
-        return target
-
-    return copy
-
-
 def test_round_trip_of_the_non_periodic_example(ethanol):
     assert sorted(p.name for p in ethanol.iterdir()) == [
         "manifest.json",

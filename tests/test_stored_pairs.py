@@ -57,20 +57,6 @@ def awkward(tmp_path_factory):
     return root
 
 
-@pytest.fixture
-def copy_of(tmp_path):
-    """A fresh copy of a shard directory, to damage."""
-
-    def copy(directory):
-        target = tmp_path / f"copy-{directory.name}"
-        target.mkdir()
-        for path in directory.iterdir():
-            (target / path.name).write_bytes(path.read_bytes())
-        return target
-
-    return copy
-
-
 def triples(centers, neighbors, shifts) -> list[tuple]:
     return sorted(zip(centers.tolist(), neighbors.tolist(), map(tuple, shifts.tolist())))
 
