@@ -4,10 +4,15 @@ Each layer lets every atom attend to its neighbours within ``cutoff``: queries c
 from the centre, keys and values from the neighbour's state and a radial basis of
 their distance. A sink term and a cosine cutoff make the attention weights vanish
 smoothly as a neighbour leaves the cutoff, so energies and forces are continuous.
-Besides the scalar message, each layer sums the values along the unit vector
-(l = 1) and its traceless square (l = 2); their squared norms are rotation
-invariant and carry angular (three-body) information. Forces and stress come from
-autograd, in training and in the exported model alike.
+Besides the attention message, which is a weighted mean over the neighbours, each
+layer keeps neighbour densities that attention cannot express: sums over the
+neighbours (not means), each term faded by the cutoff, of learned radial channels
+alone (l = 0), along the unit vector (l = 1) and along its traceless square
+(l = 2). The l = 0 sums and the squared norms of the l = 1 and l = 2 sums are
+rotation invariant; they say how many neighbours there are at which distances and
+in which arrangement (two- and three-body information), which is what energies,
+forces and stress of dense solids depend on. Forces and stress come from autograd,
+in training and in the exported model alike.
 """
 
 import dataclasses
@@ -31,7 +36,13 @@ class ModelHypers:
     num_layers: int = option(2, doc="Message-passing layers.")
     num_radial: int = option(8, doc="Radial (Bessel) basis functions.")
     angular_channels: int = option(
-        16, doc="Channels of the l=1 and l=2 angular messages per layer."
+        16, doc="Channels of each neighbour density (l=0, 1 and 2) per layer."
+    )
+    density_scale: float = option(
+        0.3,
+        doc="Factor on every neighbour's term in the neighbour densities. The "
+        "densities are sums, so they grow with the number of neighbours (about 50 "
+        "within 5 A in a dense metal); this keeps them near unit size.",
     )
 
     def validate(self, path: str, source: str) -> None:
@@ -47,18 +58,21 @@ class ModelHypers:
 
 
 class AttentionLayer(torch.nn.Module):
-    def __init__(self, d_model: int, num_heads: int, num_radial: int, angular: int):
+    def __init__(
+        self, d_model: int, num_heads: int, num_radial: int, angular: int, density_scale: float
+    ):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = d_model // num_heads
         self.angular = angular
+        self.density_scale = density_scale
         self.norm = torch.nn.LayerNorm(d_model)
         self.query = torch.nn.Linear(d_model, d_model)
         self.key = torch.nn.Linear(d_model, d_model)
-        self.value = torch.nn.Linear(d_model, d_model + 2 * angular)
+        self.value = torch.nn.Linear(d_model, d_model + 3 * angular)
         self.radial_key = torch.nn.Linear(num_radial, d_model)
-        self.radial_value = torch.nn.Linear(num_radial, d_model + 2 * angular)
-        self.out = torch.nn.Linear(d_model + 2 * angular, d_model)
+        self.radial_value = torch.nn.Linear(num_radial, d_model + 3 * angular)
+        self.out = torch.nn.Linear(d_model + 3 * angular, d_model)
         self.feed_forward = torch.nn.Sequential(
             torch.nn.LayerNorm(d_model),
             torch.nn.Linear(d_model, 2 * d_model),
@@ -99,20 +113,30 @@ class AttentionLayer(torch.nn.Module):
         scalar = (alpha.unsqueeze(2) * v[:, :d_model].view(n_edges, heads, dim)).reshape(
             n_edges, d_model
         )
-        a = self.angular
-        mean_alpha = alpha.mean(1, keepdim=True)
-        v1 = (mean_alpha * v[:, d_model : d_model + a]).unsqueeze(2) * unit.unsqueeze(1)
-        outer = unit.unsqueeze(2) * unit.unsqueeze(1)
-        eye = torch.eye(3, dtype=h.dtype, device=h.device)
-        v2 = (mean_alpha * v[:, d_model + a :]).unsqueeze(2) * (outer - eye / 3).reshape(
-            n_edges, 1, 9
-        )
         message = torch.zeros(n_atoms, d_model, dtype=h.dtype, device=h.device).index_add(
             0, centers, scalar
         )
-        l1 = torch.zeros(n_atoms, a, 3, dtype=h.dtype, device=h.device).index_add(0, centers, v1)
-        l2 = torch.zeros(n_atoms, a, 9, dtype=h.dtype, device=h.device).index_add(0, centers, v2)
-        features = torch.cat([message, (l1 * l1).sum(-1), (l2 * l2).sum(-1)], dim=1)
+        # neighbour densities: sums over neighbours of l = 0, 1, 2 terms, in one index_add
+        a = self.angular
+        density = (self.density_scale * smooth).unsqueeze(1) * v[:, d_model:]
+        outer = unit.unsqueeze(2) * unit.unsqueeze(1)
+        traceless = outer - torch.eye(3, dtype=h.dtype, device=h.device) / 3
+        terms = torch.cat(
+            [
+                density[:, :a],
+                (density[:, a : 2 * a].unsqueeze(2) * unit.unsqueeze(1)).reshape(n_edges, 3 * a),
+                (density[:, 2 * a :].unsqueeze(2) * traceless.reshape(n_edges, 1, 9)).reshape(
+                    n_edges, 9 * a
+                ),
+            ],
+            dim=1,
+        )
+        sums = torch.zeros(n_atoms, 13 * a, dtype=h.dtype, device=h.device).index_add(
+            0, centers, terms
+        )
+        l1 = sums[:, a : 4 * a].view(n_atoms, a, 3)
+        l2 = sums[:, 4 * a :].view(n_atoms, a, 9)
+        features = torch.cat([message, sums[:, :a], (l1 * l1).sum(-1), (l2 * l2).sum(-1)], dim=1)
         h = h + self.out(features)
         return h + self.feed_forward(h)
 
@@ -137,7 +161,9 @@ class MessagePassingTransformer(ReferenceModel):
         )
         self.layers = torch.nn.ModuleList(
             [
-                AttentionLayer(c.d_model, c.num_heads, c.num_radial, c.angular_channels)
+                AttentionLayer(
+                    c.d_model, c.num_heads, c.num_radial, c.angular_channels, c.density_scale
+                )
                 for _ in range(c.num_layers)
             ]
         )
