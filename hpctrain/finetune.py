@@ -31,6 +31,7 @@ import torch
 from torch.nn.utils import parametrize
 
 from . import checkpoint
+from .architecture import import_architecture
 from .config import option, parse
 from .errors import CheckpointError, OptionsError
 from .report import get_logger
@@ -234,7 +235,11 @@ def pretrained_summary(path: str) -> tuple[dict[str, Any], tuple[str, ...]]:
     """The model hypers and targets of the checkpoint at ``path``, read once per
     process (the options' check and the engine ask; the model is loaded apart)."""
     data = checkpoint.load(path)
-    return data["model_hypers"], tuple(data["dataset_info"]["targets"])
+    hypers = data["model_hypers"]
+    model_class = import_architecture(data["architecture"]).__model__
+    if hasattr(model_class, "upgrade_hypers"):  # (a reference model)
+        hypers = model_class.upgrade_hypers(hypers, data.get("model_version", 1))
+    return hypers, tuple(data["dataset_info"]["targets"])
 
 
 def check_kept_baseline(target: str, fit: Any, model: Any, unit: str) -> None:

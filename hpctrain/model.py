@@ -230,6 +230,14 @@ class ReferenceModel(torch.nn.Module, ModelInterface):
 
     @classmethod
     @torch.jit.unused
+    def upgrade_hypers(cls, hypers: Dict[str, Any], version: int) -> Dict[str, Any]:
+        """The hypers that build, in this version, the model a checkpoint of model
+        version ``version`` holds with ``hypers`` (unchanged unless a new version
+        changed what a hyper's default builds)."""
+        return hypers
+
+    @classmethod
+    @torch.jit.unused
     def load_checkpoint(cls, path: Union[str, Path]) -> "ReferenceModel":
         data = checkpoint.load(path, architecture_of(cls))
         if data["model_version"] > cls.__checkpoint_version__:
@@ -237,7 +245,8 @@ class ReferenceModel(torch.nn.Module, ModelInterface):
                 f"{path} holds a {cls.__name__} of version {data['model_version']}, newer "
                 f"than this hpctrain's {cls.__checkpoint_version__}; upgrade hpctrain"
             )
-        model = cls(data["model_hypers"], DatasetInfo.from_dict(data["dataset_info"]))
+        hypers = cls.upgrade_hypers(data["model_hypers"], data["model_version"])
+        model = cls(hypers, DatasetInfo.from_dict(data["dataset_info"]))
         # in the checkpoint's dtype first, so that loading does not round the weights
         model = model.to(data["model_state"]["composition"].dtype)
         model.load_state_dict(data["model_state"])

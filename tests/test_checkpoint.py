@@ -48,6 +48,32 @@ def test_version_1_checkpoints_are_upgraded(tmp_path):
     assert trainer._state["progress"]["epoch"] == 2
 
 
+def test_mp_transformer_of_model_version_1_keeps_its_layout(tmp_path):
+    """A model saved before the neighbour densities (model version 1) loads, and
+    fine-tunes, with the layout it was trained with; saved again, it stays so. A new
+    model has the densities, whose checkpoints load as such."""
+    from architectures.mp_transformer import __model__ as Model
+    from hpctrain import finetune
+
+    old = Model.load_checkpoint(FIXTURE_V1)
+    assert old.hypers["angular_messages"] == "attention"
+    assert finetune.pretrained_summary(str(FIXTURE_V1))[0]["angular_messages"] == "attention"
+    old.save_checkpoint(tmp_path / "again.ckpt")
+    assert checkpoint.load(tmp_path / "again.ckpt")["model_version"] == 2
+    again = Model.load_checkpoint(tmp_path / "again.ckpt")
+    torch.testing.assert_close(again.state_dict(), old.state_dict())
+
+    hypers = {k: v for k, v in old.hypers.items() if k != "angular_messages"}
+    new = Model(hypers, old.dataset_info)
+    layer, d_model, a = new.layers[0], hypers["d_model"], hypers["angular_channels"]
+    assert layer.value.out_features == d_model + 3 * a  # l = 0, 1, 2 densities
+    assert old.layers[0].value.out_features == d_model + 2 * a
+    new.save_checkpoint(tmp_path / "new.ckpt")
+    torch.testing.assert_close(
+        Model.load_checkpoint(tmp_path / "new.ckpt").state_dict(), new.state_dict()
+    )
+
+
 def test_unreadable_and_incompatible_checkpoints_are_named(tmp_path):
     newer = tmp_path / "newer.ckpt"
     torch.save({"format": checkpoint.FORMAT, "version": checkpoint.VERSION + 1}, newer)

@@ -13,11 +13,15 @@ rotation invariant; they say how many neighbours there are at which distances an
 in which arrangement (two- and three-body information), which is what energies,
 forces and stress of dense solids depend on. Forces and stress come from autograd,
 in training and in the exported model alike.
+
+Models of checkpoint version 1 (before the densities) weighted their l = 1 and
+l = 2 terms by the attention and had no l = 0 sums; ``angular_messages:
+attention`` builds that layout, and their checkpoints load with it.
 """
 
 import dataclasses
 import math
-from typing import List
+from typing import Any, Dict, List, Literal
 
 import torch
 from metatomic.torch import NeighborListOptions
@@ -37,6 +41,12 @@ class ModelHypers:
     num_radial: int = option(8, doc="Radial (Bessel) basis functions.")
     angular_channels: int = option(
         16, doc="Channels of each neighbour density (l=0, 1 and 2) per layer."
+    )
+    angular_messages: Literal["densities", "attention"] = option(
+        "densities",
+        doc="'densities': l=0, 1 and 2 sums over the neighbours, faded by the cutoff; "
+        "'attention': l=1 and 2 means weighted by the attention (the layout of "
+        "checkpoint version 1, which loads with it).",
     )
     density_scale: float = option(
         0.3,
@@ -59,20 +69,28 @@ class ModelHypers:
 
 class AttentionLayer(torch.nn.Module):
     def __init__(
-        self, d_model: int, num_heads: int, num_radial: int, angular: int, density_scale: float
+        self,
+        d_model: int,
+        num_heads: int,
+        num_radial: int,
+        angular: int,
+        densities: bool,
+        density_scale: float,
     ):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = d_model // num_heads
         self.angular = angular
+        self.densities = densities
         self.density_scale = density_scale
+        channels = d_model + (3 if densities else 2) * angular
         self.norm = torch.nn.LayerNorm(d_model)
         self.query = torch.nn.Linear(d_model, d_model)
         self.key = torch.nn.Linear(d_model, d_model)
-        self.value = torch.nn.Linear(d_model, d_model + 3 * angular)
+        self.value = torch.nn.Linear(d_model, channels)
         self.radial_key = torch.nn.Linear(num_radial, d_model)
-        self.radial_value = torch.nn.Linear(num_radial, d_model + 3 * angular)
-        self.out = torch.nn.Linear(d_model + 3 * angular, d_model)
+        self.radial_value = torch.nn.Linear(num_radial, channels)
+        self.out = torch.nn.Linear(channels, d_model)
         self.feed_forward = torch.nn.Sequential(
             torch.nn.LayerNorm(d_model),
             torch.nn.Linear(d_model, 2 * d_model),
@@ -113,30 +131,37 @@ class AttentionLayer(torch.nn.Module):
         scalar = (alpha.unsqueeze(2) * v[:, :d_model].view(n_edges, heads, dim)).reshape(
             n_edges, d_model
         )
-        message = torch.zeros(n_atoms, d_model, dtype=h.dtype, device=h.device).index_add(
-            0, centers, scalar
-        )
-        # neighbour densities: sums over neighbours of l = 0, 1, 2 terms, in one index_add
         a = self.angular
-        density = (self.density_scale * smooth).unsqueeze(1) * v[:, d_model:]
-        outer = unit.unsqueeze(2) * unit.unsqueeze(1)
-        traceless = outer - torch.eye(3, dtype=h.dtype, device=h.device) / 3
+        if self.densities:  # sums over the neighbours, faded by the cutoff
+            channels = (self.density_scale * smooth).unsqueeze(1) * v[:, d_model:]
+        else:  # (version 1) weighted by the attention
+            channels = alpha.mean(1, keepdim=True) * v[:, d_model:]
+        n_l0 = channels.shape[1] - 2 * a  # a with densities, else none
+        traceless = (
+            unit.unsqueeze(2) * unit.unsqueeze(1) - torch.eye(3, dtype=h.dtype, device=h.device) / 3
+        )
         terms = torch.cat(
             [
-                density[:, :a],
-                (density[:, a : 2 * a].unsqueeze(2) * unit.unsqueeze(1)).reshape(n_edges, 3 * a),
-                (density[:, 2 * a :].unsqueeze(2) * traceless.reshape(n_edges, 1, 9)).reshape(
+                scalar,
+                channels[:, :n_l0],
+                (channels[:, n_l0 : n_l0 + a].unsqueeze(2) * unit.unsqueeze(1)).reshape(
+                    n_edges, 3 * a
+                ),
+                (channels[:, n_l0 + a :].unsqueeze(2) * traceless.reshape(n_edges, 1, 9)).reshape(
                     n_edges, 9 * a
                 ),
             ],
             dim=1,
         )
-        sums = torch.zeros(n_atoms, 13 * a, dtype=h.dtype, device=h.device).index_add(
+        # the attention message and the l = 0, 1, 2 terms of every atom, in one sum
+        sums = torch.zeros(n_atoms, terms.shape[1], dtype=h.dtype, device=h.device).index_add(
             0, centers, terms
         )
-        l1 = sums[:, a : 4 * a].view(n_atoms, a, 3)
-        l2 = sums[:, 4 * a :].view(n_atoms, a, 9)
-        features = torch.cat([message, sums[:, :a], (l1 * l1).sum(-1), (l2 * l2).sum(-1)], dim=1)
+        l1 = sums[:, d_model + n_l0 : d_model + n_l0 + 3 * a].view(n_atoms, a, 3)
+        l2 = sums[:, d_model + n_l0 + 3 * a :].view(n_atoms, a, 9)
+        features = torch.cat(
+            [sums[:, : d_model + n_l0], (l1 * l1).sum(-1), (l2 * l2).sum(-1)], dim=1
+        )
         h = h + self.out(features)
         return h + self.feed_forward(h)
 
@@ -145,6 +170,7 @@ class MessagePassingTransformer(ReferenceModel):
     """See the module doc. Hypers: :class:`ModelHypers`."""
 
     __hypers__ = ModelHypers
+    __checkpoint_version__ = 2  # 2: neighbour densities
     __supported_devices__ = ["cuda", "cpu"]
     __supported_dtypes__ = [torch.float32, torch.float64]
 
@@ -162,7 +188,12 @@ class MessagePassingTransformer(ReferenceModel):
         self.layers = torch.nn.ModuleList(
             [
                 AttentionLayer(
-                    c.d_model, c.num_heads, c.num_radial, c.angular_channels, c.density_scale
+                    c.d_model,
+                    c.num_heads,
+                    c.num_radial,
+                    c.angular_channels,
+                    c.angular_messages == "densities",
+                    c.density_scale,
                 )
                 for _ in range(c.num_layers)
             ]
@@ -173,6 +204,13 @@ class MessagePassingTransformer(ReferenceModel):
             torch.nn.SiLU(),
             torch.nn.Linear(c.d_model, len(self.target_names)),
         )
+
+    @classmethod
+    @torch.jit.unused
+    def upgrade_hypers(cls, hypers: Dict[str, Any], version: int) -> Dict[str, Any]:
+        if version < 2:  # before the neighbour densities
+            return {**hypers, "angular_messages": "attention"}
+        return hypers
 
     @property
     @torch.jit.unused
