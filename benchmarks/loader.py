@@ -119,14 +119,12 @@ def batch_breakdown(shards: Path, requests: list, batch_size: int) -> dict:
     for timed in (False, True):  # a first pass opens files, fills caches, loads vesin
         for chunk in chunks:
             start = time.perf_counter()
-            structures = [dataset[int(i)] for i in chunk]
+            columns = dataset.columns(chunk)
             read = time.perf_counter()
-            sizes = [len(s.numbers) for s in structures]
-            offsets = np.concatenate([[0], np.cumsum(sizes)])
             for r in requests:
-                neighbor_pairs(structures, offsets, r.cutoff, r.full_list, torch.float32)
+                neighbor_pairs(columns, columns.offsets, r.cutoff, r.full_list, torch.float32)
             paired = time.perf_counter()
-            collate(structures)
+            collate(columns)
             if timed:
                 seconds["read"] += read - start
                 seconds["neighbor_lists"] += paired - read

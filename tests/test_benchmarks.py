@@ -229,9 +229,10 @@ def test_step_counts_counts_operators_and_syncs(tmp_path):
         data["operator_calls_per_structure"]
         == (large["operator_calls"] - small["operator_calls"]) / 2
     )
-    # the batch is made apart, and its work grows with it...
-    assert large["loader_operator_calls"] > small["loader_operator_calls"] > 0
-    # ...while the step's calls do not, and the host reads the device once (the agreement)
+    # the batch is made apart (gathered as arrays: its few torch calls do not grow
+    # with it either)...
+    assert large["loader_operator_calls"] == small["loader_operator_calls"] > 0
+    # ...the step's calls do not grow, and the host reads the device once (the agreement)
     assert large["operator_calls"] == small["operator_calls"]
     assert small["host_syncs"] == large["host_syncs"] == small["agreement_reads"] == 1
 

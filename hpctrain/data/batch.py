@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .pairs import batch_pairs
-from .structures import Structure
+from .structures import Columns, Structure
 
 
 @dataclasses.dataclass
@@ -115,18 +115,12 @@ class Batch:
 
 
 def neighbor_pairs(
-    structures: Sequence[Structure],
-    offsets: np.ndarray,
-    cutoff: float,
-    full_list: bool,
-    dtype: torch.dtype,
+    columns: Columns, offsets: np.ndarray, cutoff: float, full_list: bool, dtype: torch.dtype
 ) -> Pairs:
     """The pairs within ``cutoff`` of every structure: those stored with it, else
     searched (one thread, on the CPU; :func:`hpctrain.data.pairs.batch_pairs`)."""
     floats = torch.empty(0, dtype=dtype).numpy().dtype
-    centers, neighbors, shifted, system = batch_pairs(
-        structures, offsets, cutoff, full_list, floats
-    )
+    centers, neighbors, shifted, system = batch_pairs(columns, offsets, cutoff, full_list, floats)
     return Pairs(
         centers=torch.from_numpy(centers),
         neighbors=torch.from_numpy(neighbors),
@@ -136,37 +130,30 @@ def neighbor_pairs(
 
 
 def collate(
-    structures: Sequence[Structure],
+    structures: Sequence[Structure] | Columns,
     requests: Sequence = (),
     device: torch.device | str | None = None,
 ) -> Batch:
-    """Concatenate ``structures`` into a batch, with the neighbour pairs of each
-    request (metatomic ``NeighborListOptions``: cutoff and full or half list; the
-    pairs are those strictly within the cutoff), on ``device``."""
-    sizes = [s.numbers.shape[0] for s in structures]
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
-    numbers = np.concatenate([s.numbers.numpy() for s in structures])
-    elements, counts = np.unique(numbers, return_counts=True)
-    dtype = structures[0].positions.dtype
-
-    def cat(tensors: list[torch.Tensor]) -> torch.Tensor:
-        return torch.from_numpy(np.concatenate([t.numpy() for t in tensors]))
-
-    def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
-        return torch.from_numpy(np.stack([t.numpy() for t in tensors]))
-
-    first = structures[0]
+    """Concatenate ``structures`` (or take their :class:`Columns`) into a batch, with
+    the neighbour pairs of each request (metatomic ``NeighborListOptions``: cutoff and
+    full or half list; the pairs are those strictly within the cutoff), on ``device``."""
+    columns = structures if isinstance(structures, Columns) else Columns.of(structures)
+    sizes = columns.sizes.tolist()
+    offsets = columns.offsets
+    elements, counts = np.unique(columns.numbers, return_counts=True)
+    dtype = torch.from_numpy(columns.positions[:0]).dtype
+    tensor = torch.from_numpy
     batch = Batch(
-        types=torch.from_numpy(numbers.astype(np.int32)),
-        positions=cat([s.positions for s in structures]),
-        system=torch.from_numpy(np.repeat(np.arange(len(sizes)), sizes)),
-        cells=stack([s.cell for s in structures]),
-        pbcs=stack([s.pbc for s in structures]),
+        types=tensor(columns.numbers.astype(np.int32, copy=False)),
+        positions=tensor(columns.positions),
+        system=tensor(np.repeat(np.arange(len(sizes)), sizes)),
+        cells=tensor(columns.cells),
+        pbcs=tensor(columns.pbcs),
         n_atoms=torch.tensor(sizes),
-        pairs=[neighbor_pairs(structures, offsets, r.cutoff, r.full_list, dtype) for r in requests],
-        targets={k: cat([s.targets[k] for s in structures]) for k in first.targets},
-        forces={k: cat([s.forces[k] for s in structures]) for k in first.forces},
-        stress={k: stack([s.stress[k] for s in structures]) for k in first.stress},
+        pairs=[neighbor_pairs(columns, offsets, r.cutoff, r.full_list, dtype) for r in requests],
+        targets={k: tensor(v) for k, v in columns.targets.items()},
+        forces={k: tensor(v) for k, v in columns.forces.items()},
+        stress={k: tensor(v) for k, v in columns.stress.items()},
         sizes=sizes,
         element_counts={int(z): int(n) for z, n in zip(elements, counts)},
     )

@@ -36,7 +36,8 @@ def default_workers(device: torch.device) -> int:
 class BatchLoader:
     """Makes the batches of a dataset's structures for a model's neighbour lists.
 
-    :param dataset: indexable by the plan's indices (``dataset[i] -> Structure``)
+    :param dataset: an :class:`~hpctrain.data.structures.AtomisticDataset` (or a
+        ``ConcatDataset`` of them): ``dataset.columns(indices)`` for the plan's indices
     :param requests: the neighbour lists the model requests (metatomic
         ``NeighborListOptions``)
     :param workers: threads preparing batches ahead; 0 makes each batch when the
@@ -67,8 +68,8 @@ class BatchLoader:
     def make(self, indices: np.ndarray) -> Batch:
         """The batch of ``indices`` on the host (pinned for a GPU)."""
         with self._reading:
-            structures = [self.dataset[int(i)] for i in indices]
-        batch = collate(structures, self.requests)
+            columns = self.dataset.columns(np.asarray(indices, dtype=np.int64))
+        batch = collate(columns, self.requests)
         if self.loss_weights is not None:
             weights = torch.as_tensor(self.loss_weights[indices], dtype=batch.positions.dtype)
             batch = dataclasses.replace(batch, loss_weights=weights)

@@ -13,7 +13,6 @@ stored cutoff is shorter than the request, or without stored pairs, is searched.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,32 +113,35 @@ def read_stored(
 
 
 def batch_pairs(
-    structures: Sequence[Any],
+    columns: Any,
     atom_offsets: np.ndarray,
     cutoff: float,
     full_list: bool,
     float_dtype: Any = np.float64,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The pairs of ``structures`` (each with ``positions``, ``cell``, ``pbc`` tensors
-    and ``neighbors``, a :class:`HalfList` or None) strictly within ``cutoff``:
-    ``centers``, ``neighbors`` (indices into the batch's atoms from ``atom_offsets``),
-    ``cell_shifts`` ``[pairs, 3]`` (each pair's whole cell shift times its structure's
-    cell, computed in float64, given in ``float_dtype``) and each pair's ``system``.
-    A full list is the half list followed by its mirror image."""
+    """The pairs of the structures of ``columns`` (:class:`hpctrain.data.structures.
+    Columns`: ``positions``, ``cells``, ``pbcs`` and ``neighbors``, a :class:`HalfList`
+    or None per structure) strictly within ``cutoff``: ``centers``, ``neighbors``
+    (indices into the batch's atoms from ``atom_offsets``), ``cell_shifts``
+    ``[pairs, 3]`` (each pair's whole cell shift times its structure's cell, computed
+    in float64, given in ``float_dtype``) and each pair's ``system``. A full list is
+    the half list followed by its mirror image."""
     lists = []
-    for s in structures:
-        stored = s.neighbors
+    for k, stored in enumerate(columns.neighbors):
         if stored is None or stored.cutoff < cutoff:
-            stored = search(s.positions.numpy(), s.cell.numpy(), s.pbc.numpy(), cutoff)
+            positions = columns.positions[atom_offsets[k] : atom_offsets[k + 1]]
+            stored = search(positions, columns.cells[k], columns.pbcs[k], cutoff)
         lists.append(stored)
     counts = [len(h.pairs) for h in lists]
     system = np.repeat(np.arange(len(lists)), counts)
     ij = np.concatenate([h.pairs for h in lists]).reshape(-1, 2)
-    shifted = np.concatenate(
-        [h.shifts @ s.cell.numpy().astype(np.float64) for h, s in zip(lists, structures)]
-    ).reshape(-1, 3)
+    cells = columns.cells.astype(np.float64)
+    shifted = np.concatenate([h.shifts @ cell for h, cell in zip(lists, cells)]).reshape(-1, 3)
     if any(h.cutoff > cutoff for h in lists):
-        within = _distances(structures, ij, shifted, system, atom_offsets) < cutoff
+        positions = columns.positions.astype(np.float64)
+        first = atom_offsets[system]
+        vectors = positions[ij[:, 1] + first] - positions[ij[:, 0] + first] + shifted
+        within = np.sqrt((vectors**2).sum(axis=1)) < cutoff
         ij, shifted, system = ij[within], shifted[within], system[within]
     offsets = atom_offsets[system]
     n = len(system)
@@ -155,21 +157,6 @@ def batch_pairs(
         np.negative(cell_shifts[:n], out=cell_shifts[n:])
         system = np.concatenate([system, system])
     return centers, neighbors, cell_shifts, system
-
-
-def _distances(
-    structures: Sequence[Any],
-    ij: np.ndarray,
-    shifted: np.ndarray,
-    system: np.ndarray,
-    atom_offsets: np.ndarray,
-) -> np.ndarray:
-    """Pair distances in float64 (``ij`` within each structure, ``shifted`` their cell
-    shifts in angstrom), from the positions the batch holds."""
-    positions = np.concatenate([s.positions.numpy() for s in structures]).astype(np.float64)
-    first = atom_offsets[system]
-    vectors = positions[ij[:, 1] + first] - positions[ij[:, 0] + first] + shifted
-    return np.sqrt((vectors**2).sum(axis=1))
 
 
 def pair_cutoff_of(manifest: dict, path: Path, remedy: str) -> float | None:

@@ -35,6 +35,7 @@ from .structures import (
     ENERGY_UNIT,
     LENGTH_UNIT,
     AtomisticDataset,
+    Columns,
     Structure,
     StructureDataset,
     cell_volumes,
@@ -458,6 +459,23 @@ class ShardDataset(AtomisticDataset):
         block = index // self.block_size
         piece = self._piece(shard, block)
         return piece[index - max(block * self.block_size, int(self._starts[shard]))]
+
+    def columns(self, indices: np.ndarray) -> Columns:
+        """The structures at ``indices`` as columns, picked from their blocks' pieces."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) and not (0 <= indices.min() and indices.max() < len(self)):
+            raise IndexError(f"structures {indices.tolist()} of a dataset of {len(self)}")
+        shards = (self._starts.searchsorted(indices, side="right") - 1).tolist()
+        pieces: dict[tuple[int, int], Columns] = {}  # (each looked up once)
+        sources, rows = [], []
+        for index, shard in zip(indices.tolist(), shards):
+            block = index // self.block_size
+            piece = pieces.get((shard, block))
+            if piece is None:
+                piece = pieces[shard, block] = self._piece(shard, block).as_columns
+            sources.append(piece)
+            rows.append(index - max(block * self.block_size, int(self._starts[shard])))
+        return Columns.pick(sources, rows)
 
     def close(self) -> None:
         """Close the files this process opened (they reopen on the next read)."""

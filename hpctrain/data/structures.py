@@ -1,6 +1,12 @@
-"""The structures hpctrain trains on: one :class:`Structure` as tensors, and the
-datasets every trainer receives (:class:`AtomisticDataset`, its :class:`Subset`, and
-:class:`StructureDataset`, structures held as columnar arrays in memory).
+"""The structures hpctrain trains on: one :class:`Structure` as tensors, several as
+:class:`Columns` (what a batch is made of), and the datasets every trainer receives
+(:class:`AtomisticDataset`, its :class:`Subset`, and :class:`StructureDataset`,
+structures held as columnar arrays in memory).
+
+A batch's structures are taken as columns (``dataset.columns(indices)``): the
+datasets that hold arrays gather them for all the batch's structures at once,
+without an object per structure; any other dataset's structures are concatenated
+one by one (:meth:`Columns.of`). Both give the same arrays.
 
 Units are those hpctrain trains in: positions in angstrom, energies in eV, forces in
 eV/angstrom, stress in eV/angstrom^3 (ASE's sign).
@@ -9,6 +15,7 @@ eV/angstrom, stress in eV/angstrom^3 (ASE's sign).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -40,6 +47,161 @@ class Structure:
     forces: dict[str, torch.Tensor]
     stress: dict[str, torch.Tensor]
     neighbors: HalfList | None = None
+
+
+@dataclasses.dataclass
+class Columns:
+    """Structures as columns: per-atom arrays concatenated in the structures' order,
+    per-structure ones stacked.
+
+    ``targets[name]`` has one row per structure, or per atom for the names in
+    ``per_atom``; ``forces`` are per atom, ``stress`` ``[n, 3, 3]``; ``neighbors``
+    holds each structure's stored pairs (or None: searched when the batch is made).
+    """
+
+    numbers: np.ndarray  # [atoms] int32
+    positions: np.ndarray  # [atoms, 3]
+    sizes: np.ndarray  # [n] atoms of each structure, int64
+    cells: np.ndarray  # [n, 3, 3]
+    pbcs: np.ndarray  # [n, 3]
+    targets: dict[str, np.ndarray]
+    forces: dict[str, np.ndarray]
+    stress: dict[str, np.ndarray]
+    neighbors: list[HalfList | None]
+    per_atom: frozenset[str] = frozenset()
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    @functools.cached_property
+    def offsets(self) -> np.ndarray:
+        """``[n + 1]``: where each structure's atoms start, and the end."""
+        return np.concatenate([[0], np.cumsum(self.sizes)])
+
+    @classmethod
+    def of(cls, structures: Sequence[Structure], per_atom: frozenset[str] = frozenset()):
+        """The columns of ``structures``, concatenated one by one."""
+        first = structures[0]
+
+        def cat(tensors: list[torch.Tensor]) -> np.ndarray:
+            return np.concatenate([t.numpy() for t in tensors])
+
+        def stack(tensors: list[torch.Tensor]) -> np.ndarray:
+            return np.stack([t.numpy() for t in tensors])
+
+        return cls(
+            numbers=cat([s.numbers for s in structures]),
+            positions=cat([s.positions for s in structures]),
+            sizes=np.array([len(s.numbers) for s in structures], dtype=np.int64),
+            cells=stack([s.cell for s in structures]),
+            pbcs=stack([s.pbc for s in structures]),
+            targets={k: cat([s.targets[k] for s in structures]) for k in first.targets},
+            forces={k: cat([s.forces[k] for s in structures]) for k in first.forces},
+            stress={k: stack([s.stress[k] for s in structures]) for k in first.stress},
+            neighbors=[s.neighbors for s in structures],
+            per_atom=per_atom,
+        )
+
+    def take(self, order: np.ndarray) -> Columns:
+        """The structures at ``order`` (indices into these), in that order."""
+        order = np.asarray(order, dtype=np.int64)
+        sizes = self.sizes[order]
+        starts = self.offsets[order]
+        # the rows of their atoms: each structure's range, concatenated
+        atoms = np.arange(int(sizes.sum()), dtype=np.int64)
+        atoms += np.repeat(starts - (np.cumsum(sizes) - sizes), sizes)
+        return Columns(
+            numbers=self.numbers[atoms],
+            positions=self.positions[atoms],
+            sizes=sizes,
+            cells=self.cells[order],
+            pbcs=self.pbcs[order],
+            targets={k: v[atoms if k in self.per_atom else order] for k, v in self.targets.items()},
+            forces={k: v[atoms] for k, v in self.forces.items()},
+            stress={k: v[order] for k, v in self.stress.items()},
+            neighbors=[self.neighbors[i] for i in order],
+            per_atom=self.per_atom,
+        )
+
+    @staticmethod
+    def pick(sources: Sequence[Columns], rows: Sequence[int]) -> Columns:
+        """Structure ``rows[k]`` of ``sources[k]`` for each ``k``, in that order (with
+        the labels of the first source); for structures scattered over many sources."""
+        first = sources[0]
+        spans = []
+        for source, i in zip(sources, rows):
+            offsets = source.offsets
+            spans.append((source, i, slice(offsets[i], offsets[i + 1])))
+
+        def atoms(field: str, name: str | None = None) -> np.ndarray:
+            if name is None:
+                return np.concatenate([getattr(c, field)[a] for c, _, a in spans])
+            return np.concatenate([getattr(c, field)[name][a] for c, _, a in spans])
+
+        def structures(field: str, name: str | None = None) -> np.ndarray:
+            if name is None:
+                return np.stack([getattr(c, field)[i] for c, i, _ in spans])
+            return np.stack([getattr(c, field)[name][i] for c, i, _ in spans])
+
+        return Columns(
+            numbers=atoms("numbers"),
+            positions=atoms("positions"),
+            sizes=np.array([a.stop - a.start for _, _, a in spans], dtype=np.int64),
+            cells=structures("cells"),
+            pbcs=structures("pbcs"),
+            targets={
+                k: atoms("targets", k) if k in first.per_atom else structures("targets", k)
+                for k in first.targets
+            },
+            forces={k: atoms("forces", k) for k in first.forces},
+            stress={k: structures("stress", k) for k in first.stress},
+            neighbors=[c.neighbors[i] for c, i, _ in spans],
+            per_atom=first.per_atom,
+        )
+
+    @staticmethod
+    def concat(parts: Sequence[Columns]) -> Columns:
+        """The structures of ``parts`` (with the same labels), one part after another."""
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+
+        def cat(field: str) -> np.ndarray:
+            return np.concatenate([getattr(p, field) for p in parts])
+
+        def cat_each(field: str) -> dict[str, np.ndarray]:
+            names = getattr(first, field)
+            return {k: np.concatenate([getattr(p, field)[k] for p in parts]) for k in names}
+
+        return Columns(
+            numbers=cat("numbers"),
+            positions=cat("positions"),
+            sizes=cat("sizes"),
+            cells=cat("cells"),
+            pbcs=cat("pbcs"),
+            targets=cat_each("targets"),
+            forces=cat_each("forces"),
+            stress=cat_each("stress"),
+            neighbors=[h for p in parts for h in p.neighbors],
+            per_atom=first.per_atom,
+        )
+
+    @staticmethod
+    def gathered(parts: Sequence[tuple[np.ndarray, Columns]], n: int) -> Columns:
+        """``n`` structures from ``parts``: each the places (in ``0..n-1``, increasing)
+        of its structures and their columns."""
+        parts = sorted(parts, key=lambda part: int(part[0][0]))  # labels as the first's
+        whole = Columns.concat([columns for _, columns in parts])
+        places = np.concatenate([where for where, _ in parts])
+        if np.array_equal(places, np.arange(n)):
+            return whole
+        order = np.empty(n, dtype=np.int64)
+        order[places] = np.arange(n)
+        return whole.take(order)
+
+
+def per_atom_targets(info: DatasetInfo) -> frozenset[str]:
+    return frozenset(name for name, target in info.targets.items() if target.per_atom)
 
 
 class AtomisticDataset(torch.utils.data.Dataset):
@@ -81,6 +243,10 @@ class AtomisticDataset(torch.utils.data.Dataset):
         structure without (NaN in its place) is left out of the stress loss."""
         raise NotImplementedError
 
+    def columns(self, indices: np.ndarray) -> Columns:
+        """The structures at ``indices``, in that order, as columns."""
+        return Columns.of([self[int(i)] for i in indices], per_atom_targets(self.info))
+
     def subset(self, indices: Sequence[int], name: str | None = None) -> Subset:
         """The structures at ``indices``, in that order, read lazily from this one."""
         return Subset(self, indices, name)
@@ -107,6 +273,12 @@ class Subset(AtomisticDataset):
         if not 0 <= index < len(self.indices):
             raise IndexError(f"structure {index} of a dataset of {len(self)}")
         return self.dataset[int(self.indices[index])]
+
+    def columns(self, indices: np.ndarray) -> Columns:
+        indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) and not (0 <= indices.min() and indices.max() < len(self.indices)):
+            raise IndexError(f"structures {indices.tolist()} of a dataset of {len(self)}")
+        return self.dataset.columns(self.indices[indices])
 
     @property
     def n_atoms(self) -> np.ndarray:
@@ -158,9 +330,31 @@ class StructureDataset(AtomisticDataset):
         self.info = info
         self.name = name
         self.dtype = dtype
+        first, last = int(offsets[0]), int(offsets[-1])
+        self.as_columns = Columns(  # (views of the arrays above)
+            numbers=self.numbers[first:last],
+            positions=self.positions[first:last],
+            sizes=np.diff(offsets).astype(np.int64),
+            cells=self.cells,
+            pbcs=self.pbcs,
+            targets={
+                k: v[first:last] if info.targets[k].per_atom else v
+                for k, v in self._typed_targets.items()
+            },
+            forces={k: v[first:last] for k, v in self.forces.items()},
+            stress=self.stress,
+            neighbors=neighbors if neighbors is not None else [None] * (len(offsets) - 1),
+            per_atom=per_atom_targets(info),
+        )
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
+
+    def columns(self, indices: np.ndarray) -> Columns:
+        indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) and not (0 <= indices.min() and indices.max() < len(self)):
+            raise IndexError(f"structures {indices.tolist()} of a dataset of {len(self)}")
+        return self.as_columns.take(indices)
 
     @property
     def n_atoms(self) -> np.ndarray:
@@ -252,6 +446,33 @@ class ConcatDataset:
             values, shape = places[kind]
             values[name] = torch.full(shape, math.nan, dtype=structure.positions.dtype)
         return dataclasses.replace(structure, targets=targets, forces=forces, stress=stress)
+
+    def columns(self, indices: np.ndarray) -> Columns:
+        """The structures at ``indices`` as columns, NaN where their set lacks a label."""
+        indices = np.asarray(indices, dtype=np.int64)
+        which = np.searchsorted(self.starts, indices, side="right") - 1
+        parts = []
+        for d in np.unique(which):
+            places = np.flatnonzero(which == d)
+            columns = self.datasets[d].columns(indices[places] - self.starts[d])
+            parts.append((places, self._with_missing(columns, self.missing[d])))
+        return Columns.gathered(parts, len(indices))
+
+    @staticmethod
+    def _with_missing(columns: Columns, missing: list[tuple[str, str]]) -> Columns:
+        if not missing:
+            return columns
+        targets, forces, stress = dict(columns.targets), dict(columns.forces), dict(columns.stress)
+        n, atoms = len(columns), len(columns.numbers)
+        places = {
+            "": (targets, (n,)),
+            "forces": (forces, (atoms, 3)),
+            "stress": (stress, (n, 3, 3)),
+        }
+        for name, kind in missing:
+            values, shape = places[kind]
+            values[name] = np.full(shape, np.nan, dtype=columns.positions.dtype)
+        return dataclasses.replace(columns, targets=targets, forces=forces, stress=stress)
 
     def label_counts(self, target: str, kind: str) -> np.ndarray:
         """Per structure, how many values of a label it has: 1 for an energy of
