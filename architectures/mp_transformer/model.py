@@ -140,28 +140,14 @@ class AttentionLayer(torch.nn.Module):
         traceless = (
             unit.unsqueeze(2) * unit.unsqueeze(1) - torch.eye(3, dtype=h.dtype, device=h.device) / 3
         )
-        terms = torch.cat(
-            [
-                scalar,
-                channels[:, :n_l0],
-                (channels[:, n_l0 : n_l0 + a].unsqueeze(2) * unit.unsqueeze(1)).reshape(
-                    n_edges, 3 * a
-                ),
-                (channels[:, n_l0 + a :].unsqueeze(2) * traceless.reshape(n_edges, 1, 9)).reshape(
-                    n_edges, 9 * a
-                ),
-            ],
-            dim=1,
-        )
-        # the attention message and the l = 0, 1, 2 terms of every atom, in one sum
-        sums = torch.zeros(n_atoms, terms.shape[1], dtype=h.dtype, device=h.device).index_add(
-            0, centers, terms
-        )
-        l1 = sums[:, d_model + n_l0 : d_model + n_l0 + 3 * a].view(n_atoms, a, 3)
-        l2 = sums[:, d_model + n_l0 + 3 * a :].view(n_atoms, a, 9)
-        features = torch.cat(
-            [sums[:, : d_model + n_l0], (l1 * l1).sum(-1), (l2 * l2).sum(-1)], dim=1
-        )
+        v1 = channels[:, n_l0 : n_l0 + a].unsqueeze(2) * unit.unsqueeze(1)
+        v2 = channels[:, n_l0 + a :].unsqueeze(2) * traceless.reshape(n_edges, 1, 9)
+        # sums over each atom's pairs (apart: one tensor of all would cost copies)
+        message = h.new_zeros(n_atoms, d_model).index_add(0, centers, scalar)
+        l0 = h.new_zeros(n_atoms, n_l0).index_add(0, centers, channels[:, :n_l0])
+        l1 = h.new_zeros(n_atoms, a, 3).index_add(0, centers, v1)
+        l2 = h.new_zeros(n_atoms, a, 9).index_add(0, centers, v2)
+        features = torch.cat([message, l0, (l1 * l1).sum(-1), (l2 * l2).sum(-1)], dim=1)
         h = h + self.out(features)
         return h + self.feed_forward(h)
 

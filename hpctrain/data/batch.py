@@ -149,7 +149,7 @@ def collate(
         system=tensor(np.repeat(np.arange(len(sizes)), sizes)),
         cells=tensor(columns.cells),
         pbcs=tensor(columns.pbcs),
-        n_atoms=torch.tensor(sizes),
+        n_atoms=tensor(columns.sizes.astype(np.int64, copy=False)),
         pairs=[neighbor_pairs(columns, offsets, r.cutoff, r.full_list, dtype) for r in requests],
         targets={k: tensor(v) for k, v in columns.targets.items()},
         forces={k: tensor(v) for k, v in columns.forces.items()},
