@@ -7,8 +7,8 @@ same data, split and budget, each exported model scored the same way.
 
 For each dataset the benchmark draws one split (seed 0: 10 % test, then 10 % of the
 rest for validation) and writes it as three files that every framework reads. Each
-framework trains with its own default hypers and the same options otherwise (seed 0,
-float32, batch 8, ``--epochs``, energies, forces and, where the data has them,
+framework trains with its own default hypers and the same options otherwise (seed 0
+or ``--seed``, float32, batch 8, ``--epochs``, energies, forces and, where the data has them,
 stresses; one CPU thread each). Each exported ``model.pt`` is then loaded in a fresh
 process of its own framework's environment by metatomic's ASE calculator, as an MD
 engine would, and scored on the test structures: energy MAE and RMSE per atom
@@ -126,7 +126,7 @@ def options(framework: str, architecture: str, files: dict, args) -> dict:
         training.update(json.loads(args.hpctrain_training))
         model = json.loads(args.hpctrain_model)
     result = {
-        "seed": 0,
+        "seed": args.seed,
         "base_precision": 32,
         "device": "cpu",
         "architecture": {"name": architecture, "training": training},
@@ -211,6 +211,13 @@ def main() -> None:
         "--data", type=Path, action="append", help=f"default: {', '.join(DATASETS)}"
     )
     parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="training seed of every framework (the split stays that of seed 0, so that "
+        "every run is scored on the same test structures)",
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--only", choices=["hpctrain", "metatrain"], default=None)
     parser.add_argument(
@@ -262,6 +269,7 @@ def main() -> None:
         "command": " ".join(a for a in sys.argv if a != str(args.keep) and a != "--keep"),
         "settings": {
             "epochs": args.epochs,
+            "seed": args.seed,
             "batch_size": args.batch_size,
             "precision": 32,
             "hpctrain_training": json.loads(args.hpctrain_training),
