@@ -107,6 +107,12 @@ MALFORMED = {
         "training_set: ethanol.xyz\n",
         "'architecture.model.num_heads' (4) must divide",
     ),
+    "density scale zero": (
+        "architecture: {name: mp_transformer, model: {density_scale: 0}}\n"
+        "training_set: ethanol.xyz\n",
+        "'architecture.model.density_scale' must be positive, got 0",
+        "the default is 0.3",
+    ),
     "batch size zero": (
         "architecture: {name: mp_transformer, training: {batch_size: 0}}\n"
         "training_set: ethanol.xyz\n",

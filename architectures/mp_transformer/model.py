@@ -65,6 +65,11 @@ class ModelHypers:
             )
         if self.cutoff <= 0 or self.num_layers < 1:
             raise OptionsError(f"'{path}': cutoff must be positive and num_layers >= 1")
+        if not self.density_scale > 0:
+            raise OptionsError(
+                f"'{path}.density_scale' must be positive, got {self.density_scale} in "
+                f"{source}; the default is 0.3"
+            )
 
 
 class AttentionLayer(torch.nn.Module):
