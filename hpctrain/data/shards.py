@@ -39,6 +39,7 @@ from .structures import (
     Structure,
     StructureDataset,
     cell_volumes,
+    checked_indices,
     stress_known,
 )
 
@@ -462,9 +463,7 @@ class ShardDataset(AtomisticDataset):
 
     def columns(self, indices: np.ndarray) -> Columns:
         """The structures at ``indices`` as columns, picked from their blocks' pieces."""
-        indices = np.asarray(indices, dtype=np.int64)
-        if len(indices) and not (0 <= indices.min() and indices.max() < len(self)):
-            raise IndexError(f"structures {indices.tolist()} of a dataset of {len(self)}")
+        indices = checked_indices(indices, len(self))
         shards = (self._starts.searchsorted(indices, side="right") - 1).tolist()
         pieces: dict[tuple[int, int], Columns] = {}  # (each looked up once)
         sources, rows = [], []

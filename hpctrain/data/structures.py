@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -200,6 +199,14 @@ class Columns:
         return whole.take(order)
 
 
+def checked_indices(indices: np.ndarray, n: int) -> np.ndarray:
+    """``indices`` as int64, each in ``0..n-1`` (else an IndexError naming them)."""
+    indices = np.asarray(indices, dtype=np.int64)
+    if len(indices) and not (0 <= indices.min() and indices.max() < n):
+        raise IndexError(f"structures {indices.tolist()} of a dataset of {n}")
+    return indices
+
+
 def per_atom_targets(info: DatasetInfo) -> frozenset[str]:
     return frozenset(name for name, target in info.targets.items() if target.per_atom)
 
@@ -275,10 +282,7 @@ class Subset(AtomisticDataset):
         return self.dataset[int(self.indices[index])]
 
     def columns(self, indices: np.ndarray) -> Columns:
-        indices = np.asarray(indices, dtype=np.int64)
-        if len(indices) and not (0 <= indices.min() and indices.max() < len(self.indices)):
-            raise IndexError(f"structures {indices.tolist()} of a dataset of {len(self)}")
-        return self.dataset.columns(self.indices[indices])
+        return self.dataset.columns(self.indices[checked_indices(indices, len(self))])
 
     @property
     def n_atoms(self) -> np.ndarray:
@@ -351,10 +355,7 @@ class StructureDataset(AtomisticDataset):
         return len(self.offsets) - 1
 
     def columns(self, indices: np.ndarray) -> Columns:
-        indices = np.asarray(indices, dtype=np.int64)
-        if len(indices) and not (0 <= indices.min() and indices.max() < len(self)):
-            raise IndexError(f"structures {indices.tolist()} of a dataset of {len(self)}")
-        return self.as_columns.take(indices)
+        return self.as_columns.take(checked_indices(indices, len(self)))
 
     @property
     def n_atoms(self) -> np.ndarray:
@@ -435,44 +436,52 @@ class ConcatDataset:
         structure = self.datasets[which][index - int(self.starts[which])]
         if not self.missing[which]:
             return structure
-        targets, forces, stress = (
-            dict(structure.targets),
-            dict(structure.forces),
-            dict(structure.stress),
+        dtype = structure.positions.numpy().dtype
+        nan = self._nan_labels(which, 1, len(structure.numbers), dtype)
+        return dataclasses.replace(
+            structure,
+            targets={**structure.targets, **{k: torch.from_numpy(v) for k, v in nan[""].items()}},
+            forces={
+                **structure.forces,
+                **{k: torch.from_numpy(v) for k, v in nan["forces"].items()},
+            },
+            stress={
+                **structure.stress,
+                **{k: torch.from_numpy(v[0]) for k, v in nan["stress"].items()},
+            },
         )
-        n = len(structure.numbers)
-        places = {"": (targets, (1,)), "forces": (forces, (n, 3)), "stress": (stress, (3, 3))}
-        for name, kind in self.missing[which]:
-            values, shape = places[kind]
-            values[name] = torch.full(shape, math.nan, dtype=structure.positions.dtype)
-        return dataclasses.replace(structure, targets=targets, forces=forces, stress=stress)
 
     def columns(self, indices: np.ndarray) -> Columns:
         """The structures at ``indices`` as columns, NaN where their set lacks a label."""
-        indices = np.asarray(indices, dtype=np.int64)
+        indices = checked_indices(indices, len(self))
         which = np.searchsorted(self.starts, indices, side="right") - 1
         parts = []
         for d in np.unique(which):
             places = np.flatnonzero(which == d)
             columns = self.datasets[d].columns(indices[places] - self.starts[d])
-            parts.append((places, self._with_missing(columns, self.missing[d])))
+            if self.missing[d]:
+                nan = self._nan_labels(
+                    d, len(columns), len(columns.numbers), columns.positions.dtype
+                )
+                columns = dataclasses.replace(
+                    columns,
+                    targets={**columns.targets, **nan[""]},
+                    forces={**columns.forces, **nan["forces"]},
+                    stress={**columns.stress, **nan["stress"]},
+                )
+            parts.append((places, columns))
         return Columns.gathered(parts, len(indices))
 
-    @staticmethod
-    def _with_missing(columns: Columns, missing: list[tuple[str, str]]) -> Columns:
-        if not missing:
-            return columns
-        targets, forces, stress = dict(columns.targets), dict(columns.forces), dict(columns.stress)
-        n, atoms = len(columns), len(columns.numbers)
-        places = {
-            "": (targets, (n,)),
-            "forces": (forces, (atoms, 3)),
-            "stress": (stress, (n, 3, 3)),
-        }
-        for name, kind in missing:
-            values, shape = places[kind]
-            values[name] = np.full(shape, np.nan, dtype=columns.positions.dtype)
-        return dataclasses.replace(columns, targets=targets, forces=forces, stress=stress)
+    def _nan_labels(
+        self, which: int, n_structures: int, n_atoms: int, dtype: np.dtype
+    ) -> dict[str, dict[str, np.ndarray]]:
+        """The labels set ``which`` lacks, NaN, by kind (``""`` targets, ``forces``,
+        ``stress``), for ``n_structures`` of ``n_atoms`` atoms in all."""
+        shapes = {"": (n_structures,), "forces": (n_atoms, 3), "stress": (n_structures, 3, 3)}
+        labels: dict[str, dict[str, np.ndarray]] = {kind: {} for kind in shapes}
+        for name, kind in self.missing[which]:
+            labels[kind][name] = np.full(shapes[kind], np.nan, dtype=dtype)
+        return labels
 
     def label_counts(self, target: str, kind: str) -> np.ndarray:
         """Per structure, how many values of a label it has: 1 for an energy of
