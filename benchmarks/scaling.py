@@ -442,7 +442,9 @@ def worker(config_path: Path) -> None:
     import torch
 
     from hpctrain import launch, run, startup, timing
+    from hpctrain.host_memory import use_huge_pages
 
+    use_huge_pages()  # as the hpctrain command does, before the first tensor
     config = json.loads(config_path.read_text())
     # the same start as hpctrain train: options, launch, run directory, data, model
     options, architecture, dtype, device_type = startup.prepare(config["options"])

@@ -423,3 +423,40 @@ def test_a_checkpoint_of_another_architecture_names_both(trained):
     ) in result.stderr
     assert "Traceback" not in result.stderr
     assert sorted(p.name for p in (trained / "soap-run").iterdir()) == ["train.log"]
+
+
+HUGE_PAGES_PROBE = """
+import os, sys
+from hpctrain import cli
+cli.main(["inspect", sys.argv[1]])  # a command that fails: main has run all the same
+import torch
+x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+huge = sum(
+    int(line.split()[1])
+    for line in open("/proc/self/smaps")
+    if line.startswith("AnonHugePages:")
+)
+print(os.environ.get("THP_MEM_ALLOC_ENABLE"), huge)
+"""
+
+
+@pytest.mark.parametrize("preset", [None, "0"])
+def test_the_command_puts_large_cpu_tensors_on_huge_pages_unless_told_not_to(tmp_path, preset):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if preset is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = preset
+    probe = [sys.executable, "-c", HUGE_PAGES_PROBE, str(tmp_path / "missing.xyz")]
+    result = subprocess.run(probe, env=env, capture_output=True, text=True, check=True)
+    variable, huge_kib = result.stdout.split()
+    assert variable == (preset or "1")
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            mode = f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        mode = "never"
+    if mode == "madvise":  # huge pages only where asked for: asked for by torch or not
+        assert (int(huge_kib) >= 32 * 1024) == (preset is None), result.stdout
