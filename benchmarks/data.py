@@ -55,9 +55,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from hpctrain.host_memory import use_huge_pages  # noqa: E402
+from hpctrain import host_memory  # noqa: E402
 
-use_huge_pages()  # as the hpctrain command does, before the first tensor
+host_memory.configure()  # as the hpctrain command does, before the first tensor
 ETHANOL = ROOT / "examples" / "rmd17_ethanol_100.xyz"
 MIB = 1024.0  # ru_maxrss is in KiB on Linux
 

@@ -441,10 +441,9 @@ def worker(config_path: Path) -> None:
     import numpy as np
     import torch
 
-    from hpctrain import launch, run, startup, timing
-    from hpctrain.host_memory import use_huge_pages
+    from hpctrain import host_memory, launch, run, startup, timing
 
-    use_huge_pages()  # as the hpctrain command does, before the first tensor
+    host_memory.configure()  # as the hpctrain command does, before the first tensor
     config = json.loads(config_path.read_text())
     # the same start as hpctrain train: options, launch, run directory, data, model
     options, architecture, dtype, device_type = startup.prepare(config["options"])

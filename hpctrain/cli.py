@@ -19,8 +19,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from . import host_memory
 from .errors import HpctrainError, Preempted
-from .host_memory import use_huge_pages
 from .report import end_status_line, log_to_file
 
 TRAIN_EXAMPLE = """example:
@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
         argv.insert(0, "train")
     args = parser().parse_args(argv)
-    use_huge_pages()  # before torch's first tensor (hpctrain.host_memory)
+    host_memory.configure()  # before torch's first tensor
     if args.command is None:
         parser().print_help()
         return 2

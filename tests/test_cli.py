@@ -425,38 +425,55 @@ def test_a_checkpoint_of_another_architecture_names_both(trained):
     assert sorted(p.name for p in (trained / "soap-run").iterdir()) == ["train.log"]
 
 
-HUGE_PAGES_PROBE = """
-import os, sys
+HOST_MEMORY_PROBE = """
+import os, resource, sys
 from hpctrain import cli
 cli.main(["inspect", sys.argv[1]])  # a command that fails: main has run all the same
 import torch
-x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+mib = 2**20 // 4
+x = torch.ones(64 * mib)  # 64 MiB, touched
 huge = sum(
     int(line.split()[1])
     for line in open("/proc/self/smaps")
     if line.startswith("AnonHugePages:")
 )
-print(os.environ.get("THP_MEM_ALLOC_ENABLE"), huge)
+del x
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+y = torch.ones(64 * mib)  # where the freed block was, or fresh memory
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+print(os.environ.get("THP_MEM_ALLOC_ENABLE"), huge, faults)
 """
 
 
-@pytest.mark.parametrize("preset", [None, "0"])
-def test_the_command_puts_large_cpu_tensors_on_huge_pages_unless_told_not_to(tmp_path, preset):
+@pytest.mark.parametrize("user_settings", ["none", "no huge pages", "malloc and no huge pages"])
+def test_the_command_keeps_freed_memory_and_uses_huge_pages_unless_told_not_to(
+    tmp_path, user_settings
+):
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    if preset is not None:
-        env["THP_MEM_ALLOC_ENABLE"] = preset
-    probe = [sys.executable, "-c", HUGE_PAGES_PROBE, str(tmp_path / "missing.xyz")]
+    env = {k: v for k, v in env.items() if not k.startswith("MALLOC_")}
+    env.pop("GLIBC_TUNABLES", None)
+    if user_settings != "none":
+        env["THP_MEM_ALLOC_ENABLE"] = "0"
+    if user_settings == "malloc and no huge pages":  # blocks over 1 MiB unmapped when freed
+        env["MALLOC_MMAP_THRESHOLD_"] = str(2**20)
+    probe = [sys.executable, "-c", HOST_MEMORY_PROBE, str(tmp_path / "missing.xyz")]
     result = subprocess.run(probe, env=env, capture_output=True, text=True, check=True)
-    variable, huge_kib = result.stdout.split()
-    assert variable == (preset or "1")
+    variable, huge_kib, faults = result.stdout.split()
+    assert variable == ("1" if user_settings == "none" else "0")
+    # 64 MiB of fresh 4 KiB pages fault 16,384 times on first touch; the freed block
+    # reused, hardly at all
+    if user_settings == "malloc and no huge pages":
+        assert int(faults) >= 16_000, result.stdout
+    else:
+        assert int(faults) < 1_000, result.stdout
     try:
         with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
             mode = f.read().split("[")[1].split("]")[0]
     except (OSError, IndexError):
         mode = "never"
     if mode == "madvise":  # huge pages only where asked for: asked for by torch or not
-        assert (int(huge_kib) >= 32 * 1024) == (preset is None), result.stdout
+        assert (int(huge_kib) >= 32 * 1024) == (user_settings == "none"), result.stdout
