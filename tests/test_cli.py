@@ -438,8 +438,11 @@ huge = sum(
     if line.startswith("AnonHugePages:")
 )
 del x
-faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-y = torch.ones(64 * mib)  # where the freed block was, or fresh memory
+for i in range(6):  # the last three where freed blocks were, or in fresh memory
+    if i == 3:
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    y = torch.ones(64 * mib)
+    del y
 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 print(os.environ.get("THP_MEM_ALLOC_ENABLE"), huge, faults)
 """
@@ -467,7 +470,7 @@ def test_the_command_keeps_freed_memory_and_uses_huge_pages_unless_told_not_to(
     # 64 MiB of fresh 4 KiB pages fault 16,384 times on first touch; the freed block
     # reused, hardly at all
     if user_settings == "malloc and no huge pages":
-        assert int(faults) >= 16_000, result.stdout
+        assert int(faults) >= 3 * 16_000, result.stdout
     else:
         assert int(faults) < 1_000, result.stdout
     try:

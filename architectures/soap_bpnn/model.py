@@ -146,32 +146,93 @@ def check_size(config: ModelHypers, n_types: int, n_outputs: int) -> int:
     return parameters
 
 
-def feature_order(t: int, n: int, n_l: int) -> Tuple[List[int], List[float]]:
-    """Where each feature of featomic's order sits in the ``[l, t1, n1, t2, n2]`` Gram
-    products of ``t`` types, ``n`` radial and ``n_l`` angular channels, and its scale:
-    neighbour-type pairs ``t1 <= t2``, then ``l, n1, n2``; a pair of different types
-    counts twice (sqrt(2)), and each ``l`` is scaled by ``(-1)^l / sqrt(2l + 1)``."""
-    index, scale = [], []
-    for t1 in range(t):
-        for t2 in range(t1, t):
-            for ell in range(n_l):
-                weight = (
-                    (math.sqrt(2.0) if t1 != t2 else 1.0) * (-1) ** ell / math.sqrt(2 * ell + 1)
-                )
-                for n1 in range(n):
-                    for n2 in range(n):
-                        index.append((((ell * t + t1) * n + n1) * t + t2) * n + n2)
-                        scale.append(weight)
-    return index, scale
+def product_windows(t: int) -> Tuple[int, int]:
+    """How the products of ``t`` neighbour types' expansions are made: each type ``t1``
+    with the ``w`` types that follow it cyclically (``t1, t1 + 1, ... mod t``), in one
+    batched product over windows; and, where ``t`` is even, the ``e`` types of the
+    first half with the type half-way round (``t1, t1 + t/2``) in a second one. Every
+    unordered pair of types, ``t1 = t2`` included, comes out exactly once."""
+    return (t + 1) // 2, t // 2 if t % 2 == 0 else 0
 
 
-def element_network(n_features: int, hypers: BpnnHypers, n_outputs: int) -> torch.nn.Sequential:
-    layers: List[torch.nn.Module] = [torch.nn.LayerNorm(n_features)] if hypers.layernorm else []
-    width = n_features
-    for _ in range(hypers.num_hidden_layers):
-        layers += [torch.nn.Linear(width, hypers.num_neurons_per_layer), torch.nn.SiLU()]
-        width = hypers.num_neurons_per_layer
-    layers.append(torch.nn.Linear(width, n_outputs))
+def product_layout(t: int, n: int, n_l: int) -> Tuple[List[int], List[float]]:
+    """For each feature in the order the products come out (see :func:`product_windows`;
+    per atom: ``t1, l, n1, window, n2``, then ``t1, l, n1, n2`` of the half-way
+    pairs), its position in featomic's order and its scale.
+
+    featomic orders the features by neighbour-type pair ``t1 <= t2``, then ``l, n1,
+    n2``; a product ``t1 > t2`` is featomic's ``(t2, t1)`` with ``n1, n2`` swapped. A
+    pair of different types counts twice (``sqrt(2)``), and each ``l`` is scaled by
+    ``(-1)^l / sqrt(2l + 1)``."""
+    pairs = {(a, b): i for i, (a, b) in enumerate((a, b) for a in range(t) for b in range(a, t))}
+    w, e = product_windows(t)
+
+    def feature(t1: int, t2: int, ell: int, n1: int, n2: int) -> Tuple[int, float]:
+        if t1 > t2:
+            t1, t2, n1, n2 = t2, t1, n2, n1
+        weight = (math.sqrt(2.0) if t1 != t2 else 1.0) * (-1) ** ell / math.sqrt(2 * ell + 1)
+        return ((pairs[(t1, t2)] * n_l + ell) * n + n1) * n + n2, weight
+
+    features = [
+        feature(t1, (t1 + d) % t, ell, n1, n2)
+        for t1 in range(t)
+        for ell in range(n_l)
+        for n1 in range(n)
+        for d in range(w)
+        for n2 in range(n)
+    ] + [
+        feature(t1, t1 + e, ell, n1, n2)
+        for t1 in range(e)
+        for ell in range(n_l)
+        for n1 in range(n)
+        for n2 in range(n)
+    ]
+    return [i for i, _ in features], [s for _, s in features]
+
+
+class InputLayerNorm(torch.nn.LayerNorm):
+    """The layer norm of an element's features, its weights kept in featomic's feature
+    order (that of the checkpoints) and applied to features in the order the products
+    come out: feature ``k`` takes the weights at ``source[k]``."""
+
+    def __init__(self, source: torch.Tensor):
+        super().__init__(len(source))
+        self.register_buffer("source", source, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.layer_norm(
+            x,
+            self.normalized_shape,
+            self.weight.index_select(0, self.source),
+            self.bias.index_select(0, self.source),
+            self.eps,
+        )
+
+
+class InputLinear(torch.nn.Linear):
+    """The first linear layer of an element's network, its weights kept in featomic's
+    feature order and applied as :class:`InputLayerNorm`'s."""
+
+    def __init__(self, source: torch.Tensor, out_features: int):
+        super().__init__(len(source), out_features)
+        self.register_buffer("source", source, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight.index_select(1, self.source), self.bias)
+
+
+def element_network(
+    source: torch.Tensor, hypers: BpnnHypers, n_outputs: int
+) -> torch.nn.Sequential:
+    """An element's network on the features in product order (``source``: each
+    feature's position in featomic's order, which the weights keep)."""
+    layers: List[torch.nn.Module] = [InputLayerNorm(source)] if hypers.layernorm else []
+    widths = [hypers.num_neurons_per_layer] * hypers.num_hidden_layers + [n_outputs]
+    for i, width in enumerate(widths):
+        if i == 0:
+            layers.append(InputLinear(source, width))
+        else:
+            layers += [torch.nn.SiLU(), torch.nn.Linear(widths[i - 1], width)]
     return torch.nn.Sequential(*layers)
 
 
@@ -340,20 +401,22 @@ class SoapBpnn(ReferenceModel):
             for m in range(n_m)
         ]
         self.register_buffer("lm_padding", torch.tensor(padding), persistent=False)
-        # features in featomic's order after keys_to_properties (see feature_order)
         self.neighbor_pairs = Labels(
             ["neighbor_1_type", "neighbor_2_type"],
             torch.combinations(
                 torch.tensor(self.atomic_types, dtype=torch.int32), with_replacement=True
             ),
         )
-        index, scale = feature_order(self.n_types, self.n_radial, self.max_angular + 1)
-        self.register_buffer("feature_index", torch.tensor(index), persistent=False)
+        # the features in the order the products come out, and where each sits in
+        # featomic's order (that of keys_to_properties), which the weights keep
+        self.windows, self.halfway = product_windows(self.n_types)
+        source, scale = product_layout(self.n_types, self.n_radial, self.max_angular + 1)
+        self.register_buffer("feature_source", torch.tensor(source), persistent=False)
         self.register_buffer("feature_scale", torch.tensor(scale), persistent=False)
-        self.n_features = len(index)
+        self.n_features = len(source)
         self.networks = torch.nn.ModuleList(
             [
-                element_network(self.n_features, self.config.bpnn, len(self.target_names))
+                element_network(self.feature_source, self.config.bpnn, len(self.target_names))
                 for _ in self.atomic_types
             ]
         )
@@ -408,8 +471,9 @@ class SoapBpnn(ReferenceModel):
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """SOAP power spectra ``[atoms, features]`` of the atoms of elements
         ``type_index`` with the half neighbour list (``first``, ``second``,
-        ``vector``), sorted by element (stably); and the rank of each atom in that
-        order."""
+        ``vector``), sorted by element (stably), the features in product order
+        (``feature_source`` says where each sits in featomic's); and the rank of each
+        atom in that order."""
         n_atoms = type_index.shape[0]
         device = vector.device
         # atoms sorted by element, so that each element's network gets a contiguous slice
@@ -435,14 +499,24 @@ class SoapBpnn(ReferenceModel):
         own = self.center_density.unsqueeze(0).expand(n_atoms, -1, -1)
         own_rows = torch.arange(n_atoms, device=device) * t + type_index[order]
         expansion = expansion.index_add(0, own_rows, own)
-        # every l padded to 2 max_angular + 1 values of m (zeros), so that one batched
-        # product over (atom, l) gives all the sums over m: [atoms * l, m, (type, n)]
+        # every l padded to 2 max_angular + 1 values of m with zeros: [atoms, t, (l, m), n]
         padded = torch.nn.functional.pad(expansion.reshape(n_atoms, t, n_lm, n), (0, 0, 0, 1))
-        padded = padded.index_select(2, self.lm_padding).transpose(1, 2)
-        padded = padded.reshape(n_atoms * n_l, 2 * self.max_angular + 1, t * n)
-        # [atoms, l, t1, n1, t2, n2] -> the features, in featomic's order
-        gram = torch.bmm(padded.transpose(1, 2), padded).reshape(n_atoms, -1)
-        features = gram.index_select(1, self.feature_index) * self.feature_scale
+        padded = padded.index_select(2, self.lm_padding)
+        # products summed over m, batched over (atom, t1, l): each type's expansion with
+        # those of the types in its window (the types rolled by 0, 1, ... w - 1);
+        # then, for an even number of types, the pairs half-way round
+        n_m, w, e = 2 * self.max_angular + 1, self.windows, self.halfway
+        left = padded.reshape(-1, n_m, n).transpose(1, 2)
+        window = [padded] + [padded.roll(-d, 1) for d in range(1, w)]
+        right = torch.stack(window, dim=3).reshape(-1, n_m, w * n)
+        products = torch.bmm(left, right).reshape(n_atoms, -1)
+        if e > 0:
+            halfway = torch.bmm(
+                padded[:, :e].reshape(-1, n_m, n).transpose(1, 2),
+                padded[:, e:].reshape(-1, n_m, n),
+            )
+            products = torch.cat([products, halfway.reshape(n_atoms, -1)], dim=1)
+        features = products * self.feature_scale
         return features, rank
 
     def atomic_outputs(

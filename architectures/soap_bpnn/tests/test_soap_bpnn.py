@@ -103,6 +103,40 @@ def test_float32_matches_float64():
     torch.testing.assert_close(single.double(), double, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("n_types", range(1, 9))
+def test_the_product_layout_holds_every_featomic_feature_once(n_types):
+    from architectures.soap_bpnn.model import product_layout
+
+    n, n_l = 3, 4
+    source, scale = product_layout(n_types, n, n_l)
+    assert sorted(source) == list(range(n_types * (n_types + 1) // 2 * n_l * n * n))
+    assert len(scale) == len(source)
+
+
+def test_networks_apply_their_featomic_order_weights_to_features_in_product_order():
+    """The weights (what checkpoints hold) are in featomic's feature order: the model's
+    atomic outputs are those of plain layers on the features in that order."""
+    model = make_model(types=(1, 6, 8, 9))  # four elements: windows and half-way pairs
+    systems = systems_of(model, ase.io.read(ETHANOL, ":2"))
+    types, centers, neighbors, vectors = batched_pairs(systems, model.neighbor_options)
+    type_index = model.type_map[types.long()]
+    counts = [int((type_index == i).sum()) for i in range(4)]
+    outputs = model.atomic_outputs(type_index, centers, neighbors, vectors, counts)
+
+    features, rank = model.power_spectrum(type_index, centers, neighbors, vectors)
+    featomic_order = torch.empty_like(features).index_copy_(1, model.feature_source, features)
+    expected = []
+    for chunk, network in zip(torch.split(featomic_order, counts), model.networks):
+        norm, first = network[0], network[1]
+        x = torch.nn.functional.layer_norm(chunk, [chunk.shape[1]], norm.weight, norm.bias)
+        x = torch.nn.functional.linear(x, first.weight, first.bias)
+        for layer in list(network)[2:]:
+            x = layer(x)
+        expected.append(x)
+    assert sum(counts[:3]) == len(features) and counts[3] == 0
+    torch.testing.assert_close(outputs, torch.cat(expected)[rank])
+
+
 def test_torchscript_and_export(tmp_path):
     model = make_model()
     frames = ase.io.read(ETHANOL, ":2")
@@ -115,33 +149,43 @@ def test_torchscript_and_export(tmp_path):
     assert not any((tmp_path / "ext").rglob("*featomic*"))
 
 
+ALLOY = ROOT / "architectures" / "soap_bpnn" / "tests" / "alloy.xyz"
+ALLOY_HYPERS = {
+    "soap": {
+        "cutoff": {"radius": 4.5, "width": 1.0},
+        "density_width": 0.5,
+        "center_atom_weight": 0.5,
+        "scaling": {"rate": 2.0, "scale": 1.5, "exponent": 5.0},
+        "max_angular": 4,
+        "max_radial": 5,
+    }
+}
+
+
 @pytest.mark.parametrize(
-    ("data", "hypers"),
+    ("data", "frames", "hypers"),
     [
-        (ETHANOL, SMALL),
-        (ETHANOL, {}),
-        (
-            ROOT / "architectures" / "soap_bpnn" / "tests" / "alloy.xyz",
-            {
-                "soap": {
-                    "cutoff": {"radius": 4.5, "width": 1.0},
-                    "density_width": 0.5,
-                    "center_atom_weight": 0.5,
-                    "scaling": {"rate": 2.0, "scale": 1.5, "exponent": 5.0},
-                    "max_angular": 4,
-                    "max_radial": 5,
-                }
-            },
-        ),
+        (ETHANOL, ":3", SMALL),
+        (ETHANOL, ":3", {}),
+        (ALLOY, ":3", ALLOY_HYPERS),
+        (ALLOY, ":1", ALLOY_HYPERS),
+        (ALLOY, "2:3", SMALL),
     ],
-    ids=["ethanol-small", "ethanol-defaults", "periodic-alloy"],
+    ids=[
+        "ethanol-small",
+        "ethanol-defaults",
+        "alloy-seven-elements",
+        "alloy-four-elements",
+        "alloy-four-other-elements",
+    ],
 )
-def test_power_spectrum_and_its_gradients_equal_featomics(data, hypers):
-    """The torch power spectrum is featomic's SoapPowerSpectrum (same hypers, same
-    feature order after keys_to_properties), values and position/cell gradients."""
+def test_power_spectrum_and_its_gradients_equal_featomics(data, frames, hypers):
+    """The torch power spectrum is featomic's SoapPowerSpectrum (same hypers; the
+    features put in featomic's order after keys_to_properties by ``feature_source``),
+    values and position/cell gradients, for odd and even numbers of elements."""
     import featomic.torch
 
-    frames = ase.io.read(data, ":3")
+    frames = ase.io.read(data, frames)
     types = sorted({int(z) for atoms in frames for z in atoms.numbers})
     model = make_model(types=types, hypers=hypers)
     calculator = featomic.torch.SoapPowerSpectrum(**model.config.soap.featomic())
@@ -161,7 +205,7 @@ def test_power_spectrum_and_its_gradients_equal_featomics(data, hypers):
     ours, rank = model.power_spectrum(
         model.type_map[types.long()], first_atoms, second_atoms, vectors
     )
-    ours = ours[rank]
+    ours = torch.empty_like(ours).index_copy_(1, model.feature_source, ours[rank])
     reference = calculator(systems).keys_to_properties(model.neighbor_pairs.to("cpu"))
     first = torch.cumsum(torch.tensor([0] + [len(a) for a in frames]), 0)
     expected = torch.zeros_like(ours)
