@@ -25,9 +25,7 @@ as set there, and ``THP_MEM_ALLOC_ENABLE=0`` turns huge pages off.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
-import platform
 
 HUGE_PAGES = "THP_MEM_ALLOC_ENABLE"
 M_TRIM_THRESHOLD = -1  # glibc's malloc.h
@@ -42,21 +40,27 @@ def use_huge_pages() -> bool:
 
 
 def malloc_set_by_user() -> bool:
+    """Whether the environment sets glibc's ``malloc`` (a ``MALLOC_*`` variable, or
+    ``GLIBC_TUNABLES`` naming ``glibc.malloc``)."""
     return any(k.startswith("MALLOC_") for k in os.environ) or "glibc.malloc" in os.environ.get(
         "GLIBC_TUNABLES", ""
     )
+
+
+def is_glibc() -> bool:
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+    except (ValueError, OSError, AttributeError):  # not a GNU system
+        return False
 
 
 def keep_freed_memory() -> bool:
     """glibc's ``malloc`` keeps freed memory for the process's next allocations, unless
     the environment sets ``malloc`` already or the C library is not glibc. Returns
     whether it does."""
-    if malloc_set_by_user() or platform.libc_ver()[0] != "glibc":
+    if malloc_set_by_user() or not is_glibc():
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return False
+    libc = ctypes.CDLL(None)  # the process's own symbols, glibc's among them
     # (blocks over 2 GiB are still mapped and unmapped on their own)
     return bool(libc.mallopt(M_MMAP_THRESHOLD, LARGEST) and libc.mallopt(M_TRIM_THRESHOLD, LARGEST))
 

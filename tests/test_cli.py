@@ -1,7 +1,10 @@
 """hpctrain eval, export and plot, as real processes on a tiny trained run."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import ase.io
 import numpy as np
@@ -452,10 +455,6 @@ print(os.environ.get("THP_MEM_ALLOC_ENABLE"), huge, faults)
 def test_the_command_keeps_freed_memory_and_uses_huge_pages_unless_told_not_to(
     tmp_path, user_settings
 ):
-    import os
-    import subprocess
-    import sys
-
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
     env = {k: v for k, v in env.items() if not k.startswith("MALLOC_")}
     env.pop("GLIBC_TUNABLES", None)
