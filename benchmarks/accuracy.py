@@ -145,13 +145,19 @@ def options(framework: str, architecture: str, files: dict, args) -> dict:
 
 def timed_run(command: list[str], workdir: Path, env: dict[str, str], what: str) -> float:
     """Run a training ``command`` in ``workdir``; its wall time. Its output goes to
-    ``train-output.log`` there; a failure ends the benchmark naming that file."""
+    ``train-output.log`` there; a failure ends the benchmark with the end of that
+    output (the folder itself is removed unless ``--keep`` names one)."""
     start = time.perf_counter()
     out = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
-    (workdir / "train-output.log").write_text(out.stdout + out.stderr)
+    output = out.stdout + out.stderr
+    (workdir / "train-output.log").write_text(output)
     if out.returncode != 0:
-        raise SystemExit(f"{what} failed (exit {out.returncode}): see {workdir}/train-output.log")
+        tail = "\n".join(output.splitlines()[-25:])
+        raise SystemExit(
+            f"{what} failed (exit {out.returncode}); the end of its output:\n{tail}\n"
+            f"(all of it in {workdir}/train-output.log if --keep names a folder)"
+        )
     return wall
 
 
