@@ -12,6 +12,8 @@ from hpctrain import checkpoint
 from hpctrain.errors import CheckpointError
 
 FIXTURE_V1 = ROOT / "tests" / "fixtures" / "checkpoint-v1-mp_transformer.ckpt"
+# a model of version 2 and what it predicted, computed by that version (json)
+FIXTURE_V2 = ROOT / "tests" / "fixtures" / "checkpoint-v2-mp_transformer.ckpt"
 
 
 def test_an_interrupted_write_leaves_the_old_checkpoint(tmp_path, monkeypatch):
@@ -59,7 +61,7 @@ def test_mp_transformer_of_model_version_1_keeps_its_layout(tmp_path):
     assert old.hypers["angular_messages"] == "attention"
     assert finetune.pretrained_summary(str(FIXTURE_V1))[0]["angular_messages"] == "attention"
     old.save_checkpoint(tmp_path / "again.ckpt")
-    assert checkpoint.load(tmp_path / "again.ckpt")["model_version"] == 2
+    assert checkpoint.load(tmp_path / "again.ckpt")["model_version"] == 3
     again = Model.load_checkpoint(tmp_path / "again.ckpt")
     torch.testing.assert_close(again.state_dict(), old.state_dict())
 
@@ -72,6 +74,39 @@ def test_mp_transformer_of_model_version_1_keeps_its_layout(tmp_path):
     torch.testing.assert_close(
         Model.load_checkpoint(tmp_path / "new.ckpt").state_dict(), new.state_dict()
     )
+
+
+def test_mp_transformer_of_model_version_2_predicts_as_it_did(tmp_path):
+    """A model saved before the channel pairs and the normalisation (model version 2)
+    loads with its layout and gives the energies and forces that version computed;
+    saved again, it is version 3 and keeps the layout. A new model has both."""
+    import ase.io
+
+    from architectures.mp_transformer import __model__ as Model
+    from hpctrain.testing import emt_structures, predict_in_memory
+
+    old = Model.load_checkpoint(FIXTURE_V2)
+    assert old.hypers["angular_products"] == "norms" and old.hypers["normalize"] is False
+    ase.io.write(tmp_path / "frames.xyz", emt_structures(periodic=False, n=2, seed=3))
+    expected = json.loads(FIXTURE_V2.with_suffix(".json").read_text())["predictions"]
+    predicted = predict_in_memory(old, tmp_path / "frames.xyz")
+    for got, want in zip(predicted, expected, strict=True):
+        assert got["energy"] == pytest.approx(want["energy"], rel=1e-5)
+        torch.testing.assert_close(torch.tensor(got["forces"]), torch.tensor(want["forces"]))
+
+    old.save_checkpoint(tmp_path / "again.ckpt")
+    assert checkpoint.load(tmp_path / "again.ckpt")["model_version"] == 3
+    again = Model.load_checkpoint(tmp_path / "again.ckpt")
+    assert again.hypers["angular_products"] == "norms" and again.hypers["normalize"] is False
+    torch.testing.assert_close(again.state_dict(), old.state_dict())
+
+    hypers = {k: v for k, v in old.hypers.items() if k not in ("angular_products", "normalize")}
+    new = Model(hypers, old.dataset_info)
+    d_model, a = hypers["d_model"], hypers["angular_channels"]
+    assert new.layers[0].out.in_features == d_model + a + 2 * a * a  # every channel pair
+    assert old.layers[0].out.in_features == d_model + 3 * a
+    assert isinstance(new.layers[0].feature_norm, torch.nn.LayerNorm)
+    assert isinstance(old.layers[0].feature_norm, torch.nn.Identity)
 
 
 def test_unreadable_and_incompatible_checkpoints_are_named(tmp_path):

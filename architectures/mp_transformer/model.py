@@ -8,20 +8,25 @@ Besides the attention message, which is a weighted mean over the neighbours, eac
 layer keeps neighbour densities that attention cannot express: sums over the
 neighbours (not means), each term faded by the cutoff, of learned radial channels
 alone (l = 0), along the unit vector (l = 1) and along its traceless square
-(l = 2). The l = 0 sums and the squared norms of the l = 1 and l = 2 sums are
-rotation invariant; they say how many neighbours there are at which distances and
-in which arrangement (two- and three-body information), which is what energies,
-forces and stress of dense solids depend on. Forces and stress come from autograd,
-in training and in the exported model alike.
+(l = 2). The l = 0 sums and the dot products of every pair of l = 1 channels and
+of l = 2 channels are rotation invariant; they say how many neighbours there are
+at which distances and in which arrangement (two- and three-body information, as
+a power spectrum does), which is what energies, forces and stress depend on.
+The radial basis is scaled to unit mean square within the cutoff and each layer's
+new features pass a LayerNorm before they join the atom state, so that every
+weight learns from inputs of unit size. Forces and stress come from autograd, in
+training and in the exported model alike.
 
-Models of checkpoint version 1 (before the densities) weighted their l = 1 and
-l = 2 terms by the attention and had no l = 0 sums; ``angular_messages:
-attention`` builds that layout, and their checkpoints load with it.
+Older checkpoints load with the layout they were trained with: version 1 (before
+the densities) weighted its l = 1 and l = 2 terms by the attention and had no
+l = 0 sums (``angular_messages: attention``); version 2 took each channel's squared
+norm alone and did not normalise (``angular_products: norms``, ``normalize:
+false``).
 """
 
 import dataclasses
 import math
-from typing import Any, Dict, List, Literal
+from typing import Any, Dict, List, Literal, Tuple
 
 import torch
 from metatomic.torch import NeighborListOptions
@@ -48,11 +53,27 @@ class ModelHypers:
         "'attention': l=1 and 2 means weighted by the attention (the layout of "
         "checkpoint version 1, which loads with it).",
     )
+    angular_products: Literal["pairs", "norms"] = option(
+        "pairs",
+        doc="Invariants of the l=1 and l=2 densities: 'pairs', the dot product of every "
+        "pair of channels (angular_channels**2 of each l: how the channels' directions "
+        "relate, the three-body information of a power spectrum); 'norms', each "
+        "channel's squared norm alone (the layout of checkpoint version 2).",
+    )
+    normalize: bool = option(
+        True,
+        doc="Bring what each layer learns from to unit size: a radial basis of unit "
+        "mean square over neighbours spread evenly within the cutoff, and a LayerNorm "
+        "over each layer's message and density invariants before they join the atom "
+        "state. Without it (checkpoints of version 2 and before) those inputs are "
+        "about a tenth of unit size, which slows learning several-fold.",
+    )
     density_scale: float = option(
         0.3,
         doc="Factor on every neighbour's term in the neighbour densities. The "
         "densities are sums, so they grow with the number of neighbours (about 50 "
-        "within 5 A in a dense metal); this keeps them near unit size.",
+        "within 5 A in a dense metal); this keeps them near unit size. With "
+        "'normalize' it sets their size against the attention message's.",
     )
 
     def validate(self, path: str, source: str) -> None:
@@ -72,6 +93,18 @@ class ModelHypers:
             )
 
 
+def radial_normalization(frequencies: torch.Tensor, cutoff: float) -> torch.Tensor:
+    """The factor that gives each radial function ``sin(k r) / r``, faded by the
+    cosine cutoff, unit mean square over neighbours spread evenly within the cutoff
+    sphere (weight ``r**2``): about ``4 / 3`` times the cutoff (6.7 at 5 A)."""
+    r = torch.linspace(0.0, cutoff, 20001, dtype=torch.float64)[1:]
+    fade = 0.5 * (torch.cos(math.pi * r / cutoff) + 1.0)
+    basis = torch.sin(frequencies.double() * r.unsqueeze(1)) / r.unsqueeze(1)
+    weight = (r * r).unsqueeze(1)
+    mean_square = (weight * (basis * fade.unsqueeze(1)) ** 2).sum(0) / weight.sum()
+    return mean_square.rsqrt().to(frequencies.dtype)
+
+
 class AttentionLayer(torch.nn.Module):
     def __init__(
         self,
@@ -81,6 +114,8 @@ class AttentionLayer(torch.nn.Module):
         angular: int,
         densities: bool,
         density_scale: float,
+        pairs: bool,
+        normalize: bool,
     ):
         super().__init__()
         self.num_heads = num_heads
@@ -88,14 +123,18 @@ class AttentionLayer(torch.nn.Module):
         self.angular = angular
         self.densities = densities
         self.density_scale = density_scale
+        self.pairs = pairs
         channels = d_model + (3 if densities else 2) * angular
+        invariants = angular * angular if pairs else angular
+        n_features = d_model + (angular if densities else 0) + 2 * invariants
         self.norm = torch.nn.LayerNorm(d_model)
         self.query = torch.nn.Linear(d_model, d_model)
         self.key = torch.nn.Linear(d_model, d_model)
         self.value = torch.nn.Linear(d_model, channels)
         self.radial_key = torch.nn.Linear(num_radial, d_model)
         self.radial_value = torch.nn.Linear(num_radial, channels)
-        self.out = torch.nn.Linear(channels, d_model)
+        self.feature_norm = torch.nn.LayerNorm(n_features) if normalize else torch.nn.Identity()
+        self.out = torch.nn.Linear(n_features, d_model)
         self.feed_forward = torch.nn.Sequential(
             torch.nn.LayerNorm(d_model),
             torch.nn.Linear(d_model, 2 * d_model),
@@ -152,8 +191,13 @@ class AttentionLayer(torch.nn.Module):
         l0 = h.new_zeros(n_atoms, n_l0).index_add(0, centers, channels[:, :n_l0])
         l1 = h.new_zeros(n_atoms, a, 3).index_add(0, centers, v1)
         l2 = h.new_zeros(n_atoms, a, 9).index_add(0, centers, v2)
-        features = torch.cat([message, l0, (l1 * l1).sum(-1), (l2 * l2).sum(-1)], dim=1)
-        h = h + self.out(features)
+        if self.pairs:  # every pair of channels: [atoms, a, a] per l
+            p1 = torch.bmm(l1, l1.transpose(1, 2)).reshape(n_atoms, a * a)
+            p2 = torch.bmm(l2, l2.transpose(1, 2)).reshape(n_atoms, a * a)
+        else:
+            p1, p2 = (l1 * l1).sum(-1), (l2 * l2).sum(-1)
+        features = torch.cat([message, l0, p1, p2], dim=1)
+        h = h + self.out(self.feature_norm(features))
         return h + self.feed_forward(h)
 
 
@@ -161,7 +205,7 @@ class MessagePassingTransformer(ReferenceModel):
     """See the module doc. Hypers: :class:`ModelHypers`."""
 
     __hypers__ = ModelHypers
-    __checkpoint_version__ = 2  # 2: neighbour densities
+    __checkpoint_version__ = 3  # 2: neighbour densities; 3: pairs, normalize
     __supported_devices__ = ["cuda", "cpu"]
     __supported_dtypes__ = [torch.float32, torch.float64]
 
@@ -176,6 +220,11 @@ class MessagePassingTransformer(ReferenceModel):
             "frequencies",
             math.pi / self.cutoff * torch.arange(1, c.num_radial + 1, dtype=torch.float32),
         )
+        radial_norm = radial_normalization(self.frequencies, self.cutoff)
+        if not c.normalize:
+            radial_norm = torch.ones_like(radial_norm)
+        # a function of the hypers: recomputed, not kept in checkpoints
+        self.register_buffer("radial_norm", radial_norm, persistent=False)
         self.layers = torch.nn.ModuleList(
             [
                 AttentionLayer(
@@ -185,6 +234,8 @@ class MessagePassingTransformer(ReferenceModel):
                     c.angular_channels,
                     c.angular_messages == "densities",
                     c.density_scale,
+                    c.angular_products == "pairs",
+                    c.normalize,
                 )
                 for _ in range(c.num_layers)
             ]
@@ -200,7 +251,9 @@ class MessagePassingTransformer(ReferenceModel):
     @torch.jit.unused
     def upgrade_hypers(cls, hypers: Dict[str, Any], version: int) -> Dict[str, Any]:
         if version < 2:  # before the neighbour densities
-            return {**hypers, "angular_messages": "attention"}
+            hypers = {**hypers, "angular_messages": "attention"}
+        if version < 3:  # before the channel pairs and the normalisation
+            hypers = {**hypers, "angular_products": "norms", "normalize": False}
         return hypers
 
     @property
@@ -216,6 +269,18 @@ class MessagePassingTransformer(ReferenceModel):
     def head_modules(self) -> List[str]:
         return ["readout"]
 
+    def radial_basis(self, distances: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The radial basis ``[pairs, num_radial]`` of the pair ``distances``, faded
+        by the cosine cutoff, and that fade ``[pairs]``."""
+        smooth = torch.where(
+            distances < self.cutoff,
+            0.5 * (torch.cos(math.pi * distances / self.cutoff) + 1.0),
+            torch.zeros_like(distances),
+        )
+        safe = torch.where(distances > 1e-6, distances, torch.ones_like(distances))
+        radial = torch.sin(self.frequencies * safe.unsqueeze(1)) / safe.unsqueeze(1)
+        return radial * (self.radial_norm * smooth.unsqueeze(1)), smooth
+
     def atomic_outputs(
         self,
         type_index: torch.Tensor,
@@ -225,15 +290,8 @@ class MessagePassingTransformer(ReferenceModel):
         type_counts: List[int],
     ) -> torch.Tensor:
         distances = torch.linalg.vector_norm(vectors_, dim=1)
-        inside = distances < self.cutoff
-        smooth = torch.where(
-            inside,
-            0.5 * (torch.cos(math.pi * distances / self.cutoff) + 1.0),
-            torch.zeros_like(distances),
-        )
+        radial, smooth = self.radial_basis(distances)
         safe = torch.where(distances > 1e-6, distances, torch.ones_like(distances))
-        radial = torch.sin(self.frequencies * safe.unsqueeze(1)) / safe.unsqueeze(1)
-        radial = radial * smooth.unsqueeze(1)
         unit = vectors_ / safe.unsqueeze(1)
 
         h = self.embedding(type_index)
