@@ -103,7 +103,8 @@ def test_mp_transformer_of_model_version_2_predicts_as_it_did(tmp_path):
     hypers = {k: v for k, v in old.hypers.items() if k not in ("angular_products", "normalize")}
     new = Model(hypers, old.dataset_info)
     d_model, a = hypers["d_model"], hypers["angular_channels"]
-    assert new.layers[0].out.in_features == d_model + a + 2 * a * a  # every channel pair
+    degrees = new.config.max_angular  # every channel pair of every degree
+    assert new.layers[0].out.in_features == d_model + a + degrees * a * a
     assert old.layers[0].out.in_features == d_model + 3 * a
     assert isinstance(new.layers[0].feature_norm, torch.nn.LayerNorm)
     assert isinstance(old.layers[0].feature_norm, torch.nn.Identity)
