@@ -99,6 +99,7 @@ def test_mp_transformer_of_model_version_2_predicts_as_it_did(tmp_path):
     again = Model.load_checkpoint(tmp_path / "again.ckpt")
     assert again.hypers["angular_products"] == "norms" and again.hypers["normalize"] is False
     torch.testing.assert_close(again.state_dict(), old.state_dict())
+    again.export().save(str(tmp_path / "model.pt"))  # compiles to TorchScript
 
     hypers = {k: v for k, v in old.hypers.items() if k not in ("angular_products", "normalize")}
     new = Model(hypers, old.dataset_info)

@@ -163,6 +163,8 @@ def spherical_harmonics_basis(
 
 
 class AttentionLayer(torch.nn.Module):
+    degrees: List[Tuple[int, int]]  # (for TorchScript, which cannot type an empty list)
+
     def __init__(
         self,
         d_model: int,
