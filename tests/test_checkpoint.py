@@ -77,7 +77,7 @@ def test_mp_transformer_of_model_version_1_keeps_its_layout(tmp_path):
 
 
 def test_mp_transformer_of_model_version_2_predicts_as_it_did(tmp_path):
-    """A model saved before the channel pairs and the normalisation (model version 2)
+    """A model saved before the channel pairs and the radial normalisation (version 2)
     loads with its layout and gives the energies and forces that version computed;
     saved again, it is version 3 and keeps the layout. A new model has both."""
     import ase.io
@@ -86,7 +86,7 @@ def test_mp_transformer_of_model_version_2_predicts_as_it_did(tmp_path):
     from hpctrain.testing import emt_structures, predict_in_memory
 
     old = Model.load_checkpoint(FIXTURE_V2)
-    assert old.hypers["angular_products"] == "norms" and old.hypers["normalize"] is False
+    assert old.hypers["angular_products"] == "norms" and old.hypers["normalize_radial"] is False
     ase.io.write(tmp_path / "frames.xyz", emt_structures(periodic=False, n=2, seed=3))
     expected = json.loads(FIXTURE_V2.with_suffix(".json").read_text())["predictions"]
     predicted = predict_in_memory(old, tmp_path / "frames.xyz")
@@ -97,18 +97,20 @@ def test_mp_transformer_of_model_version_2_predicts_as_it_did(tmp_path):
     old.save_checkpoint(tmp_path / "again.ckpt")
     assert checkpoint.load(tmp_path / "again.ckpt")["model_version"] == 3
     again = Model.load_checkpoint(tmp_path / "again.ckpt")
-    assert again.hypers["angular_products"] == "norms" and again.hypers["normalize"] is False
+    assert again.hypers["angular_products"] == "norms" and again.hypers["normalize_radial"] is False
     torch.testing.assert_close(again.state_dict(), old.state_dict())
     again.export().save(str(tmp_path / "model.pt"))  # compiles to TorchScript
 
-    hypers = {k: v for k, v in old.hypers.items() if k not in ("angular_products", "normalize")}
+    hypers = {
+        k: v for k, v in old.hypers.items() if k not in ("angular_products", "normalize_radial")
+    }
     new = Model(hypers, old.dataset_info)
     d_model, a = hypers["d_model"], hypers["angular_channels"]
     degrees = new.config.max_angular  # every channel pair of every degree
     assert new.layers[0].out.in_features == d_model + a + degrees * a * a
     assert old.layers[0].out.in_features == d_model + 3 * a
-    assert isinstance(new.layers[0].feature_norm, torch.nn.LayerNorm)
-    assert isinstance(old.layers[0].feature_norm, torch.nn.Identity)
+    torch.testing.assert_close(old.radial_norm, torch.ones_like(old.radial_norm))
+    assert (new.radial_norm > 4).all()
 
 
 def test_unreadable_and_incompatible_checkpoints_are_named(tmp_path):

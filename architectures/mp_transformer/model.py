@@ -13,16 +13,15 @@ every pair of channels are rotation invariant (a power spectrum: sums over pairs
 neighbours of their channels times the Legendre polynomial of the angle between
 them); they say how many neighbours there are at which distances and in which
 arrangement, which is what energies, forces and stress depend on. The radial basis
-is scaled to unit mean square within the cutoff, and each layer's new features pass
-a LayerNorm before they join the atom state, so that every weight learns from
-inputs of unit size. Forces and stress come from autograd, in training and in the
-exported model alike.
+is scaled to unit mean square within the cutoff, so that the weights of keys,
+values and densities learn from inputs of unit size. Forces and stress come from
+autograd, in training and in the exported model alike.
 
 Older checkpoints load with the layout they were trained with: version 1 (before
 the densities) weighted its l = 1 and l = 2 terms by the attention and had no
 l = 0 sums (``angular_messages: attention``); version 2 took the squared norm of
 each channel's l = 1 and l = 2 sums alone and did not normalise
-(``angular_products: norms``, ``normalize: false``).
+(``angular_products: norms``, ``normalize_radial: false``).
 """
 
 import dataclasses
@@ -70,20 +69,19 @@ class ModelHypers:
         "'norms', each channel's squared norm alone (the layout of checkpoint "
         "version 2; max_angular 2).",
     )
-    normalize: bool = option(
+    normalize_radial: bool = option(
         True,
-        doc="Bring what each layer learns from to unit size: a radial basis of unit "
-        "mean square over neighbours spread evenly within the cutoff, and a LayerNorm "
-        "over each layer's message and density invariants before they join the atom "
-        "state. Without it (checkpoints of version 2 and before) those inputs are "
-        "about a tenth of unit size, which slows learning several-fold.",
+        doc="Scale each radial function to unit mean square over neighbours spread "
+        "evenly within the cutoff (6.7 times the plain Bessel function at 5 A). "
+        "Without it (checkpoints of version 2 and before) the keys, values and "
+        "densities learn from inputs a tenth of unit size, which slows learning "
+        "several-fold.",
     )
     density_scale: float = option(
         0.3,
         doc="Factor on every neighbour's term in the neighbour densities. The "
         "densities are sums, so they grow with the number of neighbours (about 50 "
-        "within 5 A in a dense metal); this keeps them near unit size. With "
-        "'normalize' it sets their size against the attention message's.",
+        "within 5 A in a dense metal); this keeps them near unit size.",
     )
 
     def validate(self, path: str, source: str) -> None:
@@ -174,7 +172,6 @@ class AttentionLayer(torch.nn.Module):
         densities: bool,
         density_scale: float,
         degrees: List[Tuple[int, int]],
-        normalize: bool,
     ):
         super().__init__()
         self.num_heads = num_heads
@@ -194,7 +191,6 @@ class AttentionLayer(torch.nn.Module):
         self.value = torch.nn.Linear(d_model, channels)
         self.radial_key = torch.nn.Linear(num_radial, d_model)
         self.radial_value = torch.nn.Linear(num_radial, channels)
-        self.feature_norm = torch.nn.LayerNorm(n_features) if normalize else torch.nn.Identity()
         self.out = torch.nn.Linear(n_features, d_model)
         self.feed_forward = torch.nn.Sequential(
             torch.nn.LayerNorm(d_model),
@@ -265,7 +261,7 @@ class AttentionLayer(torch.nn.Module):
             invariants = [(l1 * l1).sum(-1), (l2 * l2).sum(-1)]
         l0 = h.new_zeros(n_atoms, n_l0).index_add(0, centers, channels[:, :n_l0])
         features = torch.cat([message, l0] + invariants, dim=1)
-        h = h + self.out(self.feature_norm(features))
+        h = h + self.out(features)
         return h + self.feed_forward(h)
 
 
@@ -273,7 +269,7 @@ class MessagePassingTransformer(ReferenceModel):
     """See the module doc. Hypers: :class:`ModelHypers`."""
 
     __hypers__ = ModelHypers
-    __checkpoint_version__ = 3  # 2: neighbour densities; 3: pairs, normalize
+    __checkpoint_version__ = 3  # 2: neighbour densities; 3: pairs, normalize_radial
     __supported_devices__ = ["cuda", "cpu"]
     __supported_dtypes__ = [torch.float32, torch.float64]
 
@@ -289,7 +285,7 @@ class MessagePassingTransformer(ReferenceModel):
             math.pi / self.cutoff * torch.arange(1, c.num_radial + 1, dtype=torch.float32),
         )
         radial_norm = radial_normalization(self.frequencies, self.cutoff)
-        if not c.normalize:
+        if not c.normalize_radial:
             radial_norm = torch.ones_like(radial_norm)
         self.max_angular = int(c.max_angular)
         degrees: List[Tuple[int, int]] = []
@@ -314,7 +310,6 @@ class MessagePassingTransformer(ReferenceModel):
                     c.angular_messages == "densities",
                     c.density_scale,
                     degrees,
-                    c.normalize,
                 )
                 for _ in range(c.num_layers)
             ]
@@ -332,7 +327,7 @@ class MessagePassingTransformer(ReferenceModel):
         if version < 2:  # before the neighbour densities
             hypers = {**hypers, "angular_messages": "attention"}
         if version < 3:  # before the channel pairs and the normalisation
-            hypers = {**hypers, "angular_products": "norms", "normalize": False}
+            hypers = {**hypers, "angular_products": "norms", "normalize_radial": False}
             hypers["max_angular"] = 2
         return hypers
 

@@ -14,7 +14,7 @@ class TestMessagePassingTransformer(ArchitectureTests):
 
 @pytest.mark.parametrize("cutoff", [3.0, 5.0, 6.5])
 def test_the_radial_basis_has_unit_mean_square_within_the_cutoff(cutoff):
-    """With ``normalize``, each radial function (faded by the cutoff) has mean
+    """With ``normalize_radial``, each radial function (faded by the cutoff) has mean
     square 1 over neighbours spread evenly in the cutoff sphere; without it, far
     less (what slowed learning)."""
     import torch
@@ -29,7 +29,7 @@ def test_the_radial_basis_has_unit_mean_square_within_the_cutoff(cutoff):
     hypers = {"cutoff": cutoff, "num_radial": 6}
     radial, _ = Model(hypers, info).radial_basis(distances)
     torch.testing.assert_close(radial.pow(2).mean(0), torch.ones(6), rtol=0.03, atol=0.0)
-    plain, _ = Model({**hypers, "normalize": False}, info).radial_basis(distances)
+    plain, _ = Model({**hypers, "normalize_radial": False}, info).radial_basis(distances)
     assert (plain.pow(2).mean(0) < 0.2).all()
 
 
