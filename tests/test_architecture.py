@@ -172,7 +172,7 @@ def test_resolve_third_party_merges_default_hypers(tmp_path, monkeypatch, clean_
     assert arch.model_hypers["d_model"] == 64
     assert arch.model_hypers["num_heads"] == 4
     assert arch.training_hypers["num_epochs"] == 3
-    assert arch.training_hypers["learning_rate"] == 3e-3
+    assert arch.training_hypers["learning_rate"] == 2e-3
     assert arch.training_hypers["warmup_epochs"] == 1.0
     # plain data, as written to the resolved options file
     assert json.loads(json.dumps(arch.model_hypers)) == arch.model_hypers
@@ -181,7 +181,7 @@ def test_resolve_third_party_merges_default_hypers(tmp_path, monkeypatch, clean_
 def test_resolve_builtin_defaults_and_bad_hypers():
     arch = resolve("mp_transformer", {}, {})
     assert arch.model_hypers["cutoff"] == 5.0
-    assert arch.training_hypers["learning_rate"] == 3e-3
+    assert arch.training_hypers["learning_rate"] == 2e-3
     with pytest.raises(OptionsError, match=r"architecture\.model\.cutof.*did you mean 'cutoff'"):
         resolve("mp_transformer", {"cutof": 4.0}, {}, "opts.yaml")
     with pytest.raises(OptionsError, match=r"architecture\.model.*num_heads.*d_model"):
