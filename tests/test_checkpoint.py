@@ -83,10 +83,13 @@ def test_mp_transformer_of_model_version_2_predicts_as_it_did(tmp_path):
     import ase.io
 
     from architectures.mp_transformer import __model__ as Model
+    from hpctrain import finetune
     from hpctrain.testing import emt_structures, predict_in_memory
 
     old = Model.load_checkpoint(FIXTURE_V2)
     assert old.hypers["angular_products"] == "norms" and old.hypers["normalize_radial"] is False
+    summary = finetune.pretrained_summary(str(FIXTURE_V2))[0]  # what fine-tuning builds
+    assert summary["angular_products"] == "norms" and summary["normalize_radial"] is False
     ase.io.write(tmp_path / "frames.xyz", emt_structures(periodic=False, n=2, seed=3))
     expected = json.loads(FIXTURE_V2.with_suffix(".json").read_text())["predictions"]
     predicted = predict_in_memory(old, tmp_path / "frames.xyz")
