@@ -341,4 +341,4 @@ def test_finetune_benchmark_quick(tmp_path):
         for data in ("ethanol", "aspirin"):
             assert row[data]["forces_rmse_ev_per_a"] > 0
     log = (tmp_path / "w" / "20-lora-refit" / "run" / "train.log").read_text()
-    assert "(method lora, rank 4): 9,472 parameters train" in log
+    assert "(method lora, rank 4): 13,312 parameters train" in log
