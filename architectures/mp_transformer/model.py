@@ -106,58 +106,75 @@ class ModelHypers:
             )
 
 
-def radial_normalization(frequencies: torch.Tensor, cutoff: float) -> torch.Tensor:
-    """The factor that gives each radial function ``sin(k r) / r``, faded by the
-    cosine cutoff, unit mean square over neighbours spread evenly within the cutoff
-    sphere (weight ``r**2``): about ``4 / 3`` times the cutoff (6.7 at 5 A)."""
-    r = torch.linspace(0.0, cutoff, 20001, dtype=torch.float64)[1:]
-    fade = 0.5 * (torch.cos(math.pi * r / cutoff) + 1.0)
-    basis = torch.sin(frequencies.double() * r.unsqueeze(1)) / r.unsqueeze(1)
-    weight = (r * r).unsqueeze(1)
-    mean_square = (weight * (basis * fade.unsqueeze(1)) ** 2).sum(0) / weight.sum()
-    return mean_square.rsqrt().to(frequencies.dtype)
+def radial_normalization(num_radial: int, cutoff: float) -> torch.Tensor:
+    """The factors ``[num_radial]`` (float64) that give each radial function
+    ``sin(n pi r / c) / r``, faded by the cosine cutoff, unit mean square over
+    neighbours spread evenly within the cutoff sphere (weight ``r**2``). The mean
+    square is ``3 / c**3`` times the integral of ``sin(n pi r / c)**2`` times the
+    squared fade, ``15 / (32 c**2)`` for ``n = 1`` and ``9 / (16 c**2)`` beyond: a
+    closed form, so every process builds the same model bit for bit."""
+    factors = [cutoff * math.sqrt(32 / 15)] + [cutoff * 4 / 3] * (num_radial - 1)
+    return torch.tensor(factors[:num_radial], dtype=torch.float64)
+
+
+def solid_harmonics(degree: int) -> List[Dict[Tuple[int, int, int], float]]:
+    """The ``2 l + 1`` real solid harmonics of degree ``l``, as polynomials
+    ``{(i, j, k): coefficient of x**i y**j z**k}``, normalised as Racah's (so that
+    on unit vectors ``sum_m S_m(u) S_m(v)`` is the Legendre polynomial of ``u . v``);
+    the closed form of Helgaker, Jorgensen and Olsen, Molecular Electronic-Structure
+    Theory, eq. 6.4.48."""
+    harmonics = []
+    for m in range(-degree, degree + 1):
+        am, twice_vm = abs(m), (0 if m >= 0 else 1)
+        norm = math.sqrt(
+            2 * math.factorial(degree + am) * math.factorial(degree - am) / (2 if m == 0 else 1)
+        ) / (2**am * math.factorial(degree))
+        polynomial: Dict[Tuple[int, int, int], float] = {}
+        for t in range((degree - am) // 2 + 1):
+            for u in range(t + 1):
+                for twice_v in range(twice_vm, am + 1, 2):  # v = v_m, v_m + 1, ...
+                    sign = (-1) ** (t + (twice_v - twice_vm) // 2)
+                    coefficient = (
+                        sign
+                        * 0.25**t
+                        * math.comb(degree, t)
+                        * math.comb(degree - t, am + t)
+                        * math.comb(t, u)
+                        * math.comb(am, twice_v)
+                    )
+                    power = (2 * t + am - 2 * u - twice_v, 2 * u + twice_v, degree - 2 * t - am)
+                    polynomial[power] = polynomial.get(power, 0.0) + norm * coefficient
+        harmonics.append(polynomial)
+    return harmonics
 
 
 def spherical_harmonics_basis(
     max_degree: int,
 ) -> Tuple[torch.Tensor, torch.Tensor, List[Tuple[int, int]]]:
     """Real spherical harmonics of degree 1 .. ``max_degree`` as polynomials of a
-    unit vector ``u``: the exponents ``[M, 3]`` of the monomials ``x**i y**j z**l``
-    of each degree, a block-diagonal ``[H, M]`` projection onto the ``2 k + 1``
-    harmonics of each degree ``k``, and each degree's ``[start, stop)`` among the
-    ``H`` harmonics. Within a degree the harmonics ``Y(u)`` satisfy
-    ``Y(u) . Y(v) = P_k(u . v)`` (Legendre), so the dot products of sums over
-    neighbours are the angular terms of a power spectrum; the projection is found
-    by least squares on points of the sphere (exact to rounding)."""
+    unit vector: the exponents ``[M, 3]`` of the monomials ``x**i y**j z**k`` of
+    each degree, the ``[H, M]`` coefficients (float64) of the ``2 l + 1`` harmonics
+    of each degree (:func:`solid_harmonics`), and each degree's ``[start, stop)``
+    among the ``H`` harmonics. Within a degree, ``Y(u) . Y(v) = P_l(u . v)``, so the
+    dot products of sums over neighbours are the angular terms of a power
+    spectrum."""
     exponents = [
         (i, j, k - i - j)
         for k in range(1, max_degree + 1)
         for i in range(k, -1, -1)
         for j in range(k - i, -1, -1)
     ]
-    table = torch.tensor(exponents)
-    points = torch.nn.functional.normalize(
-        torch.randn(400, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)),
-        dim=1,
-    )
-    cosines = points @ points.t()
-    projection = torch.zeros(sum(2 * k + 1 for k in range(1, max_degree + 1)), len(table))
+    column = {power: n for n, power in enumerate(exponents)}
+    rows: List[List[float]] = []
     degrees: List[Tuple[int, int]] = []
-    legendre = [torch.ones_like(cosines), cosines]
-    for k in range(2, max_degree + 1):
-        legendre.append(((2 * k - 1) * cosines * legendre[-1] - (k - 1) * legendre[-2]) / k)
-    for k in range(1, max_degree + 1):
-        columns = (table.sum(1) == k).nonzero().squeeze(1)
-        monomials = points.unsqueeze(1).pow(table[columns].unsqueeze(0)).prod(-1)  # [N, m]
-        inverse = torch.linalg.pinv(monomials)
-        gram = inverse @ legendre[k] @ inverse.t()  # monomials' metric giving P_k
-        values, vectors = torch.linalg.eigh((gram + gram.t()) / 2)
-        keep = values.argsort(descending=True)[: 2 * k + 1]
-        start = degrees[-1][1] if degrees else 0
-        block = (vectors[:, keep] * values[keep].sqrt()).t()
-        projection[start : start + 2 * k + 1, columns] = block.float()
-        degrees.append((start, start + 2 * k + 1))
-    return table, projection, degrees
+    for degree in range(1, max_degree + 1):
+        degrees.append((len(rows), len(rows) + 2 * degree + 1))
+        for polynomial in solid_harmonics(degree):
+            row = [0.0] * len(exponents)
+            for power, coefficient in polynomial.items():
+                row[column[power]] = coefficient
+            rows.append(row)
+    return torch.tensor(exponents), torch.tensor(rows, dtype=torch.float64), degrees
 
 
 class AttentionLayer(torch.nn.Module):
@@ -284,16 +301,17 @@ class MessagePassingTransformer(ReferenceModel):
             "frequencies",
             math.pi / self.cutoff * torch.arange(1, c.num_radial + 1, dtype=torch.float32),
         )
-        radial_norm = radial_normalization(self.frequencies, self.cutoff)
+        radial_norm = radial_normalization(c.num_radial, self.cutoff)
         if not c.normalize_radial:
             radial_norm = torch.ones_like(radial_norm)
         self.max_angular = int(c.max_angular)
         degrees: List[Tuple[int, int]] = []
-        exponents, projection = torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 0)
+        exponents = torch.zeros(0, 3, dtype=torch.long)
+        projection = torch.zeros(0, 0, dtype=torch.float64)
         if c.angular_products == "pairs":
             exponents, projection, degrees = spherical_harmonics_basis(self.max_angular)
         degree_of = [d for d, (start, stop) in enumerate(degrees) for _ in range(start, stop)]
-        # functions of the hypers: recomputed, not kept in checkpoints
+        # functions of the hypers in closed form: recomputed, not kept in checkpoints
         self.register_buffer("radial_norm", radial_norm, persistent=False)
         self.register_buffer("monomial_exponents", exponents, persistent=False)
         self.register_buffer("harmonics", projection, persistent=False)
@@ -354,7 +372,8 @@ class MessagePassingTransformer(ReferenceModel):
         )
         safe = torch.where(distances > 1e-6, distances, torch.ones_like(distances))
         radial = torch.sin(self.frequencies * safe.unsqueeze(1)) / safe.unsqueeze(1)
-        return radial * (self.radial_norm * smooth.unsqueeze(1)), smooth
+        norm = self.radial_norm.to(distances.dtype)  # (float64 until the model is cast)
+        return radial * (norm * smooth.unsqueeze(1)), smooth
 
     def angular_basis(self, unit: torch.Tensor) -> torch.Tensor:
         """``[pairs, H]``: the spherical harmonics of the unit vectors (see
@@ -371,7 +390,7 @@ class MessagePassingTransformer(ReferenceModel):
             * table[:, :, 1].index_select(1, exponents[:, 1])
             * table[:, :, 2].index_select(1, exponents[:, 2])
         )
-        return monomials @ self.harmonics.t()
+        return monomials @ self.harmonics.to(unit.dtype).t()
 
     def atomic_outputs(
         self,
