@@ -80,7 +80,7 @@ def test_single_process_writes_every_output(single_run):
     resolved = yaml.safe_load((run_dir / "options.resolved.yaml").read_text())
     assert resolved["seed"] == 1234
     assert resolved["architecture"]["model"]["d_model"] == 16
-    assert resolved["architecture"]["training"]["learning_rate"] == 3e-3  # default merged
+    assert resolved["architecture"]["training"]["learning_rate"] == 2e-3  # default merged
     rows = (run_dir / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("epoch,step,learning_rate,train_loss")
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
