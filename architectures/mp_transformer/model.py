@@ -196,7 +196,7 @@ class AttentionLayer(torch.nn.Module):
         self.angular = angular
         self.densities = densities
         self.density_scale = density_scale
-        # with pairs: the monomials [start, stop) of each degree k = 1, 2, ...
+        # with pairs: the harmonics [start, stop) of each degree l = 1, 2, ...
         self.degrees = degrees
         n_powers = len(degrees) if degrees else 2
         channels = d_model + (n_powers + (1 if densities else 0)) * angular
@@ -224,7 +224,7 @@ class AttentionLayer(torch.nn.Module):
         radial: torch.Tensor,
         smooth: torch.Tensor,
         unit: torch.Tensor,
-        monomials: torch.Tensor,
+        harmonics: torch.Tensor,
         degree_of: torch.Tensor,
     ) -> torch.Tensor:
         n_atoms, n_edges = h.shape[0], centers.shape[0]
@@ -260,11 +260,11 @@ class AttentionLayer(torch.nn.Module):
         if self.degrees:  # dot products of every pair of channels, per degree
             n_l0 = channels.shape[1] - len(self.degrees) * a
             per_degree = channels[:, n_l0:].reshape(n_edges, len(self.degrees), a)
-            terms = per_degree.index_select(1, degree_of) * monomials.unsqueeze(2)
-            sums = h.new_zeros(n_atoms, monomials.shape[1], a).index_add(0, centers, terms)
+            terms = per_degree.index_select(1, degree_of) * harmonics.unsqueeze(2)
+            sums = h.new_zeros(n_atoms, harmonics.shape[1], a).index_add(0, centers, terms)
             invariants = []
             for start, stop in self.degrees:
-                density = sums[:, start:stop]  # [atoms, monomials of degree k, a]
+                density = sums[:, start:stop]  # [atoms, harmonics of degree l, a]
                 gram = torch.bmm(density.transpose(1, 2), density)
                 invariants.append(gram.reshape(n_atoms, a * a))
         else:  # (version 2 and before) squared norms of l = 1 and 2 sums
@@ -314,7 +314,7 @@ class MessagePassingTransformer(ReferenceModel):
         # functions of the hypers in closed form: recomputed, not kept in checkpoints
         self.register_buffer("radial_norm", radial_norm, persistent=False)
         self.register_buffer("monomial_exponents", exponents, persistent=False)
-        self.register_buffer("harmonics", projection, persistent=False)
+        self.register_buffer("harmonic_coefficients", projection, persistent=False)
         self.register_buffer(
             "degree_of", torch.tensor(degree_of, dtype=torch.long), persistent=False
         )
@@ -390,7 +390,7 @@ class MessagePassingTransformer(ReferenceModel):
             * table[:, :, 1].index_select(1, exponents[:, 1])
             * table[:, :, 2].index_select(1, exponents[:, 2])
         )
-        return monomials @ self.harmonics.to(unit.dtype).t()
+        return monomials @ self.harmonic_coefficients.to(unit.dtype).t()
 
     def atomic_outputs(
         self,
@@ -404,9 +404,9 @@ class MessagePassingTransformer(ReferenceModel):
         radial, smooth = self.radial_basis(distances)
         safe = torch.where(distances > 1e-6, distances, torch.ones_like(distances))
         unit = vectors_ / safe.unsqueeze(1)
-        monomials = self.angular_basis(unit)
+        harmonics = self.angular_basis(unit)
 
         h = self.embedding(type_index)
         for layer in self.layers:
-            h = layer(h, centers_, neighbors_, radial, smooth, unit, monomials, self.degree_of)
+            h = layer(h, centers_, neighbors_, radial, smooth, unit, harmonics, self.degree_of)
         return self.readout(h)
