@@ -58,8 +58,8 @@ class ModelHypers:
         doc="Highest degree of the spherical harmonics in the angular densities "
         "(degrees 1 .. max_angular); their products resolve the angle between two "
         "neighbours as Legendre polynomials of its cosine up to this degree, as a "
-        "power spectrum's l does. 3 or 4 learned forces of molecules better and "
-        "energies and forces of BaTiO3 worse in the accuracy benchmark.",
+        "power spectrum's l does. 3 or 4 learned ethanol's forces better and BaTiO3's "
+        "energies and stress worse in the accuracy benchmark (docs/benchmarks.rst).",
     )
     angular_products: Literal["pairs", "norms"] = option(
         "pairs",
@@ -74,8 +74,8 @@ class ModelHypers:
         doc="Scale each radial function to unit mean square over neighbours spread "
         "evenly within the cutoff (6.7 times the plain Bessel function at 5 A). "
         "Without it (checkpoints of version 2 and before) the keys, values and "
-        "densities learn from inputs a tenth of unit size, which slows learning "
-        "several-fold.",
+        "densities learn from inputs a tenth of unit size, and more slowly "
+        "(docs/benchmarks.rst, mp_transformer version 3).",
     )
     density_scale: float = option(
         0.3,
@@ -198,9 +198,9 @@ class AttentionLayer(torch.nn.Module):
         self.density_scale = density_scale
         # with pairs: the harmonics [start, stop) of each degree l = 1, 2, ...
         self.degrees = degrees
-        n_powers = len(degrees) if degrees else 2
-        channels = d_model + (n_powers + (1 if densities else 0)) * angular
-        invariants = n_powers * (angular * angular if degrees else angular)
+        n_degrees = len(degrees) if degrees else 2
+        channels = d_model + (n_degrees + (1 if densities else 0)) * angular
+        invariants = n_degrees * (angular * angular if degrees else angular)
         n_features = d_model + (angular if densities else 0) + invariants
         self.norm = torch.nn.LayerNorm(d_model)
         self.query = torch.nn.Linear(d_model, d_model)
@@ -345,8 +345,8 @@ class MessagePassingTransformer(ReferenceModel):
         if version < 2:  # before the neighbour densities
             hypers = {**hypers, "angular_messages": "attention"}
         if version < 3:  # before the channel pairs and the normalisation
-            hypers = {**hypers, "angular_products": "norms", "normalize_radial": False}
-            hypers["max_angular"] = 2
+            old = {"angular_products": "norms", "normalize_radial": False, "max_angular": 2}
+            hypers = {**hypers, **old}
         return hypers
 
     @property
@@ -362,15 +362,17 @@ class MessagePassingTransformer(ReferenceModel):
     def head_modules(self) -> List[str]:
         return ["readout"]
 
-    def radial_basis(self, distances: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def radial_basis(
+        self, distances: torch.Tensor, safe: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """The radial basis ``[pairs, num_radial]`` of the pair ``distances``, faded
-        by the cosine cutoff, and that fade ``[pairs]``."""
+        by the cosine cutoff, and that fade ``[pairs]``; ``safe`` are the distances
+        with those below 1e-6 set to 1 (the divisor)."""
         smooth = torch.where(
             distances < self.cutoff,
             0.5 * (torch.cos(math.pi * distances / self.cutoff) + 1.0),
             torch.zeros_like(distances),
         )
-        safe = torch.where(distances > 1e-6, distances, torch.ones_like(distances))
         radial = torch.sin(self.frequencies * safe.unsqueeze(1)) / safe.unsqueeze(1)
         norm = self.radial_norm.to(distances.dtype)  # (float64 until the model is cast)
         return radial * (norm * smooth.unsqueeze(1)), smooth
@@ -401,8 +403,8 @@ class MessagePassingTransformer(ReferenceModel):
         type_counts: List[int],
     ) -> torch.Tensor:
         distances = torch.linalg.vector_norm(vectors_, dim=1)
-        radial, smooth = self.radial_basis(distances)
         safe = torch.where(distances > 1e-6, distances, torch.ones_like(distances))
+        radial, smooth = self.radial_basis(distances, safe)
         unit = vectors_ / safe.unsqueeze(1)
         harmonics = self.angular_basis(unit)
 
