@@ -14,6 +14,7 @@ from hpctrain.errors import CheckpointError
 FIXTURE_V1 = ROOT / "tests" / "fixtures" / "checkpoint-v1-mp_transformer.ckpt"
 # a model of version 2 and what it predicted, computed by that version (json)
 FIXTURE_V2 = ROOT / "tests" / "fixtures" / "checkpoint-v2-mp_transformer.ckpt"
+FIXTURE_V3 = ROOT / "tests" / "fixtures" / "checkpoint-v3-mp_transformer.ckpt"
 
 
 def test_an_interrupted_write_leaves_the_old_checkpoint(tmp_path, monkeypatch):
@@ -61,7 +62,7 @@ def test_mp_transformer_of_model_version_1_keeps_its_layout(tmp_path):
     assert old.hypers["angular_messages"] == "attention"
     assert finetune.pretrained_summary(str(FIXTURE_V1))[0]["angular_messages"] == "attention"
     old.save_checkpoint(tmp_path / "again.ckpt")
-    assert checkpoint.load(tmp_path / "again.ckpt")["model_version"] == 3
+    assert checkpoint.load(tmp_path / "again.ckpt")["model_version"] == 4
     again = Model.load_checkpoint(tmp_path / "again.ckpt")
     torch.testing.assert_close(again.state_dict(), old.state_dict())
 
@@ -79,26 +80,18 @@ def test_mp_transformer_of_model_version_1_keeps_its_layout(tmp_path):
 def test_mp_transformer_of_model_version_2_predicts_as_it_did(tmp_path):
     """A model saved before the channel pairs and the radial normalisation (version 2)
     loads with its layout and gives the energies and forces that version computed;
-    saved again, it is version 3 and keeps the layout. A new model has both."""
-    import ase.io
-
+    saved again, it is version 4 and keeps the layout. A new model has both."""
     from architectures.mp_transformer import __model__ as Model
     from hpctrain import finetune
-    from hpctrain.testing import emt_structures, predict_in_memory
 
     old = Model.load_checkpoint(FIXTURE_V2)
     assert old.hypers["angular_products"] == "norms" and old.hypers["normalize_radial"] is False
     summary = finetune.pretrained_summary(str(FIXTURE_V2))[0]  # what fine-tuning builds
     assert summary["angular_products"] == "norms" and summary["normalize_radial"] is False
-    ase.io.write(tmp_path / "frames.xyz", emt_structures(periodic=False, n=2, seed=3))
-    expected = json.loads(FIXTURE_V2.with_suffix(".json").read_text())["predictions"]
-    predicted = predict_in_memory(old, tmp_path / "frames.xyz")
-    for got, want in zip(predicted, expected, strict=True):
-        assert got["energy"] == pytest.approx(want["energy"], rel=1e-5)
-        torch.testing.assert_close(torch.tensor(got["forces"]), torch.tensor(want["forces"]))
+    assert_predicts_as_it_did(old, FIXTURE_V2, tmp_path)
 
     old.save_checkpoint(tmp_path / "again.ckpt")
-    assert checkpoint.load(tmp_path / "again.ckpt")["model_version"] == 3
+    assert checkpoint.load(tmp_path / "again.ckpt")["model_version"] == 4
     again = Model.load_checkpoint(tmp_path / "again.ckpt")
     assert again.hypers["angular_products"] == "norms" and again.hypers["normalize_radial"] is False
     torch.testing.assert_close(again.state_dict(), old.state_dict())
@@ -114,6 +107,48 @@ def test_mp_transformer_of_model_version_2_predicts_as_it_did(tmp_path):
     assert old.layers[0].out.in_features == d_model + 3 * a
     torch.testing.assert_close(old.radial_norm, torch.ones_like(old.radial_norm))
     assert (new.radial_norm > 4).all()
+
+
+def assert_predicts_as_it_did(model, fixture, tmp_path):
+    """``model`` gives the energies and forces stored beside ``fixture``."""
+    import ase.io
+
+    from hpctrain.testing import emt_structures, predict_in_memory
+
+    ase.io.write(tmp_path / "frames.xyz", emt_structures(periodic=False, n=2, seed=3))
+    expected = json.loads(fixture.with_suffix(".json").read_text())["predictions"]
+    predicted = predict_in_memory(model, tmp_path / "frames.xyz")
+    for got, want in zip(predicted, expected, strict=True):
+        assert got["energy"] == pytest.approx(want["energy"], rel=1e-5)
+        torch.testing.assert_close(torch.tensor(got["forces"]), torch.tensor(want["forces"]))
+
+
+def test_mp_transformer_of_model_version_3_predicts_as_it_did(tmp_path):
+    """A model saved before the readouts of every layer (version 3: the last layer's
+    state alone, after a LayerNorm) loads with that readout and gives the energies
+    and forces that version computed; saved again, it keeps it. A new model of two
+    layers reads out both, without the LayerNorm."""
+    from architectures.mp_transformer import __model__ as Model
+    from hpctrain import finetune
+
+    old = Model.load_checkpoint(FIXTURE_V3)
+    assert old.hypers["readout_layers"] == "last" and old.hypers["readout_norm"] is True
+    summary = finetune.pretrained_summary(str(FIXTURE_V3))[0]
+    assert summary["readout_layers"] == "last" and summary["readout_norm"] is True
+    assert_predicts_as_it_did(old, FIXTURE_V3, tmp_path)
+    old.save_checkpoint(tmp_path / "again.ckpt")
+    again = Model.load_checkpoint(tmp_path / "again.ckpt")
+    assert checkpoint.load(tmp_path / "again.ckpt")["model_version"] == 4
+    torch.testing.assert_close(again.state_dict(), old.state_dict())
+    assert_predicts_as_it_did(again, FIXTURE_V3, tmp_path)
+
+    hypers = {k: v for k, v in old.hypers.items() if k not in ("readout_layers", "readout_norm")}
+    new = Model(hypers, old.dataset_info)
+    assert len(old.layer_readouts) == 0 and isinstance(old.readout[0], torch.nn.LayerNorm)
+    assert len(new.layer_readouts) == hypers["num_layers"] - 1 == 1
+    assert isinstance(new.readout[0], torch.nn.Identity)
+    assert new.output_layers() == ["readout.3", "layer_readouts.0.3"]
+    new.export().save(str(tmp_path / "model.pt"))  # compiles to TorchScript
 
 
 def test_unreadable_and_incompatible_checkpoints_are_named(tmp_path):

@@ -15,13 +15,17 @@ them); they say how many neighbours there are at which distances and in which
 arrangement, which is what energies, forces and stress depend on. The radial basis
 is scaled to unit mean square within the cutoff, so that the weights of keys,
 values and densities learn from inputs of unit size. Forces and stress come from
-autograd, in training and in the exported model alike.
+autograd, in training and in the exported model alike. An atom's energy is the sum
+of a readout of its state after every layer, each a small network on the state as it
+is (not normalised: its size says how dense the neighbourhood is).
 
 Older checkpoints load with the layout they were trained with: version 1 (before
 the densities) weighted its l = 1 and l = 2 terms by the attention and had no
 l = 0 sums (``angular_messages: attention``); version 2 took the squared norm of
 each channel's l = 1 and l = 2 sums alone and did not normalise
-(``angular_products: norms``, ``normalize_radial: false``).
+(``angular_products: norms``, ``normalize_radial: false``); version 3 read the
+energy out of the last layer's state alone, after a LayerNorm
+(``readout_layers: last``, ``readout_norm: true``).
 """
 
 import dataclasses
@@ -76,6 +80,18 @@ class ModelHypers:
         "Without it (checkpoints of version 2 and before) the keys, values and "
         "densities learn from inputs a tenth of unit size, and more slowly "
         "(docs/benchmarks.rst, mp_transformer version 3).",
+    )
+    readout_layers: Literal["all", "last"] = option(
+        "all",
+        doc="'all': an atom's energy is the sum of a readout of its state after every "
+        "layer (a one-hidden-layer network per layer); 'last': of the last layer's "
+        "state alone (checkpoints of version 3 and before).",
+    )
+    readout_norm: bool = option(
+        False,
+        doc="A LayerNorm of the state before each readout (checkpoints of version 3 "
+        "and before). It divides out the state's size, which grows with the "
+        "neighbour densities (docs/benchmarks.rst, mp_transformer version 4).",
     )
     density_scale: float = option(
         0.3,
@@ -175,6 +191,18 @@ def spherical_harmonics_basis(
                 row[column[power]] = coefficient
             rows.append(row)
     return torch.tensor(exponents), torch.tensor(rows, dtype=torch.float64), degrees
+
+
+def readout_network(d_model: int, n_targets: int, norm: bool) -> torch.nn.Sequential:
+    """An atom's state to its raw outputs: one hidden layer of ``d_model`` (after a
+    LayerNorm with ``norm``; an identity in its place otherwise, so that the layers'
+    names in checkpoints are the same either way)."""
+    return torch.nn.Sequential(
+        torch.nn.LayerNorm(d_model) if norm else torch.nn.Identity(),
+        torch.nn.Linear(d_model, d_model),
+        torch.nn.SiLU(),
+        torch.nn.Linear(d_model, n_targets),
+    )
 
 
 class AttentionLayer(torch.nn.Module):
@@ -286,7 +314,7 @@ class MessagePassingTransformer(ReferenceModel):
     """See the module doc. Hypers: :class:`ModelHypers`."""
 
     __hypers__ = ModelHypers
-    __checkpoint_version__ = 3  # 2: neighbour densities; 3: pairs, normalize_radial
+    __checkpoint_version__ = 4  # 2: densities; 3: pairs, normalize_radial; 4: readouts
     __supported_devices__ = ["cuda", "cpu"]
     __supported_dtypes__ = [torch.float32, torch.float64]
 
@@ -332,11 +360,11 @@ class MessagePassingTransformer(ReferenceModel):
                 for _ in range(c.num_layers)
             ]
         )
-        self.readout = torch.nn.Sequential(
-            torch.nn.LayerNorm(c.d_model),
-            torch.nn.Linear(c.d_model, c.d_model),
-            torch.nn.SiLU(),
-            torch.nn.Linear(c.d_model, len(self.target_names)),
+        n_targets = len(self.target_names)
+        self.readout = readout_network(c.d_model, n_targets, c.readout_norm)  # last layer's
+        earlier = c.num_layers - 1 if c.readout_layers == "all" else 0
+        self.layer_readouts = torch.nn.ModuleList(
+            [readout_network(c.d_model, n_targets, c.readout_norm) for _ in range(earlier)]
         )
 
     @classmethod
@@ -347,6 +375,8 @@ class MessagePassingTransformer(ReferenceModel):
         if version < 3:  # before the channel pairs and the normalisation
             old = {"angular_products": "norms", "normalize_radial": False, "max_angular": 2}
             hypers = {**hypers, **old}
+        if version < 4:  # before the readouts of every layer
+            hypers = {**hypers, "readout_layers": "last", "readout_norm": True}
         return hypers
 
     @property
@@ -356,11 +386,13 @@ class MessagePassingTransformer(ReferenceModel):
 
     @torch.jit.unused
     def output_layers(self) -> List[str]:
-        return [f"readout.{len(self.readout) - 1}"]
+        last = len(self.readout) - 1
+        earlier = [f"layer_readouts.{i}.{last}" for i in range(len(self.layer_readouts))]
+        return [f"readout.{last}"] + earlier
 
     @torch.jit.unused
     def head_modules(self) -> List[str]:
-        return ["readout"]
+        return ["readout"] + [f"layer_readouts.{i}" for i in range(len(self.layer_readouts))]
 
     def radial_basis(
         self, distances: torch.Tensor, safe: torch.Tensor
@@ -409,6 +441,11 @@ class MessagePassingTransformer(ReferenceModel):
         harmonics = self.angular_basis(unit)
 
         h = self.embedding(type_index)
+        states: List[torch.Tensor] = []
         for layer in self.layers:
             h = layer(h, centers_, neighbors_, radial, smooth, unit, harmonics, self.degree_of)
-        return self.readout(h)
+            states.append(h)
+        outputs = self.readout(h)
+        for i, readout in enumerate(self.layer_readouts):  # of the layers before the last
+            outputs = outputs + readout(states[i])
+        return outputs
