@@ -155,6 +155,23 @@ def product_windows(t: int) -> Tuple[int, int]:
     return (t + 1) // 2, t // 2 if t % 2 == 0 else 0
 
 
+def window_rows(t: int, n_l: int, w: int) -> List[int]:
+    """The rows ``(type, l, m)`` of the padded expansions (``2 n_l - 1`` values of
+    ``m`` per ``l``) that make the right-hand side of the windowed products, in the
+    order ``t1, l, m, window``: row ``(t1 + d mod t, l, m)`` for window ``d``. One
+    gather of these rows lays out every window's matrices as the batched product
+    reads them; its gradient is one scatter into the expansions (a stack of rolled
+    copies cost a zero fill of the whole stack per window in the double backward)."""
+    n_m = 2 * n_l - 1
+    return [
+        ((t1 + d) % t * n_l + ell) * n_m + m
+        for t1 in range(t)
+        for ell in range(n_l)
+        for m in range(n_m)
+        for d in range(w)
+    ]
+
+
 def product_layout(t: int, n: int, n_l: int) -> Tuple[List[int], List[float]]:
     """For each feature in the order the products come out (see :func:`product_windows`;
     per atom: ``t1, l, n1, window, n2``, then ``t1, l, n1, n2`` of the half-way
@@ -410,6 +427,8 @@ class SoapBpnn(ReferenceModel):
         # the features in the order the products come out, and where each sits in
         # featomic's order (that of keys_to_properties), which the weights keep
         self.windows, self.halfway = product_windows(self.n_types)
+        rows = window_rows(self.n_types, self.max_angular + 1, self.windows)
+        self.register_buffer("window_rows", torch.tensor(rows), persistent=False)
         source, scale = product_layout(self.n_types, self.n_radial, self.max_angular + 1)
         self.register_buffer("feature_source", torch.tensor(source), persistent=False)
         self.register_buffer("feature_scale", torch.tensor(scale), persistent=False)
@@ -503,12 +522,12 @@ class SoapBpnn(ReferenceModel):
         padded = torch.nn.functional.pad(expansion.reshape(n_atoms, t, n_lm, n), (0, 0, 0, 1))
         padded = padded.index_select(2, self.lm_padding)
         # products summed over m, batched over (atom, t1, l): each type's expansion with
-        # those of the types in its window (the types rolled by 0, 1, ... w - 1);
+        # those of the types in its window (t1, t1 + 1, ... t1 + w - 1, cyclically);
         # then, for an even number of types, the pairs half-way round
         n_m, w, e = 2 * self.max_angular + 1, self.windows, self.halfway
         left = padded.reshape(-1, n_m, n).transpose(1, 2)
-        window = [padded] + [padded.roll(-d, 1) for d in range(1, w)]
-        right = torch.stack(window, dim=3).reshape(-1, n_m, w * n)
+        rows = padded.reshape(n_atoms, -1, n).index_select(1, self.window_rows)
+        right = rows.reshape(-1, n_m, w * n)  # [(atom, t1, l), m, (window, n2)]
         products = torch.bmm(left, right).reshape(n_atoms, -1)
         if e > 0:
             halfway = torch.bmm(
