@@ -113,6 +113,20 @@ def test_the_product_layout_holds_every_featomic_feature_once(n_types):
     assert len(scale) == len(source)
 
 
+@pytest.mark.parametrize("n_l", range(1, 11))
+def test_the_angular_groups_cover_every_l_once_in_order(n_l):
+    """One batched product per group, each l padded to its group's largest: fewer
+    padded values of m than one product over every l, where that pays."""
+    from architectures.soap_bpnn.model import angular_groups
+
+    groups = angular_groups(n_l)
+    assert [ell for group in groups for ell in group] == list(range(n_l))
+    padded = sum(len(group) * (2 * group[-1] + 1) for group in groups)
+    assert padded <= n_l * (2 * n_l - 1)
+    if n_l == 7:  # max_angular 6, the default: 59 values of m instead of 91
+        assert groups == [[0, 1], [2, 3], [4, 5, 6]] and padded == 59
+
+
 def test_networks_apply_their_featomic_order_weights_to_features_in_product_order():
     """The weights (what checkpoints hold) are in featomic's feature order: the model's
     atomic outputs are those of plain layers on the features in that order."""
