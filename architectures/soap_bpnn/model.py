@@ -162,7 +162,7 @@ def angular_groups(n_l: int, overhead: int = 6) -> List[List[int]]:
     largest: the partition with the fewest padded values of ``m`` plus ``overhead``
     for each product (with ``max_angular`` 6, ``[0, 1], [2, 3], [4, 5, 6]``: 59
     values where one product over every ``l`` took 91, 46 % of them zeros)."""
-    cost = [0] + [n_l * n_l * 4 + overhead * n_l] * n_l
+    cost = [0.0] + [math.inf] * n_l  # of the best partition of l < stop
     start = [0] * (n_l + 1)
     for stop in range(1, n_l + 1):
         for first in range(stop):
@@ -440,14 +440,14 @@ class SoapBpnn(ReferenceModel):
         n_l = self.max_angular + 1
         padding: List[int] = []
         rows: List[int] = []
-        self.products: List[Tuple[int, int, int, int, int]] = []
+        self.product_groups: List[Tuple[int, int, int, int, int]] = []
         for group in angular_groups(n_l):
             n_m = 2 * group[-1] + 1
             pad = [
                 ell * ell + m if m < 2 * ell + 1 else n_l * n_l for ell in group for m in range(n_m)
             ]
             window = window_rows(self.n_types, len(group), n_m, self.windows)
-            self.products.append((len(padding), len(pad), len(rows), len(window), n_m))
+            self.product_groups.append((len(padding), len(pad), len(rows), len(window), n_m))
             padding, rows = padding + pad, rows + window
         self.register_buffer("lm_padding", torch.tensor(padding), persistent=False)
         self.register_buffer("window_rows", torch.tensor(rows), persistent=False)
@@ -555,7 +555,7 @@ class SoapBpnn(ReferenceModel):
         # half-way round
         w, e = self.windows, self.halfway
         pieces: List[torch.Tensor] = []
-        for pad_start, n_pad, rows_start, n_rows, n_m in self.products:
+        for pad_start, n_pad, rows_start, n_rows, n_m in self.product_groups:
             # this group's l, each padded to n_m values of m: [atoms, t, (l, m), n]
             padded = expansion.index_select(2, self.lm_padding.narrow(0, pad_start, n_pad))
             left = padded.reshape(-1, n_m, n).transpose(1, 2)
