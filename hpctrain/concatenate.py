@@ -5,8 +5,8 @@ on forces is differentiated again for the weights. ``torch.cat``'s gradient take
 each piece as a slice of the incoming gradient, and the gradient of a slice, in
 that second pass, is a zero-filled tensor of the whole concatenation per piece,
 summed: with ``soap_bpnn``'s 12,544 features per atom, three pieces cost three
-full-size fills and two full-size sums per step, a sixth of its time. Here the
-gradient is one ``split``, whose own gradient is one ``torch.cat`` again.
+full-size fills and two full-size sums per step. Here the gradient is one
+``split``, whose own gradient is one ``torch.cat`` again.
 """
 
 import torch
