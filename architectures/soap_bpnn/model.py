@@ -548,6 +548,7 @@ class SoapBpnn(ReferenceModel):
         own = self.center_density.unsqueeze(0).expand(n_atoms, -1, -1)
         own_rows = torch.arange(n_atoms, device=device) * t + type_index[order]
         expansion = expansion.index_add(0, own_rows, own)
+        # [atoms, t, (l, m), n] and a zero row after the last (l, m): the padding of m
         expansion = torch.nn.functional.pad(expansion.reshape(n_atoms, t, n_lm, n), (0, 0, 0, 1))
         # products summed over m, batched over (atom, t1, l), one per group of l: each
         # type's expansion with those of the types in its window (t1, t1 + 1, ...
