@@ -16,7 +16,8 @@ their outputs:
 
 - the epoch period: time between consecutive epoch lines of each log (one training
   epoch plus validation, the same for both), averaged over epochs 2 onwards (the
-  first has warm-up). hpctrain's ``metrics.csv`` also gives its training time alone;
+  first has warm-up); hpctrain's from its log's millisecond stamps, metatrain's
+  (whose stamps are whole seconds) from when each line reached this script. hpctrain's ``metrics.csv`` also gives its training time alone;
 - the final validation RMSEs (energy per atom and forces);
 - the CPU time of each whole run (start-up and final evaluation included), which
   other jobs on the machine disturb less than wall times.
@@ -176,11 +177,11 @@ def peer_options(args, model: dict, train: Path, val: Path) -> dict:
     return {**options, "training_set": dataset(train), "validation_set": dataset(val)}
 
 
-def epoch_period(times: list[datetime]) -> float | None:
-    """Mean time between consecutive epoch lines, from the second epoch on."""
+def epoch_period(times: list[float]) -> float | None:
+    """Mean time (seconds) between consecutive epoch lines, from the second epoch on."""
     if len(times) < 3:
         return None
-    return (times[-1] - times[1]).total_seconds() / (len(times) - 2)
+    return (times[-1] - times[1]) / (len(times) - 2)
 
 
 def run_ours(options: dict, workdir: Path, env: dict) -> dict:
@@ -198,7 +199,7 @@ def run_ours(options: dict, workdir: Path, env: dict) -> dict:
     rows = list(csv.DictReader((workdir / "run" / "metrics.csv").open()))
     log = (workdir / "run" / "train.log").read_text().splitlines()
     stamps = [
-        datetime.strptime(" ".join(line.split()[:2]), "%Y-%m-%d %H:%M:%S,%f")
+        datetime.strptime(" ".join(line.split()[:2]), "%Y-%m-%d %H:%M:%S,%f").timestamp()
         for line in log
         if re.search(r"INFO epoch .* structures/s\)$", line)
     ]
@@ -225,29 +226,43 @@ def _is_number(text: str) -> bool:
     return True
 
 
+def run_stamped(command: list[str], cwd: Path, env: dict) -> tuple[int, list[tuple[float, str]]]:
+    """Run ``command`` with its stdout and stderr read line by line as they come: its
+    exit status and every line with the time (``perf_counter``) it arrived. Python's
+    logging flushes each record, so the arrival is when it was logged, to well under a
+    millisecond, where the log's own stamps are whole seconds."""
+    lines: list[tuple[float, str]] = []
+    with subprocess.Popen(
+        command,
+        cwd=cwd,
+        env={**env, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.append((time.perf_counter(), line.rstrip("\n")))
+    return process.returncode, lines
+
+
 def run_peer(options: dict, workdir: Path, env: dict, venv: Path) -> dict:
     (workdir / "options.yaml").write_text(yaml.safe_dump(options))
     start = time.perf_counter()
-    out = subprocess.run(
-        [str(venv / "bin" / "mtt"), "train", "options.yaml", "-o", "model.pt"],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
+    returncode, lines = run_stamped(
+        [str(venv / "bin" / "mtt"), "train", "options.yaml", "-o", "model.pt"], workdir, env
     )
     wall = time.perf_counter() - start
-    (workdir / "mtt.log").write_text(out.stdout + out.stderr)
-    if out.returncode != 0:
-        raise SystemExit(f"metatrain failed (exit {out.returncode}); see {workdir / 'mtt.log'}")
-    text = out.stdout + out.stderr
-    stamps = [
-        datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")
-        for m in re.finditer(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\]\[INFO\] - Epoch:", text)
-    ]
+    (workdir / "mtt.log").write_text("\n".join(line for _, line in lines) + "\n")
+    if returncode != 0:
+        raise SystemExit(f"metatrain failed (exit {returncode}); see {workdir / 'mtt.log'}")
+    # metatrain stamps its log lines in whole seconds, which alone would move a 3 s
+    # epoch period by up to 10 %: the epoch lines are timed as they arrive instead
+    stamps = [at for at, line in lines if re.search(r"\]\[INFO\] - Epoch:", line)]
     (train_csv,) = (workdir / "outputs").rglob("train.csv")
-    lines = train_csv.read_text().splitlines()
-    header = [h.strip() for h in lines[0].split(",")]
-    rows = [dict(zip(header, [v.strip() for v in line.split(",")])) for line in lines[1:]]
+    table = train_csv.read_text().splitlines()
+    header = [h.strip() for h in table[0].split(",")]
+    rows = [dict(zip(header, [v.strip() for v in line.split(",")])) for line in table[1:]]
     rows = [r for r in rows if _is_number(r.get("validation forces RMSE", ""))]  # no unit rows
     errors = [  # metatrain logs meV
         [
