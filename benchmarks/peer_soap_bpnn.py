@@ -17,7 +17,8 @@ their outputs:
 - the epoch period: time between consecutive epoch lines of each log (one training
   epoch plus validation, the same for both), averaged over epochs 2 onwards (the
   first has warm-up); hpctrain's from its log's millisecond stamps, metatrain's
-  (whose stamps are whole seconds) from when each line reached this script. hpctrain's ``metrics.csv`` also gives its training time alone;
+  (whose stamps are whole seconds) from when each line reached this script.
+  hpctrain's ``metrics.csv`` also gives its training time alone;
 - the final validation RMSEs (energy per atom and forces);
 - the CPU time of each whole run (start-up and final evaluation included), which
   other jobs on the machine disturb less than wall times.
