@@ -4,9 +4,9 @@ Each atom is described by its SOAP power spectrum (the one of featomic's
 ``SoapPowerSpectrum`` with the same hypers, to the accuracy of a spline), computed in
 plain torch inside the model's ``forward`` from the neighbour list: the radial
 integral of a Gaussian density on the orthonormalised GTO basis is tabulated once
-(closed form) and evaluated by a cubic Hermite spline, multiplied by the cutoff
-function, the radial scaling and real spherical harmonics, summed over the
-neighbours of each type, and contracted over ``m``. The spectra of all
+(closed form) and evaluated by a cubic Hermite spline (``basis.py``), multiplied by
+the cutoff function, the radial scaling if any and real spherical harmonics, summed
+over the neighbours of each type, and contracted over ``m``. The spectra of all
 neighbour-type pairs form one fixed-size vector per atom, which a small network of
 the atom's own element (one MLP per element) maps to an atomic energy; the
 composition baseline is added on top. Forces and stress come from autograd, in
@@ -16,7 +16,7 @@ follow metatrain's ``soap_bpnn``.
 
 import dataclasses
 import math
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -26,6 +26,8 @@ from metatomic.torch import NeighborListOptions
 from hpctrain.concatenate import concatenate
 from hpctrain.config import option
 from hpctrain.model import ReferenceModel
+
+from .basis import SPLINE_STEP, harmonics_constants, radial_spline, spherical_harmonics
 
 
 @dataclasses.dataclass
@@ -57,7 +59,13 @@ class SoapHypers:
         0.3, doc="Width (angstrom) of the Gaussian placed on each neighbour."
     )
     center_atom_weight: float = option(1.0, doc="Weight of the central atom's own Gaussian.")
-    scaling: ScalingHypers = option(factory=ScalingHypers, doc="Radial scaling of the density.")
+    scaling: Optional[ScalingHypers] = option(
+        factory=ScalingHypers,
+        doc="Radial scaling of the density; ``null``: none, every neighbour within the "
+        "cutoff weighs the same (as in metatrain's ``soap_bpnn``), which on the "
+        "periodic sets of the accuracy benchmark gives better energies and stress and "
+        "worse forces (docs/benchmarks.rst).",
+    )
     max_angular: int = option(6, doc="Largest angular channel ``l`` of the expansion.")
     max_radial: int = option(
         7, doc="Largest radial channel ``n`` of the GTO basis (``max_radial + 1`` functions)."
@@ -65,17 +73,19 @@ class SoapHypers:
 
     def featomic(self) -> Dict[str, Any]:
         """The hypers in featomic's format."""
+        density: Dict[str, Any] = {
+            "type": "Gaussian",
+            "width": self.density_width,
+            "center_atom_weight": self.center_atom_weight,
+        }
+        if self.scaling is not None:
+            density["scaling"] = {"type": "Willatt2018", **dataclasses.asdict(self.scaling)}
         return {
             "cutoff": {
                 "radius": self.cutoff.radius,
                 "smoothing": {"type": "ShiftedCosine", "width": self.cutoff.width},
             },
-            "density": {
-                "type": "Gaussian",
-                "width": self.density_width,
-                "center_atom_weight": self.center_atom_weight,
-                "scaling": {"type": "Willatt2018", **dataclasses.asdict(self.scaling)},
-            },
+            "density": density,
             "basis": {
                 "type": "TensorProduct",
                 "max_angular": self.max_angular,
@@ -277,122 +287,6 @@ def element_network(
     return torch.nn.Sequential(*layers)
 
 
-# Spacing (angstrom) of the radial spline: its error is far below featomic's own
-# spline accuracy (1e-8) for the default hypers
-SPLINE_STEP = 0.005
-
-
-def radial_spline(soap: SoapHypers, step: float = SPLINE_STEP) -> Tuple[np.ndarray, np.ndarray]:
-    """Values and derivatives ``[points, max_angular + 1, max_radial + 1]`` of the
-    radial integral on a grid of spacing ``step`` from 0 to the cutoff.
-
-    The integral of a Gaussian density (width ``sigma``) at distance ``r`` with the
-    GTO ``r^n exp(-b_n r^2)`` and a modified spherical Bessel function ``i_l`` has a
-    closed form in the confluent hypergeometric function ``1F1`` (used through Kummer's
-    transformation, so that nothing overflows); the GTOs are then orthonormalised as
-    featomic does (Loewdin, from the analytic Gram matrix).
-    """
-    from scipy.special import gamma, hyp1f1
-
-    n_radial = soap.max_radial + 1
-    radius = soap.cutoff.radius
-    sigmas = radius / n_radial * np.sqrt(np.maximum(np.arange(n_radial), 1.0))
-    b = 1.0 / (2.0 * sigmas**2)
-    a = 1.0 / (2.0 * soap.density_width**2)
-
-    n = np.arange(n_radial)
-    power = (n[:, None] + n[None, :] + 3) / 2.0
-    gram = gamma(power) / (2.0 * (b[:, None] + b[None, :]) ** power)
-    norms = 1.0 / np.sqrt(np.diag(gram))
-    eigenvalues, eigenvectors = np.linalg.eigh(gram * norms[:, None] * norms[None, :])
-    ortho = eigenvectors @ np.diag(eigenvalues**-0.5) @ eigenvectors.T * norms[None, :]
-
-    r = np.arange(0.0, radius + step / 2, step)
-    if r[-1] < radius:
-        r = np.append(r, r[-1] + step)
-    prefactor = 4.0 * np.pi / (np.pi * soap.density_width**2) ** 0.75 * np.sqrt(np.pi)
-    values = np.zeros((len(r), soap.max_angular + 1, n_radial))
-    derivatives = np.zeros_like(values)
-    for ell in range(soap.max_angular + 1):
-        primitive = np.zeros((n_radial, len(r)))
-        derivative = np.zeros_like(primitive)
-        for i in range(n_radial):
-            alpha = a + b[i]
-            big_a, big_b = (i + ell + 3) / 2.0, ell + 1.5
-            constant = prefactor * gamma(big_a) / (2.0 ** (ell + 2) * alpha**big_a * gamma(big_b))
-            c = 2.0 * a * r
-            z = a * a * r * r / alpha
-            envelope = np.exp(-a * b[i] * r * r / alpha)
-            kummer = hyp1f1(big_b - big_a, big_b, -z)
-            d_kummer = -(big_b - big_a) / big_b * hyp1f1(big_b - big_a + 1, big_b + 1, -z)
-            c_l = c**ell
-            d_c_l = ell * 2.0 * a * c ** (ell - 1) if ell > 0 else np.zeros_like(r)
-            primitive[i] = constant * c_l * envelope * kummer
-            derivative[i] = constant * (
-                d_c_l * envelope * kummer
-                + c_l
-                * envelope
-                * (-2.0 * a * b[i] * r / alpha * kummer + d_kummer * 2.0 * a * a * r / alpha)
-            )
-        values[:, ell, :] = (ortho @ primitive).T
-        derivatives[:, ell, :] = (ortho @ derivative).T
-    return values, derivatives
-
-
-def harmonics_constants(max_angular: int) -> List[float]:
-    """Normalisation of the real spherical harmonics, ``sqrt((2l+1)/4pi (l-m)!/(l+m)!)``
-    for ``m = 0..l``, times ``sqrt(2)`` for ``m > 0`` and ``(2m-1)!!``, flattened by
-    ``l``."""
-    constants: List[float] = []
-    for ell in range(max_angular + 1):
-        for m in range(ell + 1):
-            value = (
-                (2 * ell + 1) / (4 * math.pi) * math.factorial(ell - m) / math.factorial(ell + m)
-            )
-            # (2m-1)!!: the recursion below starts from 1 instead
-            double_factorial = math.prod(range(2 * m - 1, 0, -2))
-            constants.append(
-                math.sqrt(value) * (math.sqrt(2.0) if m > 0 else 1.0) * double_factorial
-            )
-    return constants
-
-
-def spherical_harmonics(
-    unit: torch.Tensor, max_angular: int, constants: List[float]
-) -> torch.Tensor:
-    """Real spherical harmonics ``[n, (max_angular + 1)^2]`` of unit vectors, ordered by
-    ``l`` then ``m = -l..l``; orthonormal on the sphere, twice differentiable."""
-    x, y, z = unit[:, 0], unit[:, 1], unit[:, 2]
-    # cos(m phi) sin^m(theta) and sin(m phi) sin^m(theta)
-    cosines = [torch.ones_like(x)]
-    sines = [torch.zeros_like(x)]
-    for m in range(1, max_angular + 1):
-        cosines.append(x * cosines[m - 1] - y * sines[m - 1])
-        sines.append(x * sines[m - 1] + y * cosines[m - 1])
-    # associated Legendre polynomials divided by sin^m(theta) and (2m-1)!!, by (l, m)
-    legendre: List[torch.Tensor] = []
-    for ell in range(max_angular + 1):
-        for m in range(ell + 1):
-            if m == ell:
-                value = torch.ones_like(z)
-            elif m == ell - 1:
-                value = (2 * m + 1) * z * legendre[ell * (ell - 1) // 2 + m]
-            else:
-                value = (
-                    (2 * ell - 1) * z * legendre[ell * (ell - 1) // 2 + m]
-                    - (ell + m - 1) * legendre[(ell - 1) * (ell - 2) // 2 + m]
-                ) / (ell - m)
-            legendre.append(value)
-    columns: List[torch.Tensor] = []
-    for ell in range(max_angular + 1):
-        first = ell * (ell + 1) // 2
-        for m in range(-ell, ell + 1):
-            k = m if m >= 0 else -m
-            angle = cosines[k] if m >= 0 else sines[k]
-            columns.append(constants[first + k] * legendre[first + k] * angle)
-    return torch.stack(columns, dim=1)
-
-
 class SoapBpnn(ReferenceModel):
     """See the module doc. Hypers: :class:`ModelHypers`."""
 
@@ -406,9 +300,11 @@ class SoapBpnn(ReferenceModel):
         soap = self.config.soap
         self.cutoff = float(soap.cutoff.radius)
         self.cutoff_width = float(soap.cutoff.width)
-        self.scaling_rate = float(soap.scaling.rate)
-        self.scaling_scale = float(soap.scaling.scale)
-        self.scaling_exponent = float(soap.scaling.exponent)
+        scaling = soap.scaling
+        self.radial_scaling = scaling is not None
+        self.scaling_rate = float(scaling.rate) if scaling is not None else 0.0
+        self.scaling_scale = float(scaling.scale) if scaling is not None else 1.0
+        self.scaling_exponent = float(scaling.exponent) if scaling is not None else 0.0
         self.max_angular = int(soap.max_angular)
         self.n_radial = int(soap.max_radial) + 1
         self.n_types = len(self.atomic_types)
@@ -417,7 +313,9 @@ class SoapBpnn(ReferenceModel):
         )
         # the tables below follow from the hypers: not part of the state, so that
         # checkpoints hold the weights alone
-        values, derivatives = radial_spline(soap)
+        values, derivatives = radial_spline(
+            soap.cutoff.radius, soap.density_width, soap.max_angular, soap.max_radial, SPLINE_STEP
+        )
         self.spline_step = SPLINE_STEP
         self.register_buffer("spline_values", torch.from_numpy(values), persistent=False)
         self.register_buffer(
@@ -481,7 +379,7 @@ class SoapBpnn(ReferenceModel):
         return [f"networks.{i}.{len(n) - 1}" for i, n in enumerate(self.networks)]
 
     def radial(self, distances: torch.Tensor) -> torch.Tensor:
-        """``[pairs, l, n]``: the splined radial integral times cutoff and scaling."""
+        """``[pairs, l, n]``: the splined radial integral times cutoff (and scaling)."""
         x = distances / self.spline_step
         k = torch.clamp(x.detach().floor().long(), 0, self.spline_values.shape[0] - 2)
         t = (x - k.to(x.dtype)).unsqueeze(1).unsqueeze(2)
@@ -504,12 +402,13 @@ class SoapBpnn(ReferenceModel):
             torch.ones_like(distances),
             torch.where(distances >= self.cutoff, torch.zeros_like(distances), switch),
         )
-        scaled = torch.pow(distances / self.scaling_scale, self.scaling_exponent)
-        if self.scaling_rate > 0:
-            scaling = self.scaling_rate / (self.scaling_rate + scaled)
-        else:
-            scaling = 1.0 / scaled
-        return spline * (cutoff * scaling).unsqueeze(1).unsqueeze(2)
+        if self.radial_scaling:
+            scaled = torch.pow(distances / self.scaling_scale, self.scaling_exponent)
+            if self.scaling_rate > 0:
+                cutoff = cutoff * self.scaling_rate / (self.scaling_rate + scaled)
+            else:
+                cutoff = cutoff / scaled
+        return spline * cutoff.unsqueeze(1).unsqueeze(2)
 
     def power_spectrum(
         self,

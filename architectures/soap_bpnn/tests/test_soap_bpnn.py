@@ -184,6 +184,7 @@ ALLOY_HYPERS = {
         (ALLOY, ":3", ALLOY_HYPERS),
         (ALLOY, ":1", ALLOY_HYPERS),
         (ALLOY, "2:3", SMALL),
+        (ALLOY, ":1", {"soap": {**ALLOY_HYPERS["soap"], "scaling": None}}),
     ],
     ids=[
         "ethanol-small",
@@ -191,6 +192,7 @@ ALLOY_HYPERS = {
         "alloy-seven-elements",
         "alloy-four-elements",
         "alloy-four-other-elements",
+        "alloy-no-radial-scaling",
     ],
 )
 def test_power_spectrum_and_its_gradients_equal_featomics(data, frames, hypers):
