@@ -1,15 +1,18 @@
-"""The composition baseline (per-element energies fitted by least squares) and the
-scale of the network's output."""
+"""The composition baseline (per-element energies fitted by least squares before
+training, and refitted after it on what the trained network leaves) and the scale of
+the network's output."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
 
 from . import launch, run
+from .data.batch import Batch
 from .data.sampler import shard_for_rank
 from .data.structures import AtomisticDataset
 
@@ -124,3 +127,58 @@ def _sum_of_squares(values: torch.Tensor | None) -> tuple[float, int]:
 def _rms(squares: list[float], counts: list[int]) -> float | None:
     n = sum(counts)
     return math.sqrt(math.fsum(squares) / n) if n else None
+
+
+@torch.no_grad()
+def refit(
+    energies: Callable[[Batch], dict[str, torch.Tensor]],
+    batches: Iterable[Batch],
+    targets: list[str],
+    atomic_types: list[int],
+) -> dict[str, tuple[torch.Tensor, float, int]]:
+    """Per energy target, the change of the per-element energies that fits by least
+    squares (per atom, as the loss counts energies) what a trained model leaves of the
+    reference energies of ``batches`` (this rank's share of the training set; the
+    normal equations are all-reduced), that change per atom on the mean composition,
+    and the structures it rests on.
+
+    Forces and stress do not see these constants, and as an energy term that weighs
+    little beside forces pulls them back only weakly, they drift while the network
+    trains; the change never raises the training set's energy error and changes no
+    force or stress.
+
+    :param energies: the model's energy per structure of each target for a batch
+    """
+    n_types = len(atomic_types)
+    lookup = torch.full((max(atomic_types) + 1,), -1, dtype=torch.long)
+    lookup[torch.tensor(atomic_types)] = torch.arange(n_types)
+    normal = {name: torch.zeros(n_types + 1, n_types + 1, dtype=torch.float64) for name in targets}
+    fractions = {name: torch.zeros(n_types + 1, dtype=torch.float64) for name in targets}
+    for batch in batches:
+        predicted = energies(batch)
+        types = lookup[batch.types.cpu().long()]
+        counts = torch.zeros(len(batch), n_types, dtype=torch.float64)
+        counts.index_put_(
+            (batch.system.cpu(), types), torch.ones(len(types), dtype=torch.float64), True
+        )
+        for name in targets:
+            if name not in batch.targets:
+                continue
+            residual = batch.targets[name].cpu().double() - predicted[name].cpu().double()
+            known = torch.isfinite(residual)
+            # per atom, as the loss counts energies
+            rows = torch.cat([counts, residual.unsqueeze(1)], dim=1)[known]
+            rows = rows / rows[:, :n_types].sum(1, True)
+            normal[name] += rows.T @ rows
+            fractions[name][:n_types] += rows[:, :n_types].sum(0)
+            fractions[name][n_types] += len(rows)
+    changes = {}
+    for name in targets:
+        launch.all_reduce_sum(normal[name])
+        launch.all_reduce_sum(fractions[name])
+        xtx, xty = normal[name][:n_types, :n_types], normal[name][:n_types, n_types]
+        change = torch.linalg.pinv(xtx) @ xty
+        structures = int(fractions[name][n_types])
+        mean = fractions[name][:n_types] / max(1, structures)
+        changes[name] = (change, float(mean @ change), structures)
+    return changes

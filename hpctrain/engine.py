@@ -63,6 +63,7 @@ class Progress:
     step: int = 0
     best_metric: float = math.inf
     validations_without_improvement: int = 0  # (early stopping's count)
+    baseline_refit: bool = False  # (after the last step: refit.refit_baselines)
 
 
 class Engine:

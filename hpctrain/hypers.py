@@ -109,6 +109,14 @@ class TrainingHypers:
         doc="Fit per-element energy offsets by least squares before training, so the "
         "network learns only what composition does not explain.",
     )
+    refit_composition: bool = option(
+        True,
+        doc="After the last step, refit those offsets by least squares on what the "
+        "trained network leaves of the training energies (one pass over the training "
+        "set; for the best weights and the last). Forces and stress do not see these "
+        "constants, so they drift while the network trains; the refit changes no "
+        "force or stress and never raises the training set's energy error.",
+    )
 
     def validate(self, path: str, source: str) -> None:
         for name in ("num_epochs", "batch_size", "accumulation_steps"):

@@ -17,6 +17,7 @@ from . import checkpoint, finetune, run
 from .architecture import TrainerInterface
 from .config import parse, to_dict
 from .engine import Engine, TrainingHypers
+from .refit import refit_baselines
 from .training_sets import check_datasets
 
 
@@ -80,6 +81,8 @@ class EngineTrainer(TrainerInterface):
             )
         engine = self.make_engine(model, devices[0], train_datasets, val_datasets, checkpoint_dir)
         engine.train()
+        if self.hypers.refit_composition:
+            refit_baselines(engine)
         finetune.finish(model, engine)
 
     @property
