@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
-
 from . import finetune
 from .composition import refit
 from .data.sampler import shard_for_rank
