@@ -129,23 +129,54 @@ def _rms(squares: list[float], counts: list[int]) -> float | None:
     return math.sqrt(math.fsum(squares) / n) if n else None
 
 
+@dataclasses.dataclass(frozen=True)
+class ResidualFit:
+    """What a trained model leaves of the energies of a set of structures, per atom
+    (as the loss counts energies), as normal equations over the element fractions:
+    ``normal`` is ``[F r]^T [F r]`` for F the fraction of each element in each
+    structure and r the per-atom residual (reference minus prediction), summed over
+    every rank."""
+
+    normal: torch.Tensor
+    fraction_sums: torch.Tensor
+    structures: int
+
+    def change(self) -> torch.Tensor:
+        """The change of the per-element energies that fits the residuals by least
+        squares."""
+        n = len(self.fraction_sums)
+        return torch.linalg.pinv(self.normal[:n, :n]) @ self.normal[:n, n]
+
+    def rmse(self, change: torch.Tensor | None = None) -> float:
+        """The per-atom energy RMSE after ``change`` of the per-element energies."""
+        n = len(self.fraction_sums)
+        squares = self.normal[n, n]
+        if change is not None:
+            squares = (
+                squares - 2 * change @ self.normal[:n, n] + change @ self.normal[:n, :n] @ change
+            )
+        return math.sqrt(max(0.0, float(squares)) / max(1, self.structures))
+
+    def per_atom(self, change: torch.Tensor) -> float:
+        """``change`` per atom on the mean composition of the structures."""
+        return float(self.fraction_sums @ change) / max(1, self.structures)
+
+
 @torch.no_grad()
-def refit(
+def residual_fits(
     energies: Callable[[Batch], dict[str, torch.Tensor]],
     batches: Iterable[Batch],
     targets: list[str],
     atomic_types: list[int],
-) -> dict[str, tuple[torch.Tensor, float, int]]:
-    """Per energy target, the change of the per-element energies that fits by least
-    squares (per atom, as the loss counts energies) what a trained model leaves of the
-    reference energies of ``batches`` (this rank's share of the training set; the
-    normal equations are all-reduced), that change per atom on the mean composition,
-    and the structures it rests on.
+) -> dict[str, ResidualFit]:
+    """The :class:`ResidualFit` of each energy target over ``batches`` (this rank's
+    share of a set; the sums are all-reduced, so every rank calls it).
 
-    Forces and stress do not see these constants, and as an energy term that weighs
-    little beside forces pulls them back only weakly, they drift while the network
-    trains; the change never raises the training set's energy error and changes no
-    force or stress.
+    Fitted on the training set after training, the change refits the composition
+    baseline: forces and stress do not see these constants, and as an energy term that
+    weighs little beside forces pulls them back only weakly, they drift while the
+    network trains. The change never raises the training set's energy error and
+    changes no force or stress.
 
     :param energies: the model's energy per structure of each target for a batch
     """
@@ -153,7 +184,7 @@ def refit(
     lookup = torch.full((max(atomic_types) + 1,), -1, dtype=torch.long)
     lookup[torch.tensor(atomic_types)] = torch.arange(n_types)
     normal = {name: torch.zeros(n_types + 1, n_types + 1, dtype=torch.float64) for name in targets}
-    fractions = {name: torch.zeros(n_types + 1, dtype=torch.float64) for name in targets}
+    sums = {name: torch.zeros(n_types + 1, dtype=torch.float64) for name in targets}
     for batch in batches:
         predicted = energies(batch)
         types = lookup[batch.types.cpu().long()]
@@ -166,19 +197,14 @@ def refit(
                 continue
             residual = batch.targets[name].cpu().double() - predicted[name].cpu().double()
             known = torch.isfinite(residual)
-            # per atom, as the loss counts energies
             rows = torch.cat([counts, residual.unsqueeze(1)], dim=1)[known]
             rows = rows / rows[:, :n_types].sum(1, True)
             normal[name] += rows.T @ rows
-            fractions[name][:n_types] += rows[:, :n_types].sum(0)
-            fractions[name][n_types] += len(rows)
-    changes = {}
+            sums[name][:n_types] += rows[:, :n_types].sum(0)
+            sums[name][n_types] += len(rows)
+    fits = {}
     for name in targets:
         launch.all_reduce_sum(normal[name])
-        launch.all_reduce_sum(fractions[name])
-        xtx, xty = normal[name][:n_types, :n_types], normal[name][:n_types, n_types]
-        change = torch.linalg.pinv(xtx) @ xty
-        structures = int(fractions[name][n_types])
-        mean = fractions[name][:n_types] / max(1, structures)
-        changes[name] = (change, float(mean @ change), structures)
-    return changes
+        launch.all_reduce_sum(sums[name])
+        fits[name] = ResidualFit(normal[name], sums[name][:n_types], int(sums[name][n_types]))
+    return fits

@@ -1,13 +1,17 @@
 """After training: the composition baseline refitted on what the trained network
 leaves of the training energies (``refit_composition``; the fit itself is
-:func:`hpctrain.composition.refit`), for the last weights and for the best ones."""
+:func:`hpctrain.composition.residual_fits`), for the last weights and for the best
+ones, unless the validation set says it does worse."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from . import finetune
-from .composition import refit
+from .composition import residual_fits
+from .data.batch import Batch
+from .data.loader import BatchLoader
 from .data.sampler import shard_for_rank
 
 if TYPE_CHECKING:
@@ -55,27 +59,53 @@ def refit_baselines(engine: Engine) -> None:
 
 
 def refit_model(engine: Engine, names: list[str], which: str) -> None:
-    """One pass over this rank's share of the training set with the model's present
-    weights; the change of each baseline is logged."""
-    ctx, model = engine.context, engine.model
-    size = max(1, engine.hypers.batch_size // ctx.world_size)
-    shares = shard_for_rank(len(engine.train_set), ctx.rank, ctx.world_size)
-    batches = (
-        engine.loader.make(shares[i : i + size]).to(engine.device)
-        for i in range(0, len(shares), size)
-    )
+    """Fit the change of each baseline on this rank's share of the training set with
+    the model's present weights, and apply it unless it raises the validation
+    energy error (a few validation structures against many per-element energies can
+    say so); either way the log says what happened."""
+    model = engine.model
     model.eval()
-    changes = refit(
-        lambda batch: engine.energies(batch, batch.positions, None),
-        batches,
-        names,
-        list(model.atomic_types),
+    types = list(model.atomic_types)
+    train = residual_fits(
+        predicted_energies(engine), shares(engine, [engine.train_set]), names, types
     )
-    for name, (change, per_atom, structures) in changes.items():
+    checks = residual_fits(
+        predicted_energies(engine), shares(engine, engine.val_sets), names, types
+    )
+    for name in names:
+        fit, check = train[name], checks[name]
+        change = fit.change()
+        unit = engine.targets[name].unit
+        moved = f"{fit.per_atom(change):+.4g} {unit} per atom on their mean composition"
+        validation = ""
+        if check.structures:
+            before, after = check.rmse(), check.rmse(change)
+            validation = f"; validation energy RMSE {before:.4g} -> {after:.4g} {unit}/atom"
+            if after > before:
+                engine.log.info(
+                    f"composition baseline of '{name}' kept for {which}: refitted on the "
+                    f"training set ({moved}) it would raise the{validation[1:]}"
+                )
+                continue
         i = model.target_names.index(name)
         model.set_baseline(name, model.composition[i].detach().double().cpu() + change)
-        unit = engine.targets[name].unit
         engine.log.info(
-            f"composition baseline of '{name}' refitted on {which} ({structures} training "
-            f"structures): {per_atom:+.4g} {unit} per atom on their mean composition"
+            f"composition baseline of '{name}' refitted on {which} ({fit.structures} "
+            f"training structures): {moved}{validation}"
         )
+
+
+def predicted_energies(engine: Engine):
+    """The model's energies of a batch (no forces)."""
+    return lambda batch: engine.energies(batch, batch.positions, None)
+
+
+def shares(engine: Engine, datasets: list) -> Iterator[Batch]:
+    """This rank's share of each of ``datasets``, in batches on the device."""
+    ctx = engine.context
+    size = max(1, engine.hypers.batch_size // ctx.world_size)
+    for dataset in datasets:
+        loader = BatchLoader(dataset, engine.requests, engine.device)
+        indices = shard_for_rank(len(dataset), ctx.rank, ctx.world_size)
+        for i in range(0, len(indices), size):
+            yield loader.make(indices[i : i + size]).to(engine.device)

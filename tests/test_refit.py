@@ -7,9 +7,10 @@ import torch
 
 from architectures.mp_transformer import __model__ as Model
 from hpctrain import run
-from hpctrain.composition import refit
+from hpctrain.composition import residual_fits
 from hpctrain.config import parse
 from hpctrain.data import read_dataset
+from hpctrain.data.loader import BatchLoader
 from hpctrain.data.sampler import shard_for_rank
 from hpctrain.engine import Engine, TrainingHypers
 from hpctrain.evaluation import predict
@@ -73,6 +74,12 @@ def energy_errors(engine: Engine) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(errors), torch.cat(fractions)
 
 
+def training_fit(engine: Engine):
+    energies = lambda batch: engine.energies(batch, batch.positions, None)  # noqa: E731
+    types = list(engine.model.atomic_types)
+    return residual_fits(energies, training_batches(engine), ["energy"], types)["energy"]
+
+
 def forces_and_stress(engine: Engine) -> list[torch.Tensor]:
     batch = training_batches(engine)[0]
     out = predict(batch, engine.energies, create_graph=False)
@@ -81,6 +88,7 @@ def forces_and_stress(engine: Engine) -> list[torch.Tensor]:
 
 def test_the_refit_lowers_the_energy_error_and_keeps_forces_and_stress(alloys, tmp_path):
     engine = trained(alloys, tmp_path)
+    engine.val_sets = []  # (nothing to check the refit against: it applies)
     model = engine.model
     before = model.composition.clone()
     (errors, fractions), gradients = energy_errors(engine), forces_and_stress(engine)
@@ -96,15 +104,11 @@ def test_the_refit_lowers_the_energy_error_and_keeps_forces_and_stress(alloys, t
     for new, old in zip(forces_and_stress(engine), gradients, strict=True):
         torch.testing.assert_close(new, old, rtol=0, atol=1e-12)
     # a least-squares fit: another one changes nothing
-    changes = refit(
-        lambda batch: engine.energies(batch, batch.positions, None),
-        training_batches(engine),
-        ["energy"],
-        list(model.atomic_types),
-    )
-    change, per_atom, structures = changes["energy"]
-    assert structures == 24 and abs(per_atom) < 1e-9
+    fit = training_fit(engine)
+    change = fit.change()
+    assert fit.structures == 24 and abs(fit.per_atom(change)) < 1e-9
     torch.testing.assert_close(change, torch.zeros_like(change), rtol=0, atol=1e-8)
+    assert fit.rmse() == pytest.approx(float((after**2).mean().sqrt()), rel=1e-9)
     # once per training: a resumed run that ends at once does not refit again
     assert engine.progress.baseline_refit and engine.state_dict()["progress"]["baseline_refit"]
     shifted = model.composition.add_(1.0).clone()
@@ -120,6 +124,7 @@ def test_the_best_weights_get_their_own_refit(alloys, tmp_path):
         if name.endswith("readout.3.weight"):
             value.mul_(0.5)
     engine.best = {"epoch": 1, "step": 1, "validation_loss": 1.0, "model_state": best_state}
+    engine.val_sets = []
     last_composition = engine.model.composition.clone()
 
     refit_baselines(engine)
@@ -132,12 +137,7 @@ def test_the_best_weights_get_their_own_refit(alloys, tmp_path):
         engine.model.state_dict()["readout.3.weight"], best_state["readout.3.weight"] * 2
     )
     engine.model.load_state_dict(engine.best["model_state"])
-    change = refit(
-        lambda batch: engine.energies(batch, batch.positions, None),
-        training_batches(engine),
-        ["energy"],
-        list(engine.model.atomic_types),
-    )["energy"][0]
+    change = training_fit(engine).change()
     torch.testing.assert_close(change, torch.zeros_like(change), rtol=0, atol=1e-8)
 
 
@@ -149,3 +149,37 @@ def test_no_refit_when_switched_off_or_without_a_fitted_baseline(alloys, tmp_pat
     before = engine.model.composition.clone()
     refit_baselines(engine)
     assert torch.equal(engine.model.composition, before) and not engine.progress.baseline_refit
+
+
+def test_a_refit_that_raises_the_validation_error_is_not_applied(alloys, tmp_path, caplog):
+    """Validation energies that the trained model predicts exactly: any change of
+    the baseline raises their error, so the baseline stays; the log says why."""
+    import logging
+
+    from hpctrain.report import LOGGER_NAME
+
+    engine = trained(alloys, tmp_path)
+    frames = emt_structures(True, 30, seed=5)[24:]
+    path = tmp_path / "validation.xyz"
+    for atoms in frames:
+        atoms.info["energy"] = 0.0
+    ase.io.write(path, frames, parallel=False)
+    options = parse(DatasetOptions, {"systems": {"read_from": str(path)}})
+    validation = read_dataset(options, "validation_set", "test", torch.float64)
+    loader = BatchLoader(validation, engine.requests, engine.device)
+    with torch.no_grad():
+        batch = loader.make(list(range(len(validation))))
+        predicted = engine.energies(batch, batch.positions, None)["energy"]
+    for atoms, energy in zip(frames, predicted.tolist(), strict=True):
+        atoms.info["energy"] = energy
+    ase.io.write(path, frames, parallel=False)
+    engine.val_sets = [read_dataset(options, "validation_set", "test", torch.float64)]
+    before = engine.model.composition.clone()
+    with caplog.at_level(logging.INFO, logger=LOGGER_NAME):
+        refit_baselines(engine)
+    assert torch.equal(engine.model.composition, before)
+    assert training_fit(engine).change().abs().max() > 1e-4  # (there was a change to make)
+    message = caplog.text
+    assert "composition baseline of 'energy' kept for the trained weights" in message
+    assert "it would raise the validation energy RMSE" in message
+    assert engine.progress.baseline_refit
