@@ -113,9 +113,9 @@ class TrainingHypers:
         True,
         doc="After the last step, refit those offsets by least squares on what the "
         "trained network leaves of the training energies, per atom (one pass over the "
-        "training set, for the best weights and the last), unless that raises the "
-        "validation energy error. Forces and stress do not see these constants, so "
-        "they drift while the network trains; the refit changes no force or stress.",
+        "training set, for the best weights and the last). Forces and stress do not "
+        "see these constants, so they drift while the network trains; the refit "
+        "changes no force or stress and never raises the training set's energy error.",
     )
 
     def validate(self, path: str, source: str) -> None:

@@ -1,7 +1,7 @@
 """After training: the composition baseline refitted on what the trained network
 leaves of the training energies (``refit_composition``; the fit itself is
 :func:`hpctrain.composition.residual_fits`), for the last weights and for the best
-ones, unless the validation set says it does worse."""
+ones."""
 
 from __future__ import annotations
 
@@ -60,9 +60,8 @@ def refit_baselines(engine: Engine) -> None:
 
 def refit_model(engine: Engine, names: list[str], which: str) -> None:
     """Fit the change of each baseline on this rank's share of the training set with
-    the model's present weights, and apply it unless it raises the validation
-    energy error (a few validation structures against many per-element energies can
-    say so); either way the log says what happened."""
+    the model's present weights and apply it; the log gives the change and the
+    validation energy RMSE before and after."""
     model = engine.model
     model.eval()
     types = list(model.atomic_types)
@@ -75,23 +74,17 @@ def refit_model(engine: Engine, names: list[str], which: str) -> None:
     for name in names:
         fit, check = train[name], checks[name]
         change = fit.change()
+        i = model.target_names.index(name)
+        model.set_baseline(name, model.composition[i].detach().double().cpu() + change)
         unit = engine.targets[name].unit
-        moved = f"{fit.per_atom(change):+.4g} {unit} per atom on their mean composition"
         validation = ""
         if check.structures:
             before, after = check.rmse(), check.rmse(change)
             validation = f"; validation energy RMSE {before:.4g} -> {after:.4g} {unit}/atom"
-            if after > before:
-                engine.log.info(
-                    f"composition baseline of '{name}' kept for {which}: refitted on the "
-                    f"training set ({moved}) it would raise the{validation[1:]}"
-                )
-                continue
-        i = model.target_names.index(name)
-        model.set_baseline(name, model.composition[i].detach().double().cpu() + change)
         engine.log.info(
             f"composition baseline of '{name}' refitted on {which} ({fit.structures} "
-            f"training structures): {moved}{validation}"
+            f"training structures): {fit.per_atom(change):+.4g} {unit} per atom on their "
+            f"mean composition{validation}"
         )
 
 

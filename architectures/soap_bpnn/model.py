@@ -203,6 +203,26 @@ def window_rows(t: int, n_group: int, n_m: int, w: int) -> List[int]:
     ]
 
 
+def product_tables(
+    t: int, n_l: int, w: int
+) -> Tuple[List[int], List[int], List[Tuple[int, int, int, int, int]]]:
+    """The batched products, one per group of ``l`` (:func:`angular_groups`), for
+    ``t`` types and windows of ``w``: which rows of the expansions make each group
+    (the zero row, index ``n_l^2``, pads each ``l`` to the ``m`` of the group's
+    largest), which rows of those make the windows (:func:`window_rows`), and per
+    group where its rows start and how many there are in each list, and its ``m``."""
+    padding: List[int] = []
+    rows: List[int] = []
+    groups: List[Tuple[int, int, int, int, int]] = []
+    for group in angular_groups(n_l):
+        n_m = 2 * group[-1] + 1
+        pad = [ell * ell + m if m < 2 * ell + 1 else n_l * n_l for ell in group for m in range(n_m)]
+        window = window_rows(t, len(group), n_m, w)
+        groups.append((len(padding), len(pad), len(rows), len(window), n_m))
+        padding, rows = padding + pad, rows + window
+    return padding, rows, groups
+
+
 def product_layout(t: int, n: int, n_l: int) -> Tuple[List[int], List[float]]:
     """For each feature in the order the products come out (see :func:`product_windows`;
     per atom and group of ``l`` (:func:`angular_groups`): ``t1, l, n1, window, n2``,
@@ -300,11 +320,10 @@ class SoapBpnn(ReferenceModel):
         soap = self.config.soap
         self.cutoff = float(soap.cutoff.radius)
         self.cutoff_width = float(soap.cutoff.width)
-        scaling = soap.scaling
-        self.radial_scaling = scaling is not None
-        self.scaling_rate = float(scaling.rate) if scaling is not None else 0.0
-        self.scaling_scale = float(scaling.scale) if scaling is not None else 1.0
-        self.scaling_exponent = float(scaling.exponent) if scaling is not None else 0.0
+        self.radial_scaling = soap.scaling is not None  # (else the values below go unused)
+        scaling = soap.scaling if soap.scaling is not None else ScalingHypers()
+        self.scaling_rate, self.scaling_scale = float(scaling.rate), float(scaling.scale)
+        self.scaling_exponent = float(scaling.exponent)
         self.max_angular = int(soap.max_angular)
         self.n_radial = int(soap.max_radial) + 1
         self.n_types = len(self.atomic_types)
@@ -331,22 +350,10 @@ class SoapBpnn(ReferenceModel):
         self.register_buffer(
             "lm_parity", torch.tensor([(-1.0) ** ell for ell in degrees]), persistent=False
         )
-        # the batched products, one per group of l (see angular_groups): which rows of
-        # the expansions (the zero row, index (max_angular+1)^2, pads each l to the m
-        # of the group's largest) and which rows of those make the windows
+        # the batched products, one per group of l (see product_tables)
         self.windows, self.halfway = product_windows(self.n_types)
-        n_l = self.max_angular + 1
-        padding: List[int] = []
-        rows: List[int] = []
-        self.product_groups: List[Tuple[int, int, int, int, int]] = []
-        for group in angular_groups(n_l):
-            n_m = 2 * group[-1] + 1
-            pad = [
-                ell * ell + m if m < 2 * ell + 1 else n_l * n_l for ell in group for m in range(n_m)
-            ]
-            window = window_rows(self.n_types, len(group), n_m, self.windows)
-            self.product_groups.append((len(padding), len(pad), len(rows), len(window), n_m))
-            padding, rows = padding + pad, rows + window
+        padding, rows, groups = product_tables(self.n_types, self.max_angular + 1, self.windows)
+        self.product_groups: List[Tuple[int, int, int, int, int]] = groups
         self.register_buffer("lm_padding", torch.tensor(padding), persistent=False)
         self.register_buffer("window_rows", torch.tensor(rows), persistent=False)
         self.neighbor_pairs = Labels(
