@@ -5,8 +5,10 @@ ones."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
+
+import torch
 
 from . import finetune
 from .composition import residual_fits
@@ -88,7 +90,7 @@ def refit_model(engine: Engine, names: list[str], which: str) -> None:
         )
 
 
-def predicted_energies(engine: Engine):
+def predicted_energies(engine: Engine) -> Callable[[Batch], dict[str, torch.Tensor]]:
     """The model's energies of a batch (no forces)."""
     return lambda batch: engine.energies(batch, batch.positions, None)
 
